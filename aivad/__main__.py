@@ -1,0 +1,41 @@
+"""``python -m aivad`` / ``aivad``: argv → config → logging → ``trio.run(run_daemon)``. Thin."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import sys
+
+import attrs
+import trio
+
+from .cli import EXIT_OK, EXIT_USAGE, main
+from .config import ConfigError, load_config
+from .daemon import run_daemon
+from .logs import configure_logging
+
+log = logging.getLogger("aivad")
+
+
+def serve(config_path: str | None, log_format: str | None = None) -> int:
+    """Run the daemon in the foreground; the process exit status."""
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as exc:
+        print(f"aivad: config: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if log_format is not None:
+        cfg = attrs.evolve(cfg, log=attrs.evolve(cfg.log, format=log_format))
+    configure_logging(cfg.log.level, cfg.log.format)
+    try:
+        trio.run(lambda: run_daemon(cfg, config_path=config_path))
+    except OSError as exc:
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+            log.error("cannot start: %s", exc)
+            return EXIT_USAGE
+        raise
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    main()

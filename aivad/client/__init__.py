@@ -1,0 +1,51 @@
+"""The Python client of aivad (DESIGN §4.6): anyio-based, so it runs under trio
+and asyncio, plus a blocking facade for synchronous agents.
+
+    async with aivad.client.connect("ws://127.0.0.1:8765/") as client:
+        await client.publish("scan.completed", {"scan_id": "123"})
+        async with client.subscribe("scan.#", since=0) as sub:
+            async for env in sub:          # resumes by itself, never a duplicate
+                ...
+
+    with aivad.client.BlockingClient("ws://127.0.0.1:8765/") as client:
+        client.publish("scan.completed", {"scan_id": "123"})
+"""
+
+from aivad.client._blocking import BlockingClient, BlockingSubscription
+from aivad.client._client import Client, connect
+from aivad.client._model import (
+    AivadConnectionError,
+    AivadError,
+    ClientOptions,
+    ClientStatistics,
+    CollectResult,
+    Gap,
+    Published,
+    RetryPolicy,
+    SubscriptionStatistics,
+    TaskStatus,
+)
+from aivad.client._subscription import Subscription
+from aivad.client._ws import HandshakeRejected, WebSocketClosed
+from aivad.envelope import Envelope
+
+__all__ = [
+    "AivadConnectionError",
+    "AivadError",
+    "BlockingClient",
+    "BlockingSubscription",
+    "Client",
+    "ClientOptions",
+    "ClientStatistics",
+    "CollectResult",
+    "Envelope",
+    "Gap",
+    "HandshakeRejected",
+    "Published",
+    "RetryPolicy",
+    "Subscription",
+    "SubscriptionStatistics",
+    "TaskStatus",
+    "WebSocketClosed",
+    "connect",
+]

@@ -1,0 +1,225 @@
+"""Configuration: a TOML file parsed into a frozen attrs tree.
+
+Types are checked by cattrs (``forbid_extra_keys``: a typo is an error, not a
+silent default); values by the ``check`` metadata of each field. Every problem
+becomes one line naming the key path, e.g. ``websocket.port: must be 1..65535,
+got 0``, so an operator sees at once what to fix.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import cattrs
+
+__all__ = ["Config", "ConfigError", "load_config", "parse_config"]
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; ``str()`` is one line per problem."""
+
+
+def _field(default: Any, check: Callable[[Any], bool] | None = None, problem: str = "") -> Any:
+    return attrs.field(default=default, metadata={"check": (check, problem)} if check else {})
+
+
+def _port(default: int) -> Any:
+    return _field(default, lambda v: 0 <= v <= 65535, "must be 0..65535 (0 = any free port)")
+
+
+def _positive(default: float) -> Any:
+    return _field(default, lambda v: v > 0, "must be > 0")
+
+
+def _at_least(default: int, low: int) -> Any:
+    return _field(default, lambda v: v >= low, f"must be >= {low}")
+
+
+def default_control_socket() -> str:
+    """DESIGN §4.1: ``$XDG_RUNTIME_DIR/aivad/control.sock``, else ``./var/run/control.sock``."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return str(Path(runtime) / "aivad" / "control.sock")
+    return "./var/run/control.sock"
+
+
+@attrs.frozen
+class WebSocketConfig:
+    host: str = "127.0.0.1"
+    port: int = _port(8765)
+    max_frame_bytes: int = _at_least(1_048_576, 256)
+    send_buffer_frames: int = _at_least(1024, 16)
+    max_subscriptions: int = _at_least(4096, 1)
+    max_inflight_publishes: int = _at_least(256, 1)
+    max_connections: int = _at_least(10_000, 1)
+    replay_batch: int = _at_least(500, 1)
+    handshake_timeout_s: float = _positive(10.0)
+    close_timeout_s: float = _positive(5.0)
+
+
+@attrs.frozen
+class ControlConfig:
+    socket: str = attrs.field(factory=default_control_socket)
+    mode: int = _field(0o600, lambda v: 0 <= v <= 0o777, "must be a file mode 0o000..0o777")
+    group: str = ""
+    max_line_bytes: int = _at_least(1_048_576, 256)
+    tail_buffer_lines: int = _at_least(1024, 16)
+
+
+@attrs.frozen
+class StoreConfig:
+    path: str = "./var/aivad.db"
+    synchronous: Literal["NORMAL", "FULL"] = "FULL"
+    write_queue: int = _at_least(10_000, 1)
+    max_batch: int = _at_least(1000, 1)
+    read_connections: int = _at_least(4, 1)
+    retention_max_messages: int = _at_least(1_000_000, 0)
+    retention_max_age_s: float = _field(7 * 86400.0, lambda v: v >= 0, "must be >= 0 (0 = keep forever)")
+    retention_interval_s: float = _positive(60.0)
+
+
+@attrs.frozen
+class ShutdownConfig:
+    grace_s: float = _positive(10.0)
+
+
+@attrs.frozen
+class LogConfig:
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+@attrs.frozen
+class HttpConfig:
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = _port(8766)
+
+
+def _name(default: str) -> Any:
+    return _field(default, lambda v: 0 < len(v) <= 255, "must be 1..255 characters")
+
+
+@attrs.frozen
+class AmqpConfig:
+    """DESIGN §4.5: the RabbitMQ bridge (off by default); names of the topology are configurable."""
+
+    enabled: bool = False
+    url: str = _field("amqp://guest:guest@127.0.0.1:5672/", lambda v: v.startswith(("amqp://", "amqps://")),
+                      "must be an amqp:// or amqps:// URL")
+    events_exchange: str = _name("aiva.events")
+    events_queue: str = _name("aivad.events")
+    events_binding_key: str = _name("#")
+    tasks_exchange: str = _name("aiva.tasks")
+    tasks_queue: str = _name("aivad.tasks")
+    tasks_binding_key: str = _name("#")
+    tasks_max_priority: int = _field(10, lambda v: 1 <= v <= 255, "must be 1..255")
+    dead_letter_exchange: str = _name("aiva.dlx")
+    dead_letter_queue: str = _name("aivad.dead")
+    prefetch: int = _field(500, lambda v: 1 <= v <= 65535, "must be 1..65535")
+    batch_max: int = _at_least(500, 1)
+    reconnect_initial_s: float = _positive(0.5)
+    reconnect_max_s: float = _positive(30.0)
+    connect_timeout_s: float = _positive(10.0)
+    outbox_max: int = _at_least(10_000, 1)
+    publish_window: int = _at_least(256, 1)
+    grace_s: float = _positive(5.0)
+    node_id: str = ""
+
+
+@attrs.frozen
+class RedisConfig:
+    enabled: bool = _field(False, lambda v: not v, "Redis scale-out is not available in this build yet")
+    url: str = "redis://127.0.0.1:6379/0"
+
+
+@attrs.frozen
+class Config:
+    websocket: WebSocketConfig = attrs.field(factory=WebSocketConfig)
+    control: ControlConfig = attrs.field(factory=ControlConfig)
+    store: StoreConfig = attrs.field(factory=StoreConfig)
+    shutdown: ShutdownConfig = attrs.field(factory=ShutdownConfig)
+    log: LogConfig = attrs.field(factory=LogConfig)
+    http: HttpConfig = attrs.field(factory=HttpConfig)
+    amqp: AmqpConfig = attrs.field(factory=AmqpConfig)
+    redis: RedisConfig = attrs.field(factory=RedisConfig)
+
+
+def _strict(kind: type, accepts: tuple[type, ...]) -> Callable[[Any, type], Any]:
+    def structure(value: Any, _: type) -> Any:
+        if isinstance(value, bool) and kind is not bool:
+            raise TypeError(f"expected {kind.__name__}, got bool")
+        if not isinstance(value, accepts):
+            raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
+        return kind(value)
+
+    return structure
+
+
+_converter = cattrs.Converter(forbid_extra_keys=True)
+_converter.register_structure_hook(int, _strict(int, (int,)))
+_converter.register_structure_hook(float, _strict(float, (int, float)))
+_converter.register_structure_hook(str, _strict(str, (str,)))
+_converter.register_structure_hook(bool, _strict(bool, (bool,)))
+
+
+def _format(exc: BaseException, type_: Any) -> str:
+    if isinstance(exc, TypeError) and str(exc).startswith("expected"):
+        return str(exc)
+    choices = getattr(type_, "__args__", None)
+    if choices and "Literal" in repr(type_):
+        return f"must be one of {', '.join(repr(c) for c in choices)}"
+    return cattrs.v.format_exception(exc, type_)
+
+
+def _value_problems(node: Any, path: str) -> list[str]:
+    problems = []
+    for field in attrs.fields(type(node)):
+        value = getattr(node, field.name)
+        here = f"{path}.{field.name}" if path else field.name
+        if attrs.has(type(value)):
+            problems += _value_problems(value, here)
+            continue
+        check, problem = field.metadata.get("check", (None, ""))
+        if check is not None and not check(value):
+            problems.append(f"{here}: {problem}, got {value!r}")
+    return problems
+
+
+def parse_config(data: dict[str, Any]) -> Config:
+    """Structure and validate a parsed TOML document. Raises ConfigError."""
+    try:
+        cfg = _converter.structure(data, Config)
+    except Exception as exc:  # cattrs groups every problem it found
+        lines = []
+        for line in cattrs.transform_error(exc, format_exception=_format):
+            message, _, where = line.rpartition(" @ ")
+            key = where.removeprefix("$").lstrip(".")
+            lines.append(f"{key or '(top level)'}: {message}")
+        raise ConfigError("; ".join(lines)) from None
+    problems = _value_problems(cfg, "")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Read a TOML file (None: the embedded defaults). Raises ConfigError."""
+    if path is None:
+        return Config()
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(data)

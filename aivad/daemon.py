@@ -1,0 +1,211 @@
+"""The composition root: ``run_daemon`` builds the nursery tree of DESIGN §3.
+
+Services start downstream-first — the store before anything that writes to
+it, the router before anything that subscribes — each with ``nursery.start``,
+so when ``run_daemon`` reports started, every listener is bound and serving.
+
+Stopping is a drain, not a kill: the first SIGTERM/SIGINT (or ``aivad drain``)
+stops intake, closes WebSocket connections with 1001, lets the store commit
+what it has queued, then cancels the root — all within ``shutdown.grace_s``.
+A second signal cancels at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from . import __version__, control
+from .config import Config, ConfigError, load_config
+from .logs import set_level
+from .router import Router
+from .sdnotify import Notifier, serve_watchdog
+from .stats import Ingest
+from .store import Store, serve_store
+from .websocket import WebSocketService, serve_websocket
+
+__all__ = ["Daemon", "Endpoints", "ReloadOutcome", "run_daemon"]
+
+log = logging.getLogger(__name__)
+
+#: config keys applied without a restart (section → keys); everything else needs one
+LIVE_KEYS: dict[str, frozenset[str]] = {
+    "websocket": frozenset(
+        {"max_frame_bytes", "send_buffer_frames", "max_subscriptions", "max_inflight_publishes",
+         "max_connections", "replay_batch", "handshake_timeout_s", "close_timeout_s"}
+    ),
+    "log": frozenset({"level"}),
+    "shutdown": frozenset({"grace_s"}),
+    "store": frozenset({"retention_max_messages", "retention_max_age_s", "retention_interval_s"}),
+}
+
+
+@attrs.frozen
+class Endpoints:
+    """Where a started daemon can be reached."""
+
+    ws_port: int
+    control_path: str
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.ws_port}/"
+
+
+@attrs.frozen
+class ReloadOutcome:
+    applied: list[str]
+    needs_restart: list[str]
+    error: str | None = None
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    changed = []
+    for field in attrs.fields(type(old)):
+        a, b = getattr(old, field.name), getattr(new, field.name)
+        key = f"{prefix}{field.name}"
+        if attrs.has(type(a)):
+            changed += _changed_keys(a, b, key + ".")
+        elif a != b:
+            changed.append(key)
+    return changed
+
+
+class Daemon:
+    """The running services, as the control commands and the signal handler see them."""
+
+    def __init__(self, cfg: Config, config_path: str | None, notifier: Notifier) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.notifier = notifier
+        self.started_at = time.time()
+        self.ingest = Ingest()
+        self.store: Store
+        self.router: Router
+        self.websocket: WebSocketService
+        self.control: control.ControlService
+        self.drain_requested = trio.Event()
+        self.draining = False
+        self._reload_lock = trio.Lock()
+
+    def request_drain(self, why: str) -> None:
+        if not self.drain_requested.is_set():
+            log.info("drain requested (%s)", why)
+            self.drain_requested.set()
+
+    async def reload(self) -> ReloadOutcome:
+        """Re-read the config; apply what can change live; refuse a broken one."""
+        async with self._reload_lock:
+            self.notifier.reloading()
+            try:
+                return self._reload()
+            finally:
+                self.notifier.ready(self.summary())
+
+    def _reload(self) -> ReloadOutcome:
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+            return ReloadOutcome([], [], str(exc))
+        changed = _changed_keys(self.cfg, new)
+        applied = [k for k in changed if k.partition(".")[2] in LIVE_KEYS.get(k.partition(".")[0], ())]
+        needs_restart = [k for k in changed if k not in applied]
+        self.cfg = attrs.evolve(self.cfg, **{
+            section: attrs.evolve(getattr(self.cfg, section), **{k: getattr(getattr(new, section), k) for k in keys})
+            for section, keys in LIVE_KEYS.items()
+        })
+        self.websocket.reconfigure(self.cfg.websocket)
+        self.store.reconfigure(self.cfg.store)
+        set_level(self.cfg.log.level)
+        if needs_restart:
+            log.warning("reload: these keys change only after a restart: %s", ", ".join(needs_restart))
+        log.info("reload applied: %s", ", ".join(applied) or "nothing changed")
+        return ReloadOutcome(applied, needs_restart)
+
+    def summary(self) -> str:
+        ws = self.websocket.statistics()
+        rate = self.ingest.statistics().rate_10s
+        return f"{ws.connections} connections, {ws.subscriptions} subscriptions, {rate:.0f} msgs/s, last seq {self.store.last_seq}"
+
+    def status(self) -> dict[str, Any]:
+        """The ``status`` command's answer: a snapshot of every service."""
+        store = self.store.statistics()
+        ws = self.websocket.statistics()
+        router = self.router.statistics()
+        ingest = self.ingest.statistics()
+        return {
+            "version": __version__,
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "draining": self.draining,
+            "websocket": {"port": self.websocket.port, **attrs.asdict(ws)},
+            "control": {"socket": str(Path(self.cfg.control.socket).resolve()), "sessions": self.control.sessions},
+            "store": {"path": str(Path(self.cfg.store.path).resolve()), **attrs.asdict(store)},
+            "router": attrs.asdict(router),
+            "ingest": {
+                "by_ingress": ingest.by_ingress,
+                "rate_10s": round(ingest.rate_10s, 2),
+                "rate_60s": round(ingest.rate_60s, 2),
+            },
+        }
+
+    async def drain(self, root: trio.CancelScope) -> None:
+        """Stop intake, close clients with 1001, commit what is queued, then stop."""
+        self.draining = True
+        self.notifier.stopping("draining")
+        root.deadline = min(root.deadline, trio.current_time() + self.cfg.shutdown.grace_s)
+        self.control.drain()
+        await self.websocket.drain()
+        await self.store.drain()
+        log.info("drained; stopping")
+        root.cancel()
+
+
+async def _watch_signals(daemon: Daemon, root: trio.CancelScope, *, task_status: trio.TaskStatus[None]) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        task_status.started()
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                await daemon.reload()
+            elif daemon.drain_requested.is_set():
+                log.warning("second %s: stopping now", signal.Signals(signum).name)
+                root.cancel()
+            else:
+                daemon.request_drain(signal.Signals(signum).name)
+
+
+async def run_daemon(
+    cfg: Config,
+    *,
+    config_path: str | None = None,
+    handle_signals: bool = True,
+    task_status: trio.TaskStatus[Endpoints] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run every service until drained or cancelled.
+
+    ``handle_signals=False`` is for running several daemons in one process (tests).
+    Returns after a drain; raises if a service crashed (systemd restarts us).
+    """
+    notifier = Notifier.from_environ() if handle_signals else Notifier.from_environ({})
+    daemon = Daemon(cfg, config_path, notifier)
+    async with trio.open_nursery() as root:
+        if handle_signals:
+            await root.start(_watch_signals, daemon, root.cancel_scope)
+        daemon.store = await root.start(serve_store, cfg.store)
+        daemon.router = Router(daemon.store, cfg.websocket.replay_batch)
+        daemon.websocket = await root.start(serve_websocket, cfg.websocket, daemon.store, daemon.router, daemon.ingest)
+        daemon.control = await root.start(control.serve_control, cfg.control, daemon, control.COMMANDS)
+        await root.start(serve_watchdog, notifier)
+        endpoints = Endpoints(daemon.websocket.port, cfg.control.socket)
+        notifier.ready(daemon.summary())
+        log.info("aivad %s ready: ws://%s:%d/, control %s", __version__, cfg.websocket.host,
+                 endpoints.ws_port, cfg.control.socket)
+        task_status.started(endpoints)
+        await daemon.drain_requested.wait()
+        await daemon.drain(root.cancel_scope)

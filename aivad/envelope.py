@@ -1,0 +1,181 @@
+"""The envelope, topics and patterns of DESIGN §2 — validation and wire form, no I/O.
+
+Every ingress (WebSocket, control socket, AMQP, Python client) turns what it
+received into an :class:`Envelope` here, so one set of rules decides what is a
+valid message and every producer gets the same error text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+
+__all__ = [
+    "MAX_TOPIC_LENGTH",
+    "BadMessage",
+    "Envelope",
+    "check_pattern",
+    "check_topic",
+    "compile_pattern",
+    "literal_prefix",
+    "now_rfc3339",
+]
+
+MAX_TOPIC_LENGTH = 255
+_WORD = re.compile(r"[A-Za-z0-9_-]+")
+MAX_MESSAGE_ID_LENGTH = 255
+
+
+class BadMessage(ValueError):
+    """Input that breaks the envelope rules; ``str()`` says which rule, for the producer."""
+
+
+def check_topic(topic: object, what: str = "type") -> str:
+    """Return ``topic`` if it is a valid topic (dot-separated words), else raise BadMessage."""
+    if not isinstance(topic, str):
+        raise BadMessage(f"{what} must be a string")
+    if not topic or len(topic) > MAX_TOPIC_LENGTH:
+        raise BadMessage(f"{what} must be 1..{MAX_TOPIC_LENGTH} characters")
+    for word in topic.split("."):
+        if not _WORD.fullmatch(word):
+            raise BadMessage(f"{what} {topic!r}: every dot-separated word must match [A-Za-z0-9_-]+")
+    return topic
+
+
+def check_pattern(pattern: object) -> str:
+    """Return ``pattern`` if it is a valid pattern (words, ``*`` and ``#``), else raise BadMessage."""
+    if not isinstance(pattern, str):
+        raise BadMessage("pattern must be a string")
+    if not pattern or len(pattern) > MAX_TOPIC_LENGTH:
+        raise BadMessage(f"pattern must be 1..{MAX_TOPIC_LENGTH} characters")
+    for word in pattern.split("."):
+        if word not in ("*", "#") and not _WORD.fullmatch(word):
+            raise BadMessage(
+                f"pattern {pattern!r}: every dot-separated word must be *, # or match [A-Za-z0-9_-]+"
+            )
+    return pattern
+
+
+def compile_pattern(pattern: str) -> re.Pattern[str]:
+    """A regex that full-matches ``"." + topic`` exactly when ``pattern`` matches ``topic``.
+
+    Each word becomes ``\\.word``, ``*`` one word ``\\.[^.]+`` and ``#`` zero or
+    more words; prefixing the topic with a dot makes "zero words" fall out for free.
+    """
+    parts = []
+    for word in pattern.split("."):
+        if word == "#":
+            parts.append(r"(?:\.[^.]+)*")
+        elif word == "*":
+            parts.append(r"\.[^.]+")
+        else:
+            parts.append(r"\." + re.escape(word))
+    return re.compile("".join(parts))
+
+
+def pattern_matches(pattern: str, topic: str) -> bool:
+    """Reference matcher: does ``pattern`` match ``topic`` (AMQP topic semantics)?"""
+    return compile_pattern(pattern).fullmatch("." + topic) is not None
+
+
+def literal_prefix(pattern: str) -> tuple[str, bool]:
+    """The words before the first wildcard, joined, and whether that is the whole pattern.
+
+    ``("scan", False)`` for ``scan.*``; ``("a.b", True)`` for ``a.b``; ``("", False)`` for ``#``.
+    The store uses it to read history through its ``(type, seq)`` index.
+    """
+    words = []
+    for word in pattern.split("."):
+        if word in ("*", "#"):
+            return ".".join(words), False
+        words.append(word)
+    return ".".join(words), True
+
+
+def now_rfc3339() -> str:
+    """The current UTC time as RFC 3339 with a ``Z`` and millisecond precision."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _check_timestamp(value: object) -> str:
+    if not isinstance(value, str):
+        raise BadMessage("timestamp must be an RFC 3339 string")
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise BadMessage(f"timestamp {value[:64]!r} is not RFC 3339") from None
+    if parsed.tzinfo is None:
+        raise BadMessage("timestamp must carry a time zone (e.g. Z)")
+    return value
+
+
+@attrs.frozen
+class Envelope:
+    """One message. Field names are fixed by DESIGN §2; ``seq`` is set only by the store."""
+
+    message_id: str
+    timestamp: str
+    type: str
+    payload: Any
+    metadata: dict[str, Any]
+    seq: int | None = None
+
+    @classmethod
+    def from_fields(
+        cls,
+        type: object,
+        payload: object = None,
+        metadata: object = None,
+        message_id: object = None,
+        timestamp: object = None,
+    ) -> Envelope:
+        """Validate producer fields; fill ``message_id`` and ``timestamp`` if absent.
+
+        A ``seq`` from a producer is never read: only the store assigns it.
+        """
+        check_topic(type)
+        if metadata is None:
+            metadata = {}
+        if not isinstance(metadata, dict):
+            raise BadMessage("metadata must be an object")
+        if message_id is None:
+            message_id = uuid.uuid4().hex
+        elif not isinstance(message_id, str) or not 0 < len(message_id) <= MAX_MESSAGE_ID_LENGTH:
+            raise BadMessage(f"message_id must be a string of 1..{MAX_MESSAGE_ID_LENGTH} characters")
+        timestamp = now_rfc3339() if timestamp is None else _check_timestamp(timestamp)
+        return cls(message_id, timestamp, type, payload, metadata)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_wire(cls, obj: object) -> Envelope:
+        """Validate a decoded JSON envelope (unknown fields are an error, ``seq`` is ignored)."""
+        if not isinstance(obj, dict):
+            raise BadMessage("an envelope must be a JSON object")
+        unknown = set(obj) - {"message_id", "timestamp", "type", "payload", "metadata", "seq"}
+        if unknown:
+            raise BadMessage(f"unknown envelope fields: {', '.join(sorted(unknown))}")
+        if "type" not in obj:
+            raise BadMessage("missing field: type")
+        return cls.from_fields(
+            obj["type"], obj.get("payload"), obj.get("metadata"), obj.get("message_id"), obj.get("timestamp")
+        )
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {
+            "message_id": self.message_id,
+            "timestamp": self.timestamp,
+            "type": self.type,
+            "payload": self.payload,
+            "metadata": self.metadata,
+        }
+        if self.seq is not None:
+            wire["seq"] = self.seq
+        return wire
+
+    def to_json(self) -> str:
+        """Compact JSON, the form stored and pushed to subscribers."""
+        return json.dumps(self.to_wire(), separators=(",", ":"), ensure_ascii=False)

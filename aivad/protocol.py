@@ -1,0 +1,138 @@
+"""Request parsing shared by the WebSocket ops and the control commands — no I/O.
+
+Both edges take JSON objects from peers; the same field rules and the same
+error codes (DESIGN §4.3) apply to both, so they live here once.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+
+from .envelope import BadMessage, Envelope, check_pattern
+
+__all__ = [
+    "ERROR_CODES",
+    "HISTORY_MAX_LIMIT",
+    "HistoryRequest",
+    "OpError",
+    "SubscribeRequest",
+    "decode_request",
+    "dumps",
+    "field",
+    "parse_envelope",
+    "parse_history",
+    "parse_pattern",
+    "parse_subscribe",
+    "request_ref",
+    "seq_field",
+]
+
+#: DESIGN §4.3, fixed
+ERROR_CODES = frozenset(
+    {"bad_json", "bad_request", "unknown_op", "too_large", "unauthorized", "forbidden",
+     "not_found", "overloaded", "timeout", "internal"}
+)
+HISTORY_MAX_LIMIT = 1000
+
+
+class OpError(Exception):
+    """A request failed in a way the peer is told about, with one of ERROR_CODES."""
+
+    def __init__(self, code: str, message: str) -> None:
+        assert code in ERROR_CODES, code
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON, UTF-8 kept as is: the one encoding of every reply."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def field(frame: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    """A typed field of a request (``null`` counts as absent), or bad_request naming it."""
+    value = frame.get(name)
+    if value is None:
+        if default is ...:
+            raise OpError("bad_request", f"missing field: {name}")
+        return default
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        names = " or ".join(k.__name__ for k in kinds).replace("str", "string").replace("int", "integer")
+        raise OpError("bad_request", f"{name} must be {names}")
+    return value
+
+
+def seq_field(frame: dict[str, Any], name: str, default: Any) -> Any:
+    value = field(frame, name, int, default)
+    if value is not None and value < 0:
+        raise OpError("bad_request", f"{name} must be >= 0")
+    return value
+
+
+def parse_pattern(frame: dict[str, Any]) -> str:
+    try:
+        return check_pattern(field(frame, "pattern", str))
+    except BadMessage as exc:
+        raise OpError("bad_request", str(exc)) from None
+
+
+def parse_envelope(frame: dict[str, Any]) -> Envelope:
+    """A producer's message from the fields of a publish request (a ``seq`` is ignored)."""
+    try:
+        return Envelope.from_fields(
+            frame.get("type"), frame.get("payload"), frame.get("metadata"), frame.get("message_id")
+        )
+    except BadMessage as exc:
+        raise OpError("bad_request", str(exc)) from None
+
+
+@attrs.frozen
+class SubscribeRequest:
+    pattern: str
+    since: int | None
+
+
+def parse_subscribe(frame: dict[str, Any]) -> SubscribeRequest:
+    return SubscribeRequest(parse_pattern(frame), seq_field(frame, "since", None))
+
+
+@attrs.frozen
+class HistoryRequest:
+    pattern: str
+    after: int
+    limit: int
+
+
+def parse_history(frame: dict[str, Any]) -> HistoryRequest:
+    pattern = parse_pattern(frame)
+    after = seq_field(frame, "after", 0)
+    limit = field(frame, "limit", int, 100)
+    if not 1 <= limit <= HISTORY_MAX_LIMIT:
+        raise OpError("bad_request", f"limit must be 1..{HISTORY_MAX_LIMIT}")
+    return HistoryRequest(pattern, after, limit)
+
+
+def decode_request(text: str | bytes) -> dict[str, Any]:
+    """One request: a JSON object, else bad_json / bad_request."""
+    if isinstance(text, bytes):
+        raise OpError("bad_request", "binary frames are not supported; send JSON text")
+    try:
+        request = json.loads(text)
+    except (ValueError, RecursionError):
+        raise OpError("bad_json", "not valid JSON") from None
+    if not isinstance(request, dict):
+        raise OpError("bad_request", "a request must be a JSON object")
+    return request
+
+
+def request_ref(request: dict[str, Any]) -> Any:
+    """The ``ref`` to echo: any JSON scalar."""
+    ref = request.get("ref")
+    if isinstance(ref, (dict, list)):
+        raise OpError("bad_request", "ref must be a JSON scalar")
+    return ref

@@ -1,0 +1,151 @@
+"""The router: committed messages → the bounded queues of matching subscriptions.
+
+``publish`` is synchronous and never awaits a subscriber. It is called by the
+store right after each commit, in seq order. Each push frame is serialised once
+per (message, pattern, wire format) and the same bytes go to every matching
+subscriber; a subscriber whose queue is full is told it overflowed and is
+dropped (the WebSocket closes with 4008 and the client resumes from its last
+seq — the store is the buffer, not RAM).
+
+``follow`` joins a subscription to the live stream after replaying what it
+missed, without a gap or a duplicate: it replays from the store until it has
+caught up with ``Store.last_seq`` and then, without awaiting in between,
+registers the subscription, so every later commit reaches it live.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+import attrs
+
+from .patterns import PatternIndex
+from .store import Store, StoredMessage
+
+__all__ = ["Router", "Sink", "Subscription"]
+
+log = logging.getLogger(__name__)
+
+#: builds a connection's wire bytes from (pattern as JSON, envelope as JSON)
+Encoder = Callable[[str, str], bytes]
+
+
+class Sink(Protocol):
+    """The outbound side of one connection, as the router sees it."""
+
+    encode: Encoder
+
+    def offer(self, frame: bytes) -> bool:
+        """Queue ``frame`` without waiting; False when the bounded queue is full."""
+
+    async def put(self, frame: bytes) -> None:
+        """Queue ``frame``, waiting for room (replay and replies: backpressure, not overflow)."""
+
+    def overflowed(self) -> None:
+        """The queue was full for a live message: close as a slow consumer."""
+
+
+class Subscription:
+    """One pattern of one connection. ``after``: the newest seq it has been given."""
+
+    __slots__ = ("after", "live", "pattern", "pattern_json", "sink")
+
+    def __init__(self, sink: Sink, pattern: str) -> None:
+        self.sink = sink
+        self.pattern = pattern
+        self.pattern_json = json.dumps(pattern)
+        self.after = 0
+        self.live = False
+
+
+@attrs.frozen
+class Resume:
+    """How a subscription with ``since`` relates to what the store still has."""
+
+    last_seq: int
+    recovered: bool
+    gap: tuple[int, int] | None
+
+
+@attrs.frozen
+class RouterStatistics:
+    subscriptions: int
+    deliveries: int
+    overflows: int
+
+
+class Router:
+    def __init__(self, store: Store, replay_batch: int) -> None:
+        self._store = store
+        self._index: PatternIndex[Subscription] = PatternIndex()
+        self._replay_batch = replay_batch
+        self._deliveries = 0
+        self._overflows = 0
+        store.on_commit(self.publish)
+
+    def publish(self, messages: list[StoredMessage]) -> None:
+        """Hand committed messages to every live matching subscription. Never awaits."""
+        delivered = 0
+        overflowed: list[Subscription] = []
+        for message in messages:
+            frames: dict[tuple[Encoder, str], bytes] = {}
+            for pattern, sub in self._index.match(message.type):
+                if message.seq <= sub.after or not sub.live:
+                    continue  # given by the replay that preceded going live, or overflowed just now
+                key = (sub.sink.encode, pattern)
+                frame = frames.get(key)
+                if frame is None:
+                    frame = frames[key] = sub.sink.encode(sub.pattern_json, message.json)
+                if sub.sink.offer(frame):
+                    sub.after = message.seq
+                    delivered += 1
+                else:
+                    sub.live = False
+                    overflowed.append(sub)
+        self._deliveries += delivered
+        for sub in overflowed:  # the index is not changed while it is being walked
+            self._overflows += 1
+            self._index.discard(sub.pattern, sub)
+            sub.sink.overflowed()
+
+    def remove(self, sub: Subscription) -> None:
+        if sub.live:
+            sub.live = False
+            self._index.discard(sub.pattern, sub)
+
+    def resume_point(self, since: int | None) -> Resume:
+        """Where a subscription starting now begins, and what retention lost of its range."""
+        last_seq = self._store.last_seq
+        if since is None:
+            return Resume(last_seq, True, None)
+        floor = self._store.retention_floor
+        if since < floor:
+            return Resume(last_seq, False, (since + 1, floor))
+        return Resume(last_seq, True, None)
+
+    async def follow(self, sub: Subscription, after: int) -> None:
+        """Replay what ``sub`` missed after seq ``after``, then make it live.
+
+        ``after`` is the client's ``since``, or the ``last_seq`` it was told when
+        it subscribed without one: anything committed since then is replayed
+        too, so the first live message follows ``last_seq`` without a gap.
+        Replay frames go through ``sink.put`` (the client's reading pace decides);
+        there is no cap on the depth of the replay.
+        """
+        sub.after = max(after, self._store.retention_floor)
+        while sub.after < self._store.last_seq:
+            history = await self._store.history(sub.pattern, sub.after, self._replay_batch)
+            for message in history.messages:
+                await sub.sink.put(sub.sink.encode(sub.pattern_json, message.json))
+                sub.after = message.seq
+            if len(history.messages) < self._replay_batch:
+                sub.after = max(sub.after, history.scanned_through)
+        # caught up with everything the router has been handed: from here on, live
+        sub.live = True
+        self._index.add(sub.pattern, sub)
+
+    def statistics(self) -> RouterStatistics:
+        return RouterStatistics(len(self._index), self._deliveries, self._overflows)

@@ -1,0 +1,486 @@
+"""The store: the single writer that assigns ``seq``, and the history readers.
+
+Every message is committed before anyone is told about it: a producer's ``ok``,
+an AMQP ack and a subscriber's push all happen after the transaction that gave
+the message its ``seq``. One writer task drains a bounded queue of pending
+writes and commits as many as are waiting in one transaction (group commit),
+with the blocking SQLite calls in a worker thread — one thread crossing per
+batch, not per message. Readers use their own connections (WAL mode lets them
+run beside the writer).
+
+``seq`` is SQLite's ``AUTOINCREMENT`` row id: strictly increasing in commit
+order and never reused, even after retention has deleted the newest rows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import attrs
+import trio
+
+from .config import StoreConfig
+from .envelope import Envelope, compile_pattern, literal_prefix
+
+__all__ = ["Appended", "History", "Store", "StoreClosed", "StoredMessage", "serve_store"]
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id TEXT NOT NULL UNIQUE,
+    type TEXT NOT NULL,
+    stored_at REAL NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_type_seq ON messages (type, seq);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    body TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+"""
+
+#: rows read per query while filtering a wildcard pattern in Python
+_SCAN_CHUNK = 2000
+
+
+class StoreClosed(Exception):
+    """The store is draining or stopped and takes no more writes."""
+
+
+@attrs.frozen
+class Appended:
+    """What a producer is told after commit: the message's seq, and whether it was a duplicate."""
+
+    seq: int
+    duplicate: bool
+
+
+@attrs.frozen
+class StoredMessage:
+    """A committed message: its seq, its topic, and its envelope as JSON (with ``seq``)."""
+
+    seq: int
+    type: str
+    json: str
+
+
+@attrs.frozen
+class History:
+    """Messages matching a pattern, and how far the read looked.
+
+    ``scanned_through`` is the newest seq the read could see: every matching
+    message up to it is in ``messages`` unless ``messages`` hit the limit.
+    """
+
+    messages: list[StoredMessage]
+    scanned_through: int
+
+
+@attrs.frozen
+class DeadLetter:
+    id: int
+    kind: str
+    reason: str
+    created_at: float
+    body: str
+    detail: dict[str, Any]
+
+
+@attrs.frozen
+class StoreStatistics:
+    last_seq: int
+    retention_floor: int
+    stored_messages: int
+    write_queue_depth: int
+    write_queue_size: int
+    commits: int
+    committed_messages: int
+    duplicates: int
+    commit_seconds_total: float
+    last_commit_seconds: float
+
+
+def _body_with_seq(body: str, seq: int) -> str:
+    """Splice ``"seq":N`` into stored JSON: the row is written before its seq is known."""
+    return f'{body[:-1]},"seq":{seq}}}'
+
+
+class _Write:
+    """One unit of work for the writer: runs in the writer thread inside a savepoint."""
+
+    __slots__ = ("apply", "done", "error", "messages", "result")
+
+    def __init__(self, apply: Callable[[sqlite3.Connection, _Write], Any]) -> None:
+        self.apply = apply
+        self.done = trio.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.messages: list[StoredMessage] = []
+
+    async def wait(self) -> Any:
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class Store:
+    """Appends, history and dead letters; created and run by :func:`serve_store`.
+
+    ``last_seq`` is the newest seq whose commit the daemon has processed: the
+    router has been handed every message up to it. Subscribers use it to decide,
+    without awaiting, when a replay has caught up with the live stream.
+    """
+
+    def __init__(self, cfg: StoreConfig, writer: sqlite3.Connection) -> None:
+        self._cfg = cfg
+        self._writer = writer
+        self._send, self._receive = trio.open_memory_channel[_Write](cfg.write_queue)
+        self._readers: list[sqlite3.Connection] = []
+        self._reader_limit = trio.CapacityLimiter(cfg.read_connections)
+        self._on_commit: list[Callable[[list[StoredMessage]], None]] = []
+        self._closed = False
+        self._writer_done = trio.Event()
+        self._commits = 0
+        self._committed_messages = 0
+        self._duplicates = 0
+        self._commit_seconds_total = 0.0
+        self._last_commit_seconds = 0.0
+        self.last_seq: int = writer.execute(
+            "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0)"
+        ).fetchone()[0]
+        self.retention_floor: int = self._meta(writer, "retention_floor")
+        self._stored_messages: int = writer.execute("SELECT count(*) FROM messages").fetchone()[0]
+
+    # ---- writes -------------------------------------------------------------
+
+    def on_commit(self, callback: Callable[[list[StoredMessage]], None]) -> None:
+        """Call ``callback(messages)`` after every commit, in seq order. It must not block."""
+        self._on_commit.append(callback)
+
+    async def submit(self, apply: Callable[[sqlite3.Connection, _Write], Any]) -> _Write:
+        """Queue a write (waiting for room in the bounded queue); await ``.wait()`` for its result."""
+        if self._closed:
+            raise StoreClosed("the store is draining")
+        write = _Write(apply)
+        try:
+            await self._send.send(write)
+        except trio.ClosedResourceError:
+            raise StoreClosed("the store is draining") from None
+        return write
+
+    async def submit_append(self, envelopes: Sequence[Envelope]) -> _Write:
+        """Queue envelopes for storage; the write's result is a ``list[Appended]``."""
+        rows = [(e.message_id, e.type, e.to_json()) for e in envelopes]
+        return await self.submit(lambda conn, write: self._insert(conn, write, rows))
+
+    async def append_many(self, envelopes: Sequence[Envelope]) -> list[Appended]:
+        """Store envelopes in one transaction; returns after commit, in order."""
+        write = await self.submit_append(envelopes)
+        result: list[Appended] = await write.wait()
+        return result
+
+    async def append(self, envelope: Envelope) -> Appended:
+        return (await self.append_many([envelope]))[0]
+
+    async def add_dead_letter(self, kind: str, reason: str, body: str, detail: dict[str, Any]) -> int:
+        """Keep something that could not be processed (poison message, dead task); returns its id."""
+
+        def insert(conn: sqlite3.Connection, _: _Write) -> int:
+            cur = conn.execute(
+                "INSERT INTO dead_letters (kind, reason, created_at, body, detail) VALUES (?, ?, ?, ?, ?)",
+                (kind, reason, time.time(), body, json.dumps(detail)),
+            )
+            return int(cur.lastrowid or 0)
+
+        write = await self.submit(insert)
+        result: int = await write.wait()
+        return result
+
+    def _insert(self, conn: sqlite3.Connection, write: _Write, rows: list[tuple[str, str, str]]) -> list[Appended]:
+        now = time.time()
+        results = []
+        for message_id, topic, body in rows:
+            row = conn.execute(
+                "INSERT INTO messages (message_id, type, stored_at, body) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (message_id) DO NOTHING RETURNING seq",
+                (message_id, topic, now, body),
+            ).fetchone()
+            if row is None:
+                (seq,) = conn.execute("SELECT seq FROM messages WHERE message_id = ?", (message_id,)).fetchone()
+                results.append(Appended(seq, duplicate=True))
+            else:
+                seq = row[0]
+                write.messages.append(StoredMessage(seq, topic, _body_with_seq(body, seq)))
+                results.append(Appended(seq, duplicate=False))
+        return results
+
+    def _commit_batch(self, batch: list[_Write]) -> float:
+        """Run in the writer thread: every write in its own savepoint, one commit for all."""
+        started = time.perf_counter()
+        conn = self._writer
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for write in batch:
+                conn.execute("SAVEPOINT w")
+                try:
+                    write.result = write.apply(conn, write)
+                except Exception as exc:  # one bad write must not fail its neighbours
+                    conn.execute("ROLLBACK TO w")
+                    write.error = exc
+                    write.messages = []
+                conn.execute("RELEASE w")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return time.perf_counter() - started
+
+    async def _write_loop(self) -> None:
+        """Drain the queue: take what is waiting (up to ``max_batch``), commit, then tell everyone."""
+        try:
+            await self._drain_queue()
+        finally:
+            self._writer_done.set()
+
+    async def _drain_queue(self) -> None:
+        async with self._receive:
+            async for first in self._receive:
+                batch = [first]
+                while len(batch) < self._cfg.max_batch:
+                    try:
+                        batch.append(self._receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                try:
+                    seconds = await trio.to_thread.run_sync(self._commit_batch, batch)
+                except sqlite3.Error as exc:
+                    log.error("commit of %d writes failed: %s", len(batch), exc)
+                    for write in batch:
+                        write.error = exc
+                        write.done.set()
+                    continue
+                self._after_commit(batch, seconds)
+
+    def _after_commit(self, batch: list[_Write], seconds: float) -> None:
+        messages = [m for write in batch for m in write.messages]
+        self._commits += 1
+        self._commit_seconds_total += seconds
+        self._last_commit_seconds = seconds
+        if messages:
+            self.last_seq = messages[-1].seq
+            self._stored_messages += len(messages)
+            self._committed_messages += len(messages)
+            for callback in self._on_commit:
+                callback(messages)
+        for write in batch:
+            if isinstance(write.result, list):
+                self._duplicates += sum(1 for r in write.result if isinstance(r, Appended) and r.duplicate)
+            write.done.set()
+
+    async def drain(self) -> None:
+        """Take no more writes; return once every queued write has been committed."""
+        self._closed = True
+        await self._send.aclose()
+        await self._writer_done.wait()
+
+    def reconfigure(self, cfg: StoreConfig) -> None:
+        """Take new retention limits (the path and queue sizes need a restart)."""
+        self._cfg = cfg
+
+    # ---- retention ----------------------------------------------------------
+
+    async def apply_retention(self, max_messages: int, max_age_s: float) -> int:
+        """Delete the oldest messages beyond the count and age limits; returns how many went."""
+
+        def trim(conn: sqlite3.Connection, _: _Write) -> tuple[int, int]:
+            floor = 0
+            if max_messages:
+                row = conn.execute(
+                    "SELECT seq FROM messages ORDER BY seq DESC LIMIT 1 OFFSET ?", (max_messages,)
+                ).fetchone()
+                floor = row[0] if row else 0
+            if max_age_s:
+                row = conn.execute(
+                    "SELECT max(seq) FROM messages WHERE stored_at < ?", (time.time() - max_age_s,)
+                ).fetchone()
+                floor = max(floor, row[0] or 0)
+            if floor <= 0:
+                return 0, 0
+            deleted = conn.execute("DELETE FROM messages WHERE seq <= ?", (floor,)).rowcount
+            floor = max(floor, self._meta(conn, "retention_floor"))
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('retention_floor', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (floor,),
+            )
+            return deleted, floor
+
+        write = await self.submit(trim)
+        deleted, floor = await write.wait()
+        if deleted:
+            self.retention_floor = max(self.retention_floor, floor)
+            self._stored_messages -= deleted
+            log.info("retention dropped %d messages, floor now seq %d", deleted, self.retention_floor)
+        return int(deleted)
+
+    # ---- reads --------------------------------------------------------------
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        async with self._reader_limit:
+            conn = self._readers.pop() if self._readers else self._connect_reader()
+            try:
+                return await trio.to_thread.run_sync(fn, conn)
+            finally:
+                self._readers.append(conn)
+
+    def _connect_reader(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._cfg.path, check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA query_only = ON")
+        return conn
+
+    async def history(self, pattern: str, after: int, limit: int) -> History:
+        """Up to ``limit`` messages matching ``pattern`` with seq > ``after``, ascending."""
+        return await self._read(lambda conn: self._history(conn, pattern, after, limit))  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _history(conn: sqlite3.Connection, pattern: str, after: int, limit: int) -> History:
+        conn.execute("BEGIN")  # one snapshot: the rows and scanned_through agree
+        try:
+            newest = conn.execute(
+                "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0)"
+            ).fetchone()[0]
+            prefix, exact = literal_prefix(pattern)
+            if exact:
+                rows = conn.execute(
+                    "SELECT seq, type, body FROM messages WHERE type = ? AND seq > ? AND seq <= ? "
+                    "ORDER BY seq LIMIT ?",
+                    (pattern, after, newest, limit),
+                ).fetchall()
+                messages = [StoredMessage(s, t, _body_with_seq(b, s)) for s, t, b in rows]
+                return History(messages, newest)
+            if prefix:
+                where = "(type = ? OR (type >= ? AND type < ?)) AND seq > ? AND seq <= ?"
+                bounds: tuple[Any, ...] = (prefix, prefix + ".", prefix + "/")
+            else:
+                where, bounds = "seq > ? AND seq <= ?", ()
+            matches = compile_pattern(pattern).fullmatch
+            messages = []
+            cursor = after
+            while len(messages) < limit:
+                rows = conn.execute(
+                    f"SELECT seq, type, body FROM messages WHERE {where} ORDER BY seq LIMIT ?",  # noqa: S608
+                    (*bounds, cursor, newest, _SCAN_CHUNK),
+                ).fetchall()
+                for seq, topic, body in rows:
+                    if matches("." + topic):
+                        messages.append(StoredMessage(seq, topic, _body_with_seq(body, seq)))
+                        if len(messages) == limit:
+                            break
+                if len(rows) < _SCAN_CHUNK:
+                    break
+                cursor = rows[-1][0]
+            return History(messages, newest)
+        finally:
+            conn.execute("COMMIT")
+
+    async def dead_letters(self, kind: str | None = None, limit: int = 100, after_id: int = 0) -> list[DeadLetter]:
+        def read(conn: sqlite3.Connection) -> list[DeadLetter]:
+            rows = conn.execute(
+                "SELECT id, kind, reason, created_at, body, detail FROM dead_letters "
+                "WHERE id > ? AND (? IS NULL OR kind = ?) ORDER BY id LIMIT ?",
+                (after_id, kind, kind, limit),
+            ).fetchall()
+            return [DeadLetter(i, k, r, c, b, json.loads(d)) for i, k, r, c, b, d in rows]
+
+        return await self._read(read)  # type: ignore[no-any-return]
+
+    # ---- introspection ------------------------------------------------------
+
+    @staticmethod
+    def _meta(conn: sqlite3.Connection, key: str) -> int:
+        row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def statistics(self) -> StoreStatistics:
+        return StoreStatistics(
+            last_seq=self.last_seq,
+            retention_floor=self.retention_floor,
+            stored_messages=self._stored_messages,
+            write_queue_depth=self._send.statistics().current_buffer_used,
+            write_queue_size=self._cfg.write_queue,
+            commits=self._commits,
+            committed_messages=self._committed_messages,
+            duplicates=self._duplicates,
+            commit_seconds_total=self._commit_seconds_total,
+            last_commit_seconds=self._last_commit_seconds,
+        )
+
+    def close_readers(self) -> None:
+        for conn in self._readers:
+            conn.close()
+        self._readers.clear()
+
+
+def open_database(cfg: StoreConfig) -> sqlite3.Connection:
+    """Open (creating) the database in WAL mode for the single writer."""
+    path = Path(cfg.path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(f"PRAGMA synchronous = {cfg.synchronous}")
+    conn.execute("PRAGMA busy_timeout = 5000")
+    conn.executescript(_SCHEMA)
+    return conn
+
+
+async def serve_store(cfg: StoreConfig, *, task_status: trio.TaskStatus[Store] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+    """Open the database and run the single writer until cancelled.
+
+    Returns: never. Resource handling: the connections close on exit; a write
+    cancelled mid-commit still finishes in its thread (SQLite is not interrupted).
+    Error handling: a failed commit fails that batch's writes and the writer goes on;
+    an unreadable database raises at start, before ``started()``.
+    """
+    writer = await trio.to_thread.run_sync(open_database, cfg)
+    store = Store(cfg, writer)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store._write_loop)
+            nursery.start_soon(_serve_retention, store)
+            log.info("store %s open, last seq %d", cfg.path, store.last_seq)
+            task_status.started(store)
+            await trio.sleep_forever()
+    finally:
+        store.close_readers()
+        writer.close()
+    raise AssertionError("unreachable")
+
+
+async def _serve_retention(store: Store) -> None:
+    """Trim the history every ``retention_interval_s`` (count and age limits; 0 = off).
+
+    Reads the limits each round, so a reload changes them without a restart.
+    """
+    while True:
+        await trio.sleep(store._cfg.retention_interval_s)
+        cfg = store._cfg
+        if not cfg.retention_max_messages and not cfg.retention_max_age_s:
+            continue
+        try:
+            await store.apply_retention(cfg.retention_max_messages, cfg.retention_max_age_s)
+        except StoreClosed:
+            return

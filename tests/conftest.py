@@ -1,0 +1,202 @@
+"""Test policy for aivad.
+
+- Real parts, no mocks: the daemon under test is the real one — in process
+  (``daemon`` fixture: ``run_daemon`` in the test's nursery, fast) or as a real
+  ``aivad serve`` subprocess (``daemon_proc``: for signals, exit codes, kill -9).
+  RabbitMQ and Redis are real servers started by the test run on loopback
+  (``tests/broker_fixtures.py``), never mocks.
+- Every daemon gets its own free ports and its own temp dir, so tests can run
+  in parallel without interfering.
+- Logic with time in it (retries, backoff, deadlines) runs on trio's
+  ``MockClock(autojump_threshold=0)`` with exact assertions. Tests with real
+  sockets never autojump; they use a real ``trio.fail_after`` so a hang fails
+  instead of stalling the run.
+- Tests never assert on wall-clock speed: speed is measured in ``bench/``.
+- Bad input is tested on every input path: the daemon must answer with the
+  documented error and keep serving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+from aivad.config import Config, parse_config
+from aivad.daemon import Endpoints, run_daemon
+
+pytest_plugins = ["tests.broker_fixtures"]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def short_tmp_dir() -> Path:
+    """A temp dir with a short path: unix socket paths are limited to 107 bytes."""
+    return Path(tempfile.mkdtemp(prefix="aivad-"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_config(directory: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    """A config document for a daemon living in ``directory`` on free ports."""
+    doc: dict[str, Any] = {
+        "websocket": {"host": "127.0.0.1", "port": 0},
+        "control": {"socket": str(directory / "control.sock")},
+        "store": {"path": str(directory / "aivad.db"), "synchronous": "NORMAL"},
+        "shutdown": {"grace_s": 5.0},
+    }
+    for name, values in sections.items():
+        doc.setdefault(name, {}).update(values)
+    return doc
+
+
+test_config.__test__ = False  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def tmp_dir() -> Iterator[Path]:
+    directory = short_tmp_dir()
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@attrs.define
+class InProcessDaemon:
+    cfg: Config
+    endpoints: Endpoints
+
+    @property
+    def ws_url(self) -> str:
+        return self.endpoints.ws_url
+
+    @property
+    def control_path(self) -> str:
+        return self.endpoints.control_path
+
+
+async def start_daemon(nursery: trio.Nursery, directory: Path, **sections: dict[str, Any]) -> InProcessDaemon:
+    cfg = parse_config(test_config(directory, **sections))
+    endpoints = await nursery.start(partial(run_daemon, cfg, handle_signals=False))
+    return InProcessDaemon(cfg, endpoints)
+
+
+@pytest.fixture
+async def daemon(nursery: trio.Nursery, tmp_dir: Path) -> AsyncIterator[InProcessDaemon]:
+    """An in-process daemon on free ports in its own temp dir, cancelled at teardown."""
+    yield await start_daemon(nursery, tmp_dir)
+
+
+# ---- the real subprocess ---------------------------------------------------------
+
+
+class DaemonProcess:
+    """A real ``aivad serve`` subprocess with its own config, ports and temp dir."""
+
+    def __init__(self, directory: Path, **sections: dict[str, Any]) -> None:
+        self.directory = directory
+        self.ws_port = free_port()
+        doc = test_config(directory, websocket={"port": self.ws_port}, **sections)
+        self.config_path = directory / "config.toml"
+        self.config_path.write_text(to_toml(doc))
+        self.control_path = doc["control"]["socket"]
+        self.db_path = doc["store"]["path"]
+        self.log_path = directory / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.ws_port}/"
+
+    def start(self, env: dict[str, str] | None = None, timeout_s: float = 20.0) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "aivad", "serve", "--config", str(self.config_path)],
+            stdout=log, stderr=log, env={**os.environ, **(env or {})}, cwd=self.directory,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"aivad serve exited with {self.proc.returncode}:\n{self.log()}")
+            with contextlib.suppress(OSError, ValueError):
+                if self.control({"cmd": "status"}).get("ok"):
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"aivad serve did not become ready:\n{self.log()}")
+
+    def control(self, request: dict[str, Any], timeout_s: float = 10.0) -> dict[str, Any]:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(timeout_s)
+            s.connect(self.control_path)
+            s.sendall(json.dumps(request).encode() + b"\n")
+            return dict(json.loads(s.makefile("rb").readline()))
+
+    def cli(self, *args: str, input: str | None = None, timeout_s: float = 20.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "aivad", *args], input=input, capture_output=True, text=True,
+            timeout=timeout_s, env={**os.environ, "AIVAD_SOCKET": self.control_path},
+        )
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout_s: float = 20.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout_s)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def to_toml(doc: dict[str, Any]) -> str:
+    """Enough TOML for test configs: tables of scalars and lists."""
+    lines = []
+    for section, values in doc.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def daemon_proc(tmp_dir: Path) -> Iterator[DaemonProcess]:
+    """A started ``aivad serve`` subprocess; stopped (SIGTERM, then SIGKILL) at teardown."""
+    proc = DaemonProcess(tmp_dir)
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
