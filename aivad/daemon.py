@@ -23,7 +23,9 @@ import trio
 
 from . import __version__, control
 from .config import Config, ConfigError, load_config
+from .http import serve_http
 from .logs import set_level
+from .metrics import LoopLag, MetricsRenderer, serve_loop_lag
 from .router import Router
 from .sdnotify import Notifier, serve_watchdog
 from .stats import Ingest
@@ -52,6 +54,7 @@ class Endpoints:
 
     ws_port: int
     control_path: str
+    http_port: int | None = None
 
     @property
     def ws_url(self) -> str:
@@ -90,9 +93,26 @@ class Daemon:
         self.router: Router
         self.websocket: WebSocketService
         self.control: control.ControlService
+        self.loop_lag = LoopLag()
         self.drain_requested = trio.Event()
         self.draining = False
         self._reload_lock = trio.Lock()
+
+    def uptime_s(self) -> float:
+        return time.time() - self.started_at
+
+    def readiness(self) -> list[str]:
+        """Why the daemon is not ready (empty: ready) — ``/readyz``."""
+        reasons = []
+        if self.draining:
+            reasons.append("draining")
+        return reasons
+
+    def task_counts(self) -> dict[str, int]:
+        return {}
+
+    def extra_metrics(self) -> list[Any]:
+        return []
 
     def request_drain(self, why: str) -> None:
         if not self.drain_requested.is_set():
@@ -142,7 +162,9 @@ class Daemon:
         ingest = self.ingest.statistics()
         return {
             "version": __version__,
-            "uptime_s": round(time.time() - self.started_at, 3),
+            "uptime_s": round(self.uptime_s(), 3),
+            "ready": not self.readiness(),
+            "not_ready_because": self.readiness(),
             "draining": self.draining,
             "websocket": {"port": self.websocket.port, **attrs.asdict(ws)},
             "control": {"socket": str(Path(self.cfg.control.socket).resolve()), "sessions": self.control.sessions},
@@ -195,14 +217,19 @@ async def run_daemon(
     notifier = Notifier.from_environ() if handle_signals else Notifier.from_environ({})
     daemon = Daemon(cfg, config_path, notifier)
     async with trio.open_nursery() as root:
+        # first: keeps pinging systemd while the store opens in its thread
+        await root.start(serve_watchdog, notifier)
         if handle_signals:
             await root.start(_watch_signals, daemon, root.cancel_scope)
         daemon.store = await root.start(serve_store, cfg.store)
         daemon.router = Router(daemon.store, cfg.websocket.replay_batch)
         daemon.websocket = await root.start(serve_websocket, cfg.websocket, daemon.store, daemon.router, daemon.ingest)
         daemon.control = await root.start(control.serve_control, cfg.control, daemon, control.COMMANDS)
-        await root.start(serve_watchdog, notifier)
-        endpoints = Endpoints(daemon.websocket.port, cfg.control.socket)
+        await root.start(serve_loop_lag, daemon.loop_lag)
+        http_port = None
+        if cfg.http.enabled:
+            http_port = await root.start(serve_http, cfg.http, daemon.readiness, MetricsRenderer(daemon))
+        endpoints = Endpoints(daemon.websocket.port, cfg.control.socket, http_port)
         notifier.ready(daemon.summary())
         log.info("aivad %s ready: ws://%s:%d/, control %s", __version__, cfg.websocket.host,
                  endpoints.ws_port, cfg.control.socket)

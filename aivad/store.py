@@ -14,6 +14,8 @@ order and never reused, even after retention has deleted the newest rows.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import logging
 import sqlite3
@@ -54,6 +56,8 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 
 #: rows read per query while filtering a wildcard pattern in Python
 _SCAN_CHUNK = 2000
+#: upper bounds (seconds) of the commit latency histogram
+COMMIT_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, float("inf"))
 
 
 class StoreClosed(Exception):
@@ -111,6 +115,8 @@ class StoreStatistics:
     duplicates: int
     commit_seconds_total: float
     last_commit_seconds: float
+    #: cumulative (upper bound in seconds, commits) pairs, the last bound +inf
+    commit_seconds_buckets: tuple[tuple[float, int], ...]
 
 
 def _body_with_seq(body: str, seq: int) -> str:
@@ -159,6 +165,7 @@ class Store:
         self._duplicates = 0
         self._commit_seconds_total = 0.0
         self._last_commit_seconds = 0.0
+        self._commit_buckets = [0] * len(COMMIT_BUCKETS_S)
         self.last_seq: int = writer.execute(
             "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0)"
         ).fetchone()[0]
@@ -280,6 +287,7 @@ class Store:
         self._commits += 1
         self._commit_seconds_total += seconds
         self._last_commit_seconds = seconds
+        self._commit_buckets[bisect.bisect_left(COMMIT_BUCKETS_S, seconds)] += 1
         if messages:
             self.last_seq = messages[-1].seq
             self._stored_messages += len(messages)
@@ -427,6 +435,7 @@ class Store:
             duplicates=self._duplicates,
             commit_seconds_total=self._commit_seconds_total,
             last_commit_seconds=self._last_commit_seconds,
+            commit_seconds_buckets=tuple(zip(COMMIT_BUCKETS_S, itertools.accumulate(self._commit_buckets), strict=True)),
         )
 
     def close_readers(self) -> None:

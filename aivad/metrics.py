@@ -1,0 +1,94 @@
+"""Prometheus text exposition of the daemon's statistics snapshots, and the loop-lag probe.
+
+Nothing here counts: every figure comes from a service's ``statistics()``
+snapshot at scrape time, rendered with prometheus-client's metric families into
+a registry private to this daemon (several daemons can share a process in tests).
+Names marked fixed in DESIGN §4.7 must not change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import trio
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+__all__ = ["LoopLag", "MetricsRenderer", "serve_loop_lag"]
+
+#: DESIGN task states: every one is reported, zero or not, so dashboards have a series
+TASK_STATES = ("queued", "dispatched", "running", "retrying", "completed", "dead")
+
+
+class LoopLag:
+    """How late the trio loop woke a task that asked to sleep: a blocked loop shows here first."""
+
+    def __init__(self) -> None:
+        self.last_s = 0.0
+        self.max_s = 0.0
+
+
+async def serve_loop_lag(lag: LoopLag, interval_s: float = 0.5, *, task_status: trio.TaskStatus[None]) -> None:
+    task_status.started()
+    while True:
+        before = trio.current_time()
+        await trio.sleep(interval_s)
+        lag.last_s = max(0.0, trio.current_time() - before - interval_s)
+        lag.max_s = max(lag.max_s, lag.last_s)
+
+
+class _DaemonCollector(Collector):
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+
+    def collect(self) -> Iterator[Metric]:
+        d = self._daemon
+        ingest = d.ingest.statistics()
+        store = d.store.statistics()
+        ws = d.websocket.statistics()
+        router = d.router.statistics()
+
+        ingested = CounterMetricFamily("aivad_messages_ingested", "Messages stored, by ingress.", labels=["ingress"])
+        for ingress in sorted({"websocket", "control", "amqp", *ingest.by_ingress}):
+            ingested.add_metric([ingress], ingest.by_ingress.get(ingress, 0))
+        yield ingested
+        yield CounterMetricFamily("aivad_deliveries", "Messages handed to subscribers.", value=router.deliveries)
+        yield GaugeMetricFamily("aivad_websocket_connections", "Open WebSocket connections.", value=ws.connections)
+        yield GaugeMetricFamily("aivad_websocket_subscriptions", "Live subscriptions.", value=router.subscriptions)
+        yield CounterMetricFamily("aivad_slow_consumer_closes", "Connections closed with 4008 (slow consumer).",
+                                  value=ws.slow_consumer_closes)
+        yield CounterMetricFamily("aivad_websocket_errors_sent", "Error frames sent to clients.", value=ws.errors_sent)
+        yield GaugeMetricFamily("aivad_store_messages", "Messages kept in the history.", value=store.stored_messages)
+        yield GaugeMetricFamily("aivad_store_last_seq", "Newest committed seq.", value=store.last_seq)
+        yield GaugeMetricFamily("aivad_store_write_queue", "Writes waiting for the single writer.",
+                                value=store.write_queue_depth)
+        yield CounterMetricFamily("aivad_store_duplicates", "Publishes answered as duplicates.",
+                                  value=store.duplicates)
+        buckets = [(("+Inf" if le == float("inf") else repr(le)), count) for le, count in store.commit_seconds_buckets]
+        yield HistogramMetricFamily("aivad_store_commit_seconds", "Duration of one group commit.",
+                                    buckets=buckets, sum_value=store.commit_seconds_total)
+        tasks = GaugeMetricFamily("aivad_tasks", "Tasks by state.", labels=["state"])
+        counts = d.task_counts()
+        for state in TASK_STATES:
+            tasks.add_metric([state], counts.get(state, 0))
+        yield tasks
+        yield from d.extra_metrics()
+        yield GaugeMetricFamily("aivad_event_loop_lag_seconds", "Lateness of the last 0.5 s loop tick.",
+                                value=d.loop_lag.last_s)
+        yield GaugeMetricFamily("aivad_uptime_seconds", "Seconds since start.", value=d.uptime_s())
+
+
+class MetricsRenderer:
+    """``metrics_text()`` for the HTTP service: one private registry per daemon."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(_DaemonCollector(daemon))
+
+    def __call__(self) -> bytes:
+        return generate_latest(self._registry)
