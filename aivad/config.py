@@ -138,6 +138,24 @@ class RedisConfig:
     url: str = "redis://127.0.0.1:6379/0"
 
 
+Strategy = Literal["round_robin", "least_connections", "affinity"]
+
+
+@attrs.frozen
+class TasksConfig:
+    default_strategy: Strategy = "least_connections"
+    strategies: dict[str, Strategy] = attrs.field(factory=dict)
+    default_timeout_s: float = _positive(300.0)
+    default_max_attempts: int = _field(3, lambda v: 1 <= v <= 100, "must be 1..100")
+    default_backoff_factor_s: float = _field(1.0, lambda v: v >= 0, "must be >= 0")
+    default_max_backoff_s: float = _field(60.0, lambda v: v >= 0, "must be >= 0")
+    aging_s: float = _field(60.0, lambda v: v >= 0, "must be >= 0 (0 = no aging)")
+    max_queued: int = _at_least(100_000, 1)
+    max_workers: int = _at_least(1000, 1)
+    request_timeout_s: float = _positive(30.0)
+    max_collect_ids: int = _at_least(10_000, 1)
+
+
 @attrs.frozen
 class Config:
     websocket: WebSocketConfig = attrs.field(factory=WebSocketConfig)
@@ -148,6 +166,7 @@ class Config:
     http: HttpConfig = attrs.field(factory=HttpConfig)
     amqp: AmqpConfig = attrs.field(factory=AmqpConfig)
     redis: RedisConfig = attrs.field(factory=RedisConfig)
+    tasks: TasksConfig = attrs.field(factory=TasksConfig)
 
 
 def _strict(kind: type, accepts: tuple[type, ...]) -> Callable[[Any, type], Any]:

@@ -22,7 +22,9 @@ import attrs
 import trio
 
 from . import __version__, control
+from .aggregator import Aggregator, serve_aggregator
 from .config import Config, ConfigError, load_config
+from .dispatcher import Dispatcher, serve_dispatcher
 from .http import serve_http
 from .logs import set_level
 from .metrics import LoopLag, MetricsRenderer, serve_loop_lag
@@ -45,6 +47,7 @@ LIVE_KEYS: dict[str, frozenset[str]] = {
     "log": frozenset({"level"}),
     "shutdown": frozenset({"grace_s"}),
     "store": frozenset({"retention_max_messages", "retention_max_age_s", "retention_interval_s"}),
+    "tasks": frozenset({"default_strategy", "strategies", "aging_s"}),
 }
 
 
@@ -92,6 +95,8 @@ class Daemon:
         self.store: Store
         self.router: Router
         self.websocket: WebSocketService
+        self.dispatcher: Dispatcher
+        self.aggregator: Aggregator
         self.control: control.ControlService
         self.loop_lag = LoopLag()
         self.drain_requested = trio.Event()
@@ -109,7 +114,7 @@ class Daemon:
         return reasons
 
     def task_counts(self) -> dict[str, int]:
-        return {}
+        return self.dispatcher.statistics().tasks_by_state
 
     def extra_metrics(self) -> list[Any]:
         return []
@@ -142,6 +147,7 @@ class Daemon:
             for section, keys in LIVE_KEYS.items()
         })
         self.websocket.reconfigure(self.cfg.websocket)
+        self.dispatcher.cfg = self.aggregator.cfg = self.cfg.tasks
         self.store.reconfigure(self.cfg.store)
         set_level(self.cfg.log.level)
         if needs_restart:
@@ -170,6 +176,7 @@ class Daemon:
             "control": {"socket": str(Path(self.cfg.control.socket).resolve()), "sessions": self.control.sessions},
             "store": {"path": str(Path(self.cfg.store.path).resolve()), **attrs.asdict(store)},
             "router": attrs.asdict(router),
+            "tasks": attrs.asdict(self.dispatcher.statistics()),
             "ingest": {
                 "by_ingress": ingest.by_ingress,
                 "rate_10s": round(ingest.rate_10s, 2),
@@ -183,6 +190,7 @@ class Daemon:
         self.notifier.stopping("draining")
         root.deadline = min(root.deadline, trio.current_time() + self.cfg.shutdown.grace_s)
         self.control.drain()
+        await self.dispatcher.drain(self.cfg.shutdown.grace_s / 2)
         await self.websocket.drain()
         await self.store.drain()
         log.info("drained; stopping")
@@ -223,7 +231,9 @@ async def run_daemon(
             await root.start(_watch_signals, daemon, root.cancel_scope)
         daemon.store = await root.start(serve_store, cfg.store)
         daemon.router = Router(daemon.store, cfg.websocket.replay_batch)
-        daemon.websocket = await root.start(serve_websocket, cfg.websocket, daemon.store, daemon.router, daemon.ingest)
+        daemon.dispatcher = await root.start(serve_dispatcher, cfg.tasks, daemon.store)
+        daemon.aggregator = await root.start(serve_aggregator, cfg.tasks, daemon.dispatcher, daemon.store)
+        daemon.websocket = await root.start(serve_websocket, cfg.websocket, daemon)
         daemon.control = await root.start(control.serve_control, cfg.control, daemon, control.COMMANDS)
         await root.start(serve_loop_lag, daemon.loop_lag)
         http_port = None

@@ -30,7 +30,7 @@ import trio
 from .config import StoreConfig
 from .envelope import Envelope, compile_pattern, literal_prefix
 
-__all__ = ["Appended", "History", "Store", "StoreClosed", "StoredMessage", "serve_store"]
+__all__ = ["Appended", "History", "Store", "StoreClosed", "StoredMessage", "Write", "insert_envelopes", "serve_store"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,21 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_type_seq ON messages (type, seq);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id TEXT PRIMARY KEY,
+    type TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    group_id TEXT,
+    result TEXT,
+    error TEXT,
+    history TEXT NOT NULL DEFAULT '[]',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tasks_state ON tasks (state);
+CREATE INDEX IF NOT EXISTS tasks_group ON tasks (group_id) WHERE group_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     kind TEXT NOT NULL,
@@ -124,12 +139,12 @@ def _body_with_seq(body: str, seq: int) -> str:
     return f'{body[:-1]},"seq":{seq}}}'
 
 
-class _Write:
+class Write:
     """One unit of work for the writer: runs in the writer thread inside a savepoint."""
 
     __slots__ = ("apply", "done", "error", "messages", "result")
 
-    def __init__(self, apply: Callable[[sqlite3.Connection, _Write], Any]) -> None:
+    def __init__(self, apply: Callable[[sqlite3.Connection, Write], Any]) -> None:
         self.apply = apply
         self.done = trio.Event()
         self.result: Any = None
@@ -154,7 +169,7 @@ class Store:
     def __init__(self, cfg: StoreConfig, writer: sqlite3.Connection) -> None:
         self._cfg = cfg
         self._writer = writer
-        self._send, self._receive = trio.open_memory_channel[_Write](cfg.write_queue)
+        self._send, self._receive = trio.open_memory_channel[Write](cfg.write_queue)
         self._readers: list[sqlite3.Connection] = []
         self._reader_limit = trio.CapacityLimiter(cfg.read_connections)
         self._on_commit: list[Callable[[list[StoredMessage]], None]] = []
@@ -178,21 +193,20 @@ class Store:
         """Call ``callback(messages)`` after every commit, in seq order. It must not block."""
         self._on_commit.append(callback)
 
-    async def submit(self, apply: Callable[[sqlite3.Connection, _Write], Any]) -> _Write:
+    async def submit(self, apply: Callable[[sqlite3.Connection, Write], Any]) -> Write:
         """Queue a write (waiting for room in the bounded queue); await ``.wait()`` for its result."""
         if self._closed:
             raise StoreClosed("the store is draining")
-        write = _Write(apply)
+        write = Write(apply)
         try:
             await self._send.send(write)
         except trio.ClosedResourceError:
             raise StoreClosed("the store is draining") from None
         return write
 
-    async def submit_append(self, envelopes: Sequence[Envelope]) -> _Write:
+    async def submit_append(self, envelopes: Sequence[Envelope]) -> Write:
         """Queue envelopes for storage; the write's result is a ``list[Appended]``."""
-        rows = [(e.message_id, e.type, e.to_json()) for e in envelopes]
-        return await self.submit(lambda conn, write: self._insert(conn, write, rows))
+        return await self.submit(lambda conn, write: insert_envelopes(conn, write, envelopes))
 
     async def append_many(self, envelopes: Sequence[Envelope]) -> list[Appended]:
         """Store envelopes in one transaction; returns after commit, in order."""
@@ -205,37 +219,11 @@ class Store:
 
     async def add_dead_letter(self, kind: str, reason: str, body: str, detail: dict[str, Any]) -> int:
         """Keep something that could not be processed (poison message, dead task); returns its id."""
-
-        def insert(conn: sqlite3.Connection, _: _Write) -> int:
-            cur = conn.execute(
-                "INSERT INTO dead_letters (kind, reason, created_at, body, detail) VALUES (?, ?, ?, ?, ?)",
-                (kind, reason, time.time(), body, json.dumps(detail)),
-            )
-            return int(cur.lastrowid or 0)
-
-        write = await self.submit(insert)
+        write = await self.submit(lambda conn, _: insert_dead_letter(conn, kind, reason, body, detail))
         result: int = await write.wait()
         return result
 
-    def _insert(self, conn: sqlite3.Connection, write: _Write, rows: list[tuple[str, str, str]]) -> list[Appended]:
-        now = time.time()
-        results = []
-        for message_id, topic, body in rows:
-            row = conn.execute(
-                "INSERT INTO messages (message_id, type, stored_at, body) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (message_id) DO NOTHING RETURNING seq",
-                (message_id, topic, now, body),
-            ).fetchone()
-            if row is None:
-                (seq,) = conn.execute("SELECT seq FROM messages WHERE message_id = ?", (message_id,)).fetchone()
-                results.append(Appended(seq, duplicate=True))
-            else:
-                seq = row[0]
-                write.messages.append(StoredMessage(seq, topic, _body_with_seq(body, seq)))
-                results.append(Appended(seq, duplicate=False))
-        return results
-
-    def _commit_batch(self, batch: list[_Write]) -> float:
+    def _commit_batch(self, batch: list[Write]) -> float:
         """Run in the writer thread: every write in its own savepoint, one commit for all."""
         started = time.perf_counter()
         conn = self._writer
@@ -282,7 +270,7 @@ class Store:
                     continue
                 self._after_commit(batch, seconds)
 
-    def _after_commit(self, batch: list[_Write], seconds: float) -> None:
+    def _after_commit(self, batch: list[Write], seconds: float) -> None:
         messages = [m for write in batch for m in write.messages]
         self._commits += 1
         self._commit_seconds_total += seconds
@@ -314,7 +302,7 @@ class Store:
     async def apply_retention(self, max_messages: int, max_age_s: float) -> int:
         """Delete the oldest messages beyond the count and age limits; returns how many went."""
 
-        def trim(conn: sqlite3.Connection, _: _Write) -> tuple[int, int]:
+        def trim(conn: sqlite3.Connection, _: Write) -> tuple[int, int]:
             floor = 0
             if max_messages:
                 row = conn.execute(
@@ -347,7 +335,8 @@ class Store:
 
     # ---- reads --------------------------------------------------------------
 
-    async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+    async def read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``fn(connection)`` on a reader connection in a worker thread."""
         async with self._reader_limit:
             conn = self._readers.pop() if self._readers else self._connect_reader()
             try:
@@ -362,7 +351,7 @@ class Store:
 
     async def history(self, pattern: str, after: int, limit: int) -> History:
         """Up to ``limit`` messages matching ``pattern`` with seq > ``after``, ascending."""
-        return await self._read(lambda conn: self._history(conn, pattern, after, limit))  # type: ignore[no-any-return]
+        return await self.read(lambda conn: self._history(conn, pattern, after, limit))  # type: ignore[no-any-return]
 
     @staticmethod
     def _history(conn: sqlite3.Connection, pattern: str, after: int, limit: int) -> History:
@@ -414,7 +403,7 @@ class Store:
             ).fetchall()
             return [DeadLetter(i, k, r, c, b, json.loads(d)) for i, k, r, c, b, d in rows]
 
-        return await self._read(read)  # type: ignore[no-any-return]
+        return await self.read(read)  # type: ignore[no-any-return]
 
     # ---- introspection ------------------------------------------------------
 
@@ -442,6 +431,38 @@ class Store:
         for conn in self._readers:
             conn.close()
         self._readers.clear()
+
+
+def insert_envelopes(conn: sqlite3.Connection, write: Write, envelopes: Sequence[Envelope]) -> list[Appended]:
+    """Store envelopes inside a write (duplicates by message_id answered, not stored).
+
+    Any write may call it, so a state change and the event announcing it commit together.
+    """
+    now = time.time()
+    results = []
+    for envelope in envelopes:
+        body = envelope.to_json()
+        row = conn.execute(
+            "INSERT INTO messages (message_id, type, stored_at, body) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (message_id) DO NOTHING RETURNING seq",
+            (envelope.message_id, envelope.type, now, body),
+        ).fetchone()
+        if row is None:
+            (seq,) = conn.execute("SELECT seq FROM messages WHERE message_id = ?", (envelope.message_id,)).fetchone()
+            results.append(Appended(seq, duplicate=True))
+        else:
+            seq = row[0]
+            write.messages.append(StoredMessage(seq, envelope.type, _body_with_seq(body, seq)))
+            results.append(Appended(seq, duplicate=False))
+    return results
+
+
+def insert_dead_letter(conn: sqlite3.Connection, kind: str, reason: str, body: str, detail: dict[str, Any]) -> int:
+    cur = conn.execute(
+        "INSERT INTO dead_letters (kind, reason, created_at, body, detail) VALUES (?, ?, ?, ?, ?)",
+        (kind, reason, time.time(), body, json.dumps(detail)),
+    )
+    return int(cur.lastrowid or 0)
 
 
 def open_database(cfg: StoreConfig) -> sqlite3.Connection:

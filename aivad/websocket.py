@@ -19,17 +19,22 @@ import json
 import logging
 import struct
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, WebSocketServer
 
 from .config import WebSocketConfig
+from .envelope import BadMessage, check_topic
 from .protocol import OpError, decode_request, dumps, field, parse_envelope, parse_history, parse_pattern, parse_subscribe, request_ref
-from .router import Router, Subscription
-from .stats import Ingest
-from .store import Appended, Store, StoreClosed, _Write
+from .router import Subscription
+from .store import Appended, StoreClosed, Write
+from .tasks import parse_task_spec
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+    from .dispatcher import Worker
 
 __all__ = ["WebSocketService", "serve_websocket"]
 
@@ -82,11 +87,12 @@ class Connection:
         self.ws = ws
         self.subscriptions: dict[str, Subscription] = {}
         self._outbox, self._outbox_rx = trio.open_memory_channel[bytes](service.cfg.send_buffer_frames)
-        self._pending, self._pending_rx = trio.open_memory_channel[tuple[Any, _Write]](
+        self._pending, self._pending_rx = trio.open_memory_channel[tuple[Any, Write]](
             service.cfg.max_inflight_publishes
         )
         self._slow = False
-        self.nursery: trio.Nursery | None = None
+        self._background = trio.Semaphore(service.cfg.max_inflight_publishes)
+        self.worker: Worker | None = None
 
     # ---- the Sink protocol of the router -----------------------------------
 
@@ -110,17 +116,21 @@ class Connection:
 
     # ---- tasks --------------------------------------------------------------
 
+    async def send_json(self, obj: Any) -> None:
+        await self.put(_frame(obj))
+
     async def run(self) -> None:
         try:
             async with trio.open_nursery() as nursery:
-                self.nursery = nursery
                 nursery.start_soon(self._send_loop)
                 nursery.start_soon(self._reply_loop)
-                await self._read_loop()
+                await self._read_loop(nursery)
                 nursery.cancel_scope.cancel()
         finally:
             for sub in self.subscriptions.values():
                 self.service.router.remove(sub)
+            if self.worker is not None:
+                self.service.daemon.dispatcher.remove_worker(self.worker)
 
     async def _send_loop(self) -> None:
         """Write what is queued, in one ``send_all`` per batch; close 4008 on overflow."""
@@ -162,7 +172,7 @@ class Connection:
             assert isinstance(appended, Appended)
             await self.put(_frame({"op": "ok", "ref": ref, "seq": appended.seq, "duplicate": appended.duplicate}))
 
-    async def _read_loop(self) -> None:
+    async def _read_loop(self, nursery: trio.Nursery) -> None:
         ws = self.ws
         while True:
             try:
@@ -170,9 +180,9 @@ class Connection:
             except ConnectionClosed:
                 return
             self.service.frames_in += 1
-            await self._handle(message)
+            await self._handle(message, nursery)
 
-    async def _handle(self, message: str | bytes) -> None:
+    async def _handle(self, message: str | bytes, nursery: trio.Nursery) -> None:
         """Parse and run one frame; every failure becomes an error frame, never a close."""
         ref: Any = None
         try:
@@ -182,8 +192,12 @@ class Connection:
             handler = self.service.ops.get(op)
             if handler is None:
                 raise OpError("unknown_op", f"unknown op: {op[:64]}")
+            if op in WAITING_OPS:  # may wait long: run beside the reader, bounded
+                await self._background.acquire()
+                nursery.start_soon(self._run_waiting, handler, frame, ref)
+                return
             reply = await handler(self, frame)
-            if reply is not None:
+            if reply is not None and (ref is not None or op not in WORKER_OPS):
                 await self.put(_frame({"op": "ok", "ref": ref, **reply}))
         except OpError as exc:
             await self.put(self.service.error_frame(ref, exc.code, exc.message))
@@ -191,26 +205,33 @@ class Connection:
             log.exception("op failed on %s", self.ws.remote)
             await self.put(self.service.error_frame(ref, "internal", "internal error"))
 
-    async def defer_publish(self, ref: Any, write: _Write) -> None:
+    async def _run_waiting(self, handler: OpHandler, frame: dict[str, Any], ref: Any) -> None:
+        try:
+            reply = await handler(self, frame)
+            await self.put(_frame({"op": "ok", "ref": ref, **(reply or {})}))
+        except OpError as exc:
+            await self.put(self.service.error_frame(ref, exc.code, exc.message))
+        except Exception:
+            log.exception("op failed on %s", self.ws.remote)
+            await self.put(self.service.error_frame(ref, "internal", "internal error"))
+        finally:
+            self._background.release()
+
+    async def defer_publish(self, ref: Any, write: Write) -> None:
         await self._pending.send((ref, write))
 
 
 class WebSocketService:
     """The running server: its connections, its op table, drain and reconfigure."""
 
-    def __init__(self, cfg: WebSocketConfig, store: Store, router: Router, ingest: Ingest) -> None:
+    def __init__(self, cfg: WebSocketConfig, daemon: Daemon) -> None:
         self.cfg = cfg
-        self.store = store
-        self.router = router
-        self.ingest = ingest
+        self.daemon = daemon
+        self.store = daemon.store
+        self.router = daemon.router
+        self.ingest = daemon.ingest
         self.connections: set[Connection] = set()
-        self.ops: dict[str, OpHandler] = {
-            "subscribe": _op_subscribe,
-            "unsubscribe": _op_unsubscribe,
-            "publish": _op_publish,
-            "history": _op_history,
-            "ping": _op_ping,
-        }
+        self.ops = OPS
         self.port = 0
         self.draining = False
         self.slow_consumer_closes = 0
@@ -328,11 +349,126 @@ async def _op_history(conn: Connection, frame: dict[str, Any]) -> dict[str, Any]
     return {"messages": messages, "last_seq": last_seq}
 
 
+# ---- task ops (DESIGN §4.3, second table) ---------------------------------------------
+
+
+def _worker_of(conn: Connection) -> Worker:
+    if conn.worker is None:
+        raise OpError("bad_request", "not a worker: send worker.hello first")
+    return conn.worker
+
+
+async def _op_worker_hello(conn: Connection, frame: dict[str, Any]) -> dict[str, Any] | None:
+    if conn.worker is not None:
+        raise OpError("bad_request", "this connection already said worker.hello")
+    types = field(frame, "types", list)
+    if not 1 <= len(types) <= 100:
+        raise OpError("bad_request", "types must list 1..100 task types")
+    try:
+        types = list(dict.fromkeys(check_topic(t, "each task type") for t in types))
+    except BadMessage as exc:
+        raise OpError("bad_request", str(exc)) from None
+    concurrency = field(frame, "concurrency", int, 1)
+    if not 1 <= concurrency <= 10_000:
+        raise OpError("bad_request", "concurrency must be 1..10000")
+    name = field(frame, "name", str, "")
+    conn.worker = conn.service.daemon.dispatcher.add_worker(conn, name[:255], types, concurrency)
+    return {"worker_id": conn.worker.worker_id}
+
+
+async def _op_task_progress(conn: Connection, frame: dict[str, Any]) -> dict[str, Any] | None:
+    worker = _worker_of(conn)
+    progress = field(frame, "progress", (int, float), 0)
+    if not 0 <= progress <= 1:
+        raise OpError("bad_request", "progress must be 0..1")
+    await conn.service.daemon.dispatcher.progress(worker, field(frame, "task_id", str), progress, frame.get("note"))
+    return {}
+
+
+async def _op_task_result(conn: Connection, frame: dict[str, Any]) -> dict[str, Any] | None:
+    conn.service.daemon.dispatcher.result(_worker_of(conn), field(frame, "task_id", str), frame.get("result"))
+    return {}
+
+
+async def _op_task_fail(conn: Connection, frame: dict[str, Any]) -> dict[str, Any] | None:
+    retryable = field(frame, "retryable", bool, True)
+    conn.service.daemon.dispatcher.fail(_worker_of(conn), field(frame, "task_id", str), frame.get("error"), retryable)
+    return {}
+
+
+async def _op_dispatch(conn: Connection, frame: dict[str, Any]) -> dict[str, Any] | None:
+    daemon = conn.service.daemon
+    task_id, duplicate = await daemon.dispatcher.submit(parse_task_spec(frame, daemon.cfg.tasks))
+    return {"task_id": task_id, "duplicate": duplicate} if duplicate else {"task_id": task_id}
+
+
+async def _op_task_status(conn: Connection, frame: dict[str, Any]) -> dict[str, Any] | None:
+    view = await conn.service.daemon.dispatcher.view(field(frame, "task_id", str))
+    if view is None:
+        raise OpError("not_found", "no such task")
+    reply = {"task_id": view.task_id, "type": view.type, "state": view.state, "attempts": view.attempts}
+    if view.state == "completed":
+        reply["result"] = view.result
+    elif view.error is not None:
+        reply["error"] = view.error
+    return reply
+
+
+def _timeout(frame: dict[str, Any], default: float) -> float:
+    timeout = field(frame, "timeout", (int, float), default)
+    if not 0 <= timeout <= 86400:
+        raise OpError("bad_request", "timeout must be 0..86400 seconds")
+    return float(timeout)
+
+
+async def _op_collect(conn: Connection, frame: dict[str, Any]) -> dict[str, Any] | None:
+    cfg = conn.service.daemon.cfg.tasks
+    task_ids = field(frame, "task_ids", list, None)
+    group_id = field(frame, "group_id", str, None)
+    if (task_ids is None) == (group_id is None):
+        raise OpError("bad_request", "give task_ids or group_id (one of them)")
+    if task_ids is not None and (not all(isinstance(t, str) for t in task_ids) or len(task_ids) > cfg.max_collect_ids):
+        raise OpError("bad_request", f"task_ids must be at most {cfg.max_collect_ids} strings")
+    min_results = field(frame, "min_results", int, None)
+    if min_results is not None and min_results < 1:
+        raise OpError("bad_request", "min_results must be >= 1")
+    result = await conn.service.daemon.aggregator.collect(
+        list(dict.fromkeys(task_ids)) if task_ids is not None else None, group_id,
+        _timeout(frame, cfg.request_timeout_s), min_results)
+    return result.to_wire()
+
+
+async def _op_request(conn: Connection, frame: dict[str, Any]) -> dict[str, Any] | None:
+    cfg = conn.service.daemon.cfg.tasks
+    timeout = _timeout(frame, cfg.request_timeout_s)
+    spec = parse_task_spec({**frame, "timeout": timeout or None}, cfg)
+    return await conn.service.daemon.aggregator.request(spec, timeout)
+
+
+OPS: dict[str, OpHandler] = {
+    "subscribe": _op_subscribe,
+    "unsubscribe": _op_unsubscribe,
+    "publish": _op_publish,
+    "history": _op_history,
+    "ping": _op_ping,
+    "worker.hello": _op_worker_hello,
+    "task.progress": _op_task_progress,
+    "task.result": _op_task_result,
+    "task.fail": _op_task_fail,
+    "dispatch": _op_dispatch,
+    "task.status": _op_task_status,
+    "collect": _op_collect,
+    "request": _op_request,
+}
+#: worker frames: answered only on error, or when they carry a ref
+WORKER_OPS = frozenset({"task.progress", "task.result", "task.fail"})
+#: ops that wait for other parties: they run beside the reader so the connection keeps working
+WAITING_OPS = frozenset({"collect", "request"})
+
+
 async def serve_websocket(
     cfg: WebSocketConfig,
-    store: Store,
-    router: Router,
-    ingest: Ingest,
+    daemon: Daemon,
     *,
     task_status: trio.TaskStatus[WebSocketService] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
@@ -343,7 +479,7 @@ async def serve_websocket(
     listener is gone. Error handling: a failing op is answered with an error
     frame; a broken connection ends only its own nursery.
     """
-    service = WebSocketService(cfg, store, router, ingest)
+    service = WebSocketService(cfg, daemon)
     async with trio.open_nursery() as handlers:
         listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
         server = WebSocketServer(

@@ -1,0 +1,663 @@
+"""The dispatcher: task queue → workers, a cancel scope per attempt, one place that decides.
+
+Every accepted task is in the store before anyone hears of it, and ends exactly
+once: ``completed`` or ``dead``. Tasks wait in per-type priority heaps (FIFO
+within a priority; optional aging so low priority cannot starve). When a worker
+has free capacity, a strategy picks the worker for the head task: round robin,
+least connections (fewest in flight relative to concurrency) or affinity
+(consistent hashing of ``affinity_key`` — or the type — over the workers of
+that type, so a joining worker moves few keys).
+
+Each attempt runs in its own task, inside a ``trio.CancelScope`` whose deadline
+is the attempt's timeout — pulled in to ``now + heartbeat`` and pushed out by
+each ``task.progress``. A result, a failure report or the loss of the worker
+cancels the scope after recording why; an expired deadline cancels it by
+itself. Either way ``_settle`` alone decides: done, retry after backoff, or
+dead-letter. Shutdown cancels from outside: the attempt is not settled and the
+task is handed back as queued.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import heapq
+import itertools
+import json
+import logging
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import attrs
+import trio
+
+from .config import TasksConfig
+from .envelope import Envelope
+from .protocol import OpError
+from .store import Store, Write, insert_dead_letter, insert_envelopes
+from .tasks import ACTIVE_STATES, STATES, TaskSpec, backoff_s
+
+if TYPE_CHECKING:
+    from .websocket import Connection
+
+__all__ = ["Dispatcher", "TaskView", "WorkerView", "serve_dispatcher"]
+
+log = logging.getLogger(__name__)
+
+_VNODES = 64  # points per worker on an affinity ring
+
+
+# ---- outcomes of one attempt ------------------------------------------------------
+
+
+@attrs.frozen
+class Success:
+    result: Any
+
+
+@attrs.frozen
+class Failure:
+    """The worker reported a failure, or the attempt ended without a result."""
+
+    kind: str  # failed | timeout | heartbeat | worker_lost | abandoned
+    error: Any
+    retryable: bool
+
+
+@attrs.frozen
+class HandedBack:
+    """Shutdown: the attempt does not count; the task goes back to the queue."""
+
+
+Outcome = Success | Failure | HandedBack
+
+
+# ---- in-memory state ----------------------------------------------------------------
+
+
+class Worker:
+    """A connection that said ``worker.hello``."""
+
+    def __init__(self, conn: Connection, name: str, types: list[str], concurrency: int) -> None:
+        self.worker_id = uuid.uuid4().hex[:12]
+        self.conn = conn
+        self.name = name or self.worker_id
+        self.types = types
+        self.concurrency = concurrency
+        self.in_flight: dict[str, Attempt] = {}
+        self.done = 0
+        self.failed = 0
+        self.dispatched = 0
+        self.connected_at = datetime.now(UTC)
+
+    @property
+    def free(self) -> int:
+        return self.concurrency - len(self.in_flight)
+
+
+class TaskState:
+    """A task that has not ended yet."""
+
+    def __init__(self, spec: TaskSpec, state: str, attempts: int, history: list[dict[str, Any]]) -> None:
+        self.spec = spec
+        self.state = state
+        self.attempts = attempts
+        self.history = history
+        self.attempt: Attempt | None = None
+
+
+class Attempt:
+    def __init__(self, task: TaskState, worker: Worker, number: int, timeout_s: float) -> None:
+        self.task = task
+        self.worker = worker
+        self.number = number
+        now = trio.current_time()
+        self.hard_deadline = now + timeout_s
+        heartbeat = task.spec.heartbeat_s
+        self.scope = trio.CancelScope(deadline=min(self.hard_deadline, now + heartbeat) if heartbeat else self.hard_deadline)
+        self.outcome: Outcome | None = None
+        self.started_wall = time.time()
+        self.progressed = False
+
+    def finish(self, outcome: Outcome) -> bool:
+        """Record how the attempt ended (first report wins) and end its scope."""
+        if self.outcome is not None:
+            return False
+        self.outcome = outcome
+        self.scope.cancel()
+        return True
+
+    def heartbeat(self) -> None:
+        if self.task.spec.heartbeat_s:
+            self.scope.deadline = min(self.hard_deadline, trio.current_time() + self.task.spec.heartbeat_s)
+
+    def expired(self) -> Failure:
+        if trio.current_time() >= self.hard_deadline:
+            return Failure("timeout", f"attempt {self.number} timed out after {self.task.spec.timeout_s:g} s", True)
+        return Failure("heartbeat", f"no progress for {self.task.spec.heartbeat_s:g} s (heartbeat)", True)
+
+
+@attrs.frozen
+class TaskView:
+    """What ``task.status`` and ``aivad task`` report."""
+
+    task_id: str
+    type: str
+    state: str
+    attempts: int
+    result: Any = None
+    error: Any = None
+    group_id: str | None = None
+    history: list[dict[str, Any]] = attrs.field(factory=list)
+    spec: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class WorkerView:
+    worker_id: str
+    name: str
+    types: list[str]
+    concurrency: int
+    in_flight: int
+    done: int
+    failed: int
+    connected_since: str
+
+
+@attrs.frozen
+class DispatcherStatistics:
+    tasks_by_state: dict[str, int]
+    workers: int
+    retries: int
+    dead_lettered: int
+    completed: int
+
+
+# ---- SQL, run inside store writes ------------------------------------------------------
+
+
+def _event(kind: str, spec: TaskSpec, state: str, attempt: int, unique: str = "", **extra: Any) -> Envelope:
+    payload = {"task_id": spec.task_id, "type": spec.type, "state": state, "attempt": attempt, **extra}
+    if spec.group_id is not None:
+        payload["group_id"] = spec.group_id
+    message_id = f"aivad:{spec.task_id}:{kind}:{attempt}{unique}"
+    return Envelope.from_fields(kind, payload, {"source": "aivad"}, message_id)
+
+
+def _update(conn: sqlite3.Connection, task: TaskState, **columns: Any) -> None:
+    columns = {"state": task.state, "attempts": task.attempts, "history": json.dumps(task.history),
+               "updated_at": time.time(), **columns}
+    assignments = ", ".join(f"{name} = ?" for name in columns)
+    conn.execute(f"UPDATE tasks SET {assignments} WHERE task_id = ?", (*columns.values(), task.spec.task_id))  # noqa: S608
+
+
+def _row_view(row: tuple[Any, ...]) -> TaskView:
+    task_id, task_type, spec, state, attempts, group_id, result, error, history = row
+    return TaskView(task_id, task_type, state, attempts, json.loads(result) if result else None,
+                    json.loads(error) if error else None, group_id, json.loads(history), json.loads(spec))
+
+
+_VIEW_COLUMNS = "task_id, type, spec, state, attempts, group_id, result, error, history"
+
+
+# ---- the service ------------------------------------------------------------------------
+
+
+class Dispatcher:
+    def __init__(self, cfg: TasksConfig, store: Store, nursery: trio.Nursery) -> None:
+        self.cfg = cfg
+        self._store = store
+        self._nursery = nursery
+        self.tasks: dict[str, TaskState] = {}
+        self.workers: dict[str, Worker] = {}
+        self._by_type: dict[str, list[Worker]] = {}
+        self._rings: dict[str, tuple[list[int], list[Worker]]] = {}
+        self._ready: dict[str, list[tuple[float, int, str]]] = {}
+        self._order = itertools.count()
+        self._round_robin: dict[str, int] = {}
+        self._wake = trio.Event()
+        self._idle = trio.Event()
+        self.draining = False
+        self._retries = 0
+        self._dead = 0
+        self._completed = 0
+        #: called with (task view) when a task ends (completed or dead), after commit
+        self.on_end: list[Callable[[TaskView], None]] = []
+
+    # ---- submitting --------------------------------------------------------------------
+
+    async def submit(self, spec: TaskSpec) -> tuple[str, bool]:
+        """Store a new task (and its ``task.created`` event); returns (task_id, duplicate)."""
+        if self.draining:
+            raise OpError("overloaded", "aivad is draining")
+        if len(self.tasks) >= self.cfg.max_queued:
+            raise OpError("overloaded", f"{len(self.tasks)} tasks unfinished (max_queued)")
+
+        def insert(conn: sqlite3.Connection, write: Write) -> bool:
+            now = time.time()
+            row = conn.execute(
+                "INSERT INTO tasks (task_id, type, spec, state, group_id, created_at, updated_at) "
+                "VALUES (?, ?, ?, 'queued', ?, ?, ?) ON CONFLICT (task_id) DO NOTHING RETURNING task_id",
+                (spec.task_id, spec.type, json.dumps(spec.to_json_dict()), spec.group_id, now, now),
+            ).fetchone()
+            if row is None:
+                return True
+            insert_envelopes(conn, write, [_event("task.created", spec, "queued", 0, priority=spec.priority)])
+            return False
+
+        write = await self._store.submit(insert)
+        duplicate: bool = await write.wait()
+        if not duplicate:
+            task = TaskState(spec, "queued", 0, [])
+            self.tasks[spec.task_id] = task
+            self._enqueue(task)
+        return spec.task_id, duplicate
+
+    def _enqueue(self, task: TaskState) -> None:
+        priority = task.spec.priority
+        key = trio.current_time() / self.cfg.aging_s - priority if self.cfg.aging_s else -priority
+        heapq.heappush(self._ready.setdefault(task.spec.type, []), (key, next(self._order), task.spec.task_id))
+        self._wake.set()
+
+    # ---- workers ----------------------------------------------------------------------
+
+    def add_worker(self, conn: Connection, name: str, types: list[str], concurrency: int) -> Worker:
+        if len(self.workers) >= self.cfg.max_workers:
+            raise OpError("overloaded", f"at most {self.cfg.max_workers} workers")
+        worker = Worker(conn, name, types, concurrency)
+        self.workers[worker.worker_id] = worker
+        for task_type in types:
+            self._by_type.setdefault(task_type, []).append(worker)
+            self._rings.pop(task_type, None)
+        log.info("worker %s joined: %s × %d", worker.name, ", ".join(types), concurrency)
+        self._wake.set()
+        return worker
+
+    def remove_worker(self, worker: Worker) -> None:
+        """The worker's connection is gone: its attempts end as worker_lost."""
+        if self.workers.pop(worker.worker_id, None) is None:
+            return
+        for task_type in worker.types:
+            self._by_type[task_type].remove(worker)
+            self._rings.pop(task_type, None)
+        for attempt in list(worker.in_flight.values()):
+            attempt.finish(Failure("worker_lost", f"worker {worker.name} disconnected", True))
+        log.info("worker %s left with %d tasks in flight", worker.name, len(worker.in_flight))
+
+    def _ring(self, task_type: str) -> tuple[list[int], list[Worker]]:
+        ring = self._rings.get(task_type)
+        if ring is None:
+            points = sorted(
+                (_hash(f"{w.worker_id}#{i}"), w) for w in self._by_type.get(task_type, []) for i in range(_VNODES)
+            )
+            ring = self._rings[task_type] = ([p for p, _ in points], [w for _, w in points])
+        return ring
+
+    def _pick(self, task: TaskState) -> Worker | None:
+        """The worker for ``task`` by its type's strategy, or None (the task keeps waiting)."""
+        task_type = task.spec.type
+        workers = self._by_type.get(task_type)
+        if not workers:
+            return None
+        strategy = self.cfg.strategies.get(task_type, self.cfg.default_strategy)
+        if strategy == "affinity":
+            hashes, owners = self._ring(task_type)
+            target = owners[bisect.bisect(hashes, _hash(task.spec.affinity_key or task_type)) % len(owners)]
+            return target if target.free > 0 else None
+        if strategy == "round_robin":
+            start = self._round_robin.get(task_type, 0)
+            for i in range(len(workers)):
+                worker = workers[(start + i) % len(workers)]
+                if worker.free > 0:
+                    self._round_robin[task_type] = (start + i + 1) % len(workers)
+                    return worker
+            return None
+        free = [w for w in workers if w.free > 0]
+        return min(free, key=lambda w: (len(w.in_flight) / w.concurrency, w.dispatched)) if free else None
+
+    # ---- dispatching ------------------------------------------------------------------
+
+    async def _pump(self) -> NoReturn:
+        """Hand ready tasks to free workers whenever something changed."""
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            if not self.draining:
+                self._dispatch_ready()
+
+    def _dispatch_ready(self) -> None:
+        for task_type, heap in self._ready.items():
+            if not heap or not any(w.free > 0 for w in self._by_type.get(task_type, ())):
+                continue
+            waiting = []  # tasks whose affinity target is busy: they keep their place
+            while heap and len(waiting) < 1000:
+                entry = heapq.heappop(heap)
+                task = self.tasks.get(entry[2])
+                if task is None or task.state not in ("queued", "retrying"):
+                    continue  # ended while queued (abandoned)
+                worker = self._pick(task)
+                if worker is None:
+                    waiting.append(entry)
+                    if not any(w.free > 0 for w in self._by_type.get(task_type, ())):
+                        break
+                    continue
+                self._start_attempt(task, worker)
+            for entry in waiting:
+                heapq.heappush(heap, entry)
+
+    def _start_attempt(self, task: TaskState, worker: Worker) -> None:
+        task.attempts += 1
+        task.state = "dispatched"
+        attempt = Attempt(task, worker, task.attempts, task.spec.timeout_s)
+        task.attempt = attempt
+        worker.in_flight[task.spec.task_id] = attempt
+        worker.dispatched += 1
+        self._idle = trio.Event()
+        self._nursery.start_soon(self._run_attempt, attempt)
+
+    async def _run_attempt(self, attempt: Attempt) -> None:
+        task, worker = attempt.task, attempt.worker
+        spec = task.spec
+        deadline = datetime.now(UTC) + timedelta(seconds=spec.timeout_s)
+        frame = {"op": "task", "task": {
+            "task_id": spec.task_id, "type": spec.type, "payload": spec.payload, "attempt": attempt.number,
+            "deadline": deadline.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        }}
+        history = {"attempt": attempt.number, "worker": worker.name, "worker_id": worker.worker_id,
+                   "started": _now_rfc3339()}
+        write = await self._store.submit(lambda conn, w: self._write_dispatched(conn, w, task, worker))
+        with attempt.scope:
+            await worker.conn.send_json(frame)
+            await write.wait()
+            await trio.sleep_forever()
+        outcome = attempt.outcome or attempt.expired()
+        await self._settle(attempt, outcome, history)
+
+    def _write_dispatched(self, conn: sqlite3.Connection, write: Write, task: TaskState, worker: Worker) -> None:
+        _update(conn, task, state="dispatched")
+        insert_envelopes(conn, write, [_event("task.dispatched", task.spec, "dispatched", task.attempts,
+                                              worker=worker.name)])
+
+    # ---- reports from workers -----------------------------------------------------------
+
+    def _attempt_of(self, worker: Worker, task_id: Any) -> Attempt:
+        attempt = worker.in_flight.get(task_id) if isinstance(task_id, str) else None
+        if attempt is None or attempt.outcome is not None:
+            log.warning("ignoring a report for task %r from worker %s: no attempt of it is in flight there",
+                        task_id, worker.name)
+            raise OpError("not_found", f"task {str(task_id)[:64]} is not in flight on this worker")
+        return attempt
+
+    async def progress(self, worker: Worker, task_id: Any, progress: float, note: Any) -> None:
+        attempt = self._attempt_of(worker, task_id)
+        attempt.heartbeat()
+        task = attempt.task
+        events = []
+        if not attempt.progressed:
+            attempt.progressed = True
+            task.state = "running"
+            events.append(_event("task.started", task.spec, "running", attempt.number))
+        extra = {"progress": progress} | ({"note": note} if note is not None else {})
+        events.append(_event("task.progress", task.spec, task.state, attempt.number, f":{uuid.uuid4().hex[:8]}",
+                             **extra))
+        state = task.state
+
+        def write(conn: sqlite3.Connection, w: Write) -> None:
+            if state == "running":
+                conn.execute("UPDATE tasks SET state = 'running' WHERE task_id = ? AND state = 'dispatched'",
+                             (task.spec.task_id,))
+            insert_envelopes(conn, w, events)
+
+        await self._store.submit(write)
+
+    def result(self, worker: Worker, task_id: Any, result: Any) -> None:
+        self._attempt_of(worker, task_id).finish(Success(result))
+
+    def fail(self, worker: Worker, task_id: Any, error: Any, retryable: bool) -> None:
+        self._attempt_of(worker, task_id).finish(Failure("failed", error, retryable))
+
+    # ---- the one place that decides -------------------------------------------------------
+
+    async def _settle(self, attempt: Attempt, outcome: Outcome, history: dict[str, Any]) -> None:
+        task, worker, spec = attempt.task, attempt.worker, attempt.task.spec
+        worker.in_flight.pop(spec.task_id, None)
+        task.attempt = None
+        self._wake.set()
+        if self.draining and isinstance(outcome, Failure) and outcome.kind == "worker_lost":
+            outcome = HandedBack()
+        history |= {"ended": _now_rfc3339()}
+        events: list[Envelope] = []
+        dead_reason = None
+        if isinstance(outcome, HandedBack):
+            task.attempts -= 1
+            task.state = "queued"
+            history |= {"outcome": "handed_back"}
+        elif isinstance(outcome, Success):
+            worker.done += 1
+            task.state = "completed"
+            history |= {"outcome": "completed"}
+            events.append(_event("task.completed", spec, "completed", attempt.number, result=outcome.result))
+        else:
+            worker.failed += 1
+            history |= {"outcome": outcome.kind, "error": outcome.error}
+            events.append(_event("task.failed", spec, "failed", attempt.number, error=outcome.error,
+                                 reason=outcome.kind))
+            if outcome.retryable and task.attempts < spec.max_attempts:
+                task.state = "retrying"
+                delay = backoff_s(spec, task.attempts)
+                events.append(_event("task.retrying", spec, "retrying", attempt.number, delay_s=round(delay, 3)))
+            else:
+                task.state = "dead"
+                dead_reason = (f"{outcome.kind}: not retryable" if not outcome.retryable
+                               else f"{outcome.kind}: {task.attempts} of {spec.max_attempts} attempts used")
+                events.append(_event("task.dead_lettered", spec, "dead", attempt.number, error=outcome.error,
+                                     reason=dead_reason))
+        task.history.append(history)
+        error = outcome.error if isinstance(outcome, Failure) else None
+        result = outcome.result if isinstance(outcome, Success) else None
+
+        def write(conn: sqlite3.Connection, w: Write) -> None:
+            _update(conn, task, result=json.dumps(result) if task.state == "completed" else None,
+                    error=json.dumps(error) if error is not None else None)
+            if dead_reason is not None:
+                insert_dead_letter(conn, "task", dead_reason, json.dumps(spec.to_json_dict()),
+                                   {"task_id": spec.task_id, "attempts": task.history, "error": error})
+            insert_envelopes(conn, w, events)
+
+        await (await self._store.submit(write)).wait()
+        if task.state == "retrying":
+            self._retries += 1
+            self._nursery.start_soon(self._requeue_after, task, backoff_s(spec, task.attempts))
+        elif task.state == "queued":
+            self._enqueue(task)
+        else:
+            self._end(task, result, error)
+        if not any(w.in_flight for w in self.workers.values()):
+            self._idle.set()
+
+    async def _requeue_after(self, task: TaskState, delay: float) -> None:
+        await trio.sleep(delay)
+        if task.state == "retrying" and task.spec.task_id in self.tasks:
+            self._enqueue(task)
+
+    def _end(self, task: TaskState, result: Any, error: Any) -> None:
+        self.tasks.pop(task.spec.task_id, None)
+        if task.state == "completed":
+            self._completed += 1
+        else:
+            self._dead += 1
+        view = TaskView(task.spec.task_id, task.spec.type, task.state, task.attempts, result, error,
+                        task.spec.group_id, task.history, task.spec.to_json_dict())
+        for callback in self.on_end:
+            callback(view)
+
+    async def abandon(self, task_id: str, reason: str) -> None:
+        """End a task nobody waits for any more (a timed-out ``request``): dead, with ``reason``."""
+        task = self.tasks.get(task_id)
+        if task is None:
+            return
+        if task.attempt is not None:
+            task.attempt.finish(Failure("abandoned", reason, False))
+            return
+        task.state = "dead"
+        task.history.append({"outcome": "abandoned", "error": reason, "ended": _now_rfc3339()})
+        spec = task.spec
+        events = [_event("task.dead_lettered", spec, "dead", task.attempts, error=reason, reason="abandoned")]
+
+        def write(conn: sqlite3.Connection, w: Write) -> None:
+            _update(conn, task, error=json.dumps(reason))
+            insert_dead_letter(conn, "task", f"abandoned: {reason}", json.dumps(spec.to_json_dict()),
+                               {"task_id": spec.task_id, "attempts": task.history, "error": reason})
+            insert_envelopes(conn, w, events)
+
+        await (await self._store.submit(write)).wait()
+        self._end(task, None, reason)
+
+    # ---- queries ----------------------------------------------------------------------------
+
+    async def view(self, task_id: str) -> TaskView | None:
+        def read(conn: sqlite3.Connection) -> TaskView | None:
+            row = conn.execute(f"SELECT {_VIEW_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,)).fetchone()  # noqa: S608
+            return _row_view(row) if row else None
+
+        found: TaskView | None = await self._store.read(read)
+        task = self.tasks.get(task_id)
+        if found is not None and task is not None:  # memory is ahead of the store for live tasks
+            found = attrs.evolve(found, state=task.state, attempts=task.attempts, history=list(task.history))
+        return found
+
+    async def views(self, task_ids: list[str] | None = None, *, group_id: str | None = None,
+                    state: str | None = None, limit: int = 1000) -> list[TaskView]:
+        def read(conn: sqlite3.Connection) -> list[TaskView]:
+            if task_ids is not None:
+                found = {}
+                for start in range(0, len(task_ids), 500):
+                    chunk = task_ids[start : start + 500]
+                    marks = ",".join("?" * len(chunk))
+                    for row in conn.execute(f"SELECT {_VIEW_COLUMNS} FROM tasks WHERE task_id IN ({marks})", chunk):  # noqa: S608
+                        found[row[0]] = _row_view(row)
+                return [found[t] for t in task_ids if t in found]
+            if group_id is not None:
+                rows = conn.execute(f"SELECT {_VIEW_COLUMNS} FROM tasks WHERE group_id = ? ORDER BY created_at",  # noqa: S608
+                                    (group_id,))
+            else:
+                rows = conn.execute(f"SELECT {_VIEW_COLUMNS} FROM tasks WHERE (? IS NULL OR state = ?) "  # noqa: S608
+                                    "ORDER BY created_at DESC LIMIT ?", (state, state, limit))
+            return [_row_view(row) for row in rows]
+
+        views: list[TaskView] = await self._store.read(read)
+        return [attrs.evolve(v, state=t.state, attempts=t.attempts) if (t := self.tasks.get(v.task_id)) else v
+                for v in views]
+
+    def worker_views(self) -> list[WorkerView]:
+        return [WorkerView(w.worker_id, w.name, w.types, w.concurrency, len(w.in_flight), w.done, w.failed,
+                           w.connected_at.isoformat(timespec="seconds").replace("+00:00", "Z"))
+                for w in self.workers.values()]
+
+    def statistics(self) -> DispatcherStatistics:
+        counts = dict.fromkeys(STATES, 0)
+        for task in self.tasks.values():
+            counts[task.state] += 1
+        counts["completed"] = self._completed
+        counts["dead"] = self._dead
+        return DispatcherStatistics(counts, len(self.workers), self._retries, self._dead, self._completed)
+
+    # ---- dead letters -----------------------------------------------------------------------
+
+    async def replay(self, dead_letter_id: int) -> str:
+        """Queue a dead task again with a fresh attempt budget; returns its task_id."""
+
+        def take(conn: sqlite3.Connection, _: Write) -> tuple[str, str] | None:
+            row = conn.execute("SELECT kind, body FROM dead_letters WHERE id = ?", (dead_letter_id,)).fetchone()
+            if row is None:
+                return None
+            kind, body = row
+            if kind != "task":
+                raise OpError("bad_request", f"dead letter {dead_letter_id} is a {kind}, not a task: not replayable")
+            spec = json.loads(body)
+            conn.execute("DELETE FROM dead_letters WHERE id = ?", (dead_letter_id,))
+            updated = conn.execute("UPDATE tasks SET state = 'queued', attempts = 0, error = NULL, updated_at = ? "
+                                   "WHERE task_id = ? AND state = 'dead'", (time.time(), spec["task_id"])).rowcount
+            return (spec["task_id"], body) if updated else None
+
+        taken = await (await self._store.submit(take)).wait()
+        if taken is None:
+            raise OpError("not_found", f"no replayable dead letter {dead_letter_id}")
+        task_id, body = taken
+        spec = TaskSpec(**json.loads(body))
+        task = TaskState(spec, "queued", 0, [])
+        self.tasks[task_id] = task
+        self._enqueue(task)
+        return str(task_id)
+
+    # ---- start and stop ---------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """After a restart: queued tasks wait again; those that were in flight are retried."""
+
+        def read(conn: sqlite3.Connection) -> list[tuple[str, str, int, str]]:
+            return conn.execute("SELECT spec, state, attempts, history FROM tasks "
+                                "WHERE state NOT IN ('completed', 'dead') ORDER BY created_at").fetchall()
+
+        rows = await self._store.read(read)
+        interrupted = []
+        for spec_json, state, attempts, history in rows:
+            task = TaskState(TaskSpec(**json.loads(spec_json)), state, attempts, json.loads(history))
+            if state in ACTIVE_STATES:
+                task.history.append({"attempt": attempts, "outcome": "interrupted",
+                                     "error": "the daemon stopped during this attempt", "ended": _now_rfc3339()})
+                task.state = "retrying"
+                interrupted.append(task)
+            self.tasks[task.spec.task_id] = task
+            self._enqueue(task)
+        if interrupted:
+            def write(conn: sqlite3.Connection, w: Write) -> None:
+                for task in interrupted:
+                    _update(conn, task)
+                    insert_envelopes(conn, w, [_event("task.retrying", task.spec, "retrying", task.attempts,
+                                                      ":restart", reason="restart")])
+
+            await (await self._store.submit(write)).wait()
+        if rows:
+            log.info("recovered %d unfinished tasks (%d were in flight)", len(rows), len(interrupted))
+
+    async def drain(self, wait_s: float) -> None:
+        """Dispatch nothing new; let attempts in flight end for ``wait_s``; hand the rest back."""
+        self.draining = True
+        if any(w.in_flight for w in self.workers.values()):
+            with trio.move_on_after(wait_s):
+                await self._idle.wait()
+        for worker in list(self.workers.values()):
+            for attempt in list(worker.in_flight.values()):
+                attempt.finish(HandedBack())
+        while any(w.in_flight for w in self.workers.values()):
+            await trio.sleep(0.01)
+
+
+def _hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+def _now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+async def serve_dispatcher(cfg: TasksConfig, store: Store, *,
+                           task_status: trio.TaskStatus[Dispatcher] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+    """Recover unfinished tasks, then dispatch until cancelled.
+
+    Returns: never. Resource handling: attempts live in this service's nursery;
+    cancelling it ends them unsettled — their tasks stay in the store and are
+    retried by the next start. Error handling: none caught: a bug here stops the daemon.
+    """
+    async with trio.open_nursery() as nursery:
+        dispatcher = Dispatcher(cfg, store, nursery)
+        await dispatcher.recover()
+        nursery.start_soon(dispatcher._pump)
+        task_status.started(dispatcher)
+        await trio.sleep_forever()
+    raise AssertionError("unreachable")

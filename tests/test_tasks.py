@@ -1,0 +1,382 @@
+"""Tasks over the WebSocket: workers, strategies, deadlines, retries, dead letters, collect, request.
+
+Real daemon in process, real sockets; attempt timeouts are short real times and
+the tests assert on outcomes and order, never on how long things took.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from aivad.config import TasksConfig
+from aivad.tasks import TaskSpec, backoff_s, parse_priority
+from tests.conftest import InProcessDaemon, start_daemon
+from tests.wsclient import TestClient, connect
+
+
+class TestWorker:
+    """A worker on a raw connection: takes task frames, answers as told."""
+
+    __test__ = False
+
+    def __init__(self, client: TestClient) -> None:
+        self.client = client
+        self.tasks: list[dict[str, Any]] = []
+
+    async def hello(self, types: list[str], concurrency: int = 1, name: str = "") -> str:
+        reply = await self.client.ok({"op": "worker.hello", "types": types, "concurrency": concurrency, "name": name})
+        return str(reply["worker_id"])
+
+    async def next_task(self) -> dict[str, Any]:
+        while True:
+            frame = await self.client.receive()
+            if frame.get("op") == "task":
+                self.tasks.append(frame["task"])
+                return dict(frame["task"])
+            assert frame.get("op") != "error", frame
+
+    async def send(self, op: str, **fields: Any) -> None:
+        await self.client.send({"op": op, **fields})
+
+
+async def dispatch(client: TestClient, type: str, payload: Any = None, **fields: Any) -> str:
+    return str((await client.ok({"op": "dispatch", "type": type, "payload": payload, **fields}))["task_id"])
+
+
+async def test_dispatch_work_complete_with_events(daemon: InProcessDaemon) -> None:
+    with trio.fail_after(15):
+        async with connect(daemon.ws_url) as w, connect(daemon.ws_url) as caller, connect(daemon.ws_url) as watch:
+            await watch.ok({"op": "subscribe", "pattern": "task.#"})
+            worker = TestWorker(w)
+            assert await worker.hello(["scan.run"], name="scanner-1")
+            task_id = await dispatch(caller, "scan.run", {"target": "10.0.0.1"})
+            task = await worker.next_task()
+            assert task["task_id"] == task_id and task["attempt"] == 1 and task["payload"] == {"target": "10.0.0.1"}
+            assert task["deadline"].endswith("Z")
+            await worker.send("task.progress", task_id=task_id, progress=0.5, note="half")
+            await worker.send("task.result", task_id=task_id, result={"open_ports": [22]})
+            collected = await caller.ok({"op": "collect", "task_ids": [task_id], "timeout": 5})
+            assert collected["completed"] == {task_id: {"open_ports": [22]}} and collected["reason"] == "all_done"
+            status = await caller.ok({"op": "task.status", "task_id": task_id})
+            assert (status["state"], status["attempts"], status["result"]) == ("completed", 1, {"open_ports": [22]})
+            types = [f["msg"]["type"] for f in await watch.messages(5)]
+            assert types == ["task.created", "task.dispatched", "task.started", "task.progress", "task.completed"]
+
+
+async def test_failure_retries_then_dead_letters(daemon: InProcessDaemon) -> None:
+    with trio.fail_after(20):
+        async with connect(daemon.ws_url) as w, connect(daemon.ws_url) as caller, connect(daemon.ws_url) as watch:
+            await watch.ok({"op": "subscribe", "pattern": "task.#"})
+            worker = TestWorker(w)
+            await worker.hello(["flaky"])
+            task_id = await dispatch(caller, "flaky", retry_policy={"max_attempts": 3, "backoff_factor": 0.01,
+                                                                     "max_backoff": 0.05})
+            for attempt in (1, 2, 3):
+                task = await worker.next_task()
+                assert task["attempt"] == attempt
+                await worker.send("task.fail", task_id=task_id, error=f"boom {attempt}")
+            collected = await caller.ok({"op": "collect", "task_ids": [task_id], "timeout": 5})
+            assert collected["failed"] == {task_id: "boom 3"}
+            kinds = []
+            while "task.dead_lettered" not in kinds:
+                kinds.append((await watch.next_message())["msg"]["type"])
+            assert kinds.count("task.failed") == 3 and kinds.count("task.retrying") == 2
+
+
+async def test_not_retryable_failure_is_dead_at_once(daemon: InProcessDaemon) -> None:
+    with trio.fail_after(15):
+        async with connect(daemon.ws_url) as w, connect(daemon.ws_url) as caller:
+            worker = TestWorker(w)
+            await worker.hello(["t"])
+            task_id = await dispatch(caller, "t")
+            await worker.next_task()
+            await worker.send("task.fail", task_id=task_id, error="bad input", retryable=False)
+            collected = await caller.ok({"op": "collect", "task_ids": [task_id], "timeout": 5})
+            assert collected["failed"] == {task_id: "bad input"}
+            status = await caller.ok({"op": "task.status", "task_id": task_id})
+            assert (status["state"], status["attempts"]) == ("dead", 1)
+
+
+async def test_deadline_then_heartbeat_then_success(daemon: InProcessDaemon) -> None:
+    """Attempt 1 times out, attempt 2 misses its heartbeat, attempt 3 reports progress and succeeds."""
+    with trio.fail_after(20):
+        async with connect(daemon.ws_url) as w, connect(daemon.ws_url) as caller:
+            worker = TestWorker(w)
+            await worker.hello(["slow"])
+            task_id = await dispatch(caller, "slow", timeout=0.5, heartbeat=0.3,
+                                     retry_policy={"max_attempts": 3, "backoff_factor": 0.01})
+            assert (await worker.next_task())["attempt"] == 1  # says nothing: heartbeat ends it
+            assert (await worker.next_task())["attempt"] == 2
+            third = await worker.next_task()
+            assert third["attempt"] == 3
+            for _ in range(3):  # progress keeps it alive past the first heartbeat
+                await worker.send("task.progress", task_id=task_id, progress=0.3)
+                await trio.sleep(0.1)
+            await worker.send("task.result", task_id=task_id, result="finally")
+            result = await caller.ok({"op": "collect", "task_ids": [task_id], "timeout": 5})
+            assert result["completed"] == {task_id: "finally"}
+            status = await caller.ok({"op": "task.status", "task_id": task_id})
+            assert status["attempts"] == 3
+
+
+async def test_late_result_is_ignored(daemon: InProcessDaemon) -> None:
+    with trio.fail_after(15):
+        async with connect(daemon.ws_url) as w, connect(daemon.ws_url) as caller:
+            worker = TestWorker(w)
+            await worker.hello(["t"])
+            task_id = await dispatch(caller, "t", timeout=0.2, retry_policy={"max_attempts": 1})
+            await worker.next_task()
+            result = await caller.ok({"op": "collect", "task_ids": [task_id], "timeout": 5})
+            assert task_id in result["failed"]
+            reply = await w.request({"op": "task.result", "task_id": task_id, "result": "too late"})
+            assert reply["op"] == "error" and reply["code"] == "not_found"
+            status = await caller.ok({"op": "task.status", "task_id": task_id})
+            assert status["state"] == "dead"
+
+
+async def test_worker_lost_mid_task_is_retried_elsewhere(daemon: InProcessDaemon) -> None:
+    with trio.fail_after(15):
+        async with connect(daemon.ws_url) as caller, connect(daemon.ws_url) as w2:
+            async with connect(daemon.ws_url) as w1:
+                first = TestWorker(w1)
+                await first.hello(["job"])
+                task_id = await dispatch(caller, "job", retry_policy={"backoff_factor": 0.01})
+                assert (await first.next_task())["task_id"] == task_id
+                second = TestWorker(w2)
+                await second.hello(["job"])
+            task = await second.next_task()  # the first worker's connection closed mid-task
+            assert (task["task_id"], task["attempt"]) == (task_id, 2)
+            await second.send("task.result", task_id=task_id, result=2)
+            assert (await caller.ok({"op": "collect", "task_ids": [task_id], "timeout": 5}))["reason"] == "all_done"
+
+
+async def test_priority_order_with_one_busy_worker(daemon: InProcessDaemon) -> None:
+    with trio.fail_after(15):
+        async with connect(daemon.ws_url) as w, connect(daemon.ws_url) as caller:
+            worker = TestWorker(w)
+            await worker.hello(["p"])
+            blocker = await dispatch(caller, "p", "blocker")
+            assert (await worker.next_task())["task_id"] == blocker
+            order = ["low", 3, "critical", "normal", "high", "low", 9]
+            for i, priority in enumerate(order):
+                await dispatch(caller, "p", i, priority=priority)
+            await worker.send("task.result", task_id=blocker, result=None)
+            got = []
+            for _ in order:
+                task = await worker.next_task()
+                got.append(task["payload"])
+                await worker.send("task.result", task_id=task["task_id"], result=None)
+            assert got == [2, 6, 4, 3, 1, 0, 5]  # critical(9), 9, high(7), normal(4), 3, low(1) FIFO
+
+
+async def test_least_connections_prefers_the_free_worker(daemon: InProcessDaemon) -> None:
+    with trio.fail_after(15):
+        async with connect(daemon.ws_url) as ws, connect(daemon.ws_url) as wf, connect(daemon.ws_url) as caller:
+            slow, fast = TestWorker(ws), TestWorker(wf)
+            await slow.hello(["lc"], concurrency=4, name="slow")
+            await fast.hello(["lc"], concurrency=4, name="fast")
+            stuck = []
+            for i in range(20):
+                await dispatch(caller, "lc", i)
+            # the slow worker never answers; the fast one answers at once and so keeps taking work
+            async with trio.open_nursery() as nursery:
+                async def drain_fast() -> None:
+                    while True:
+                        task = await fast.next_task()
+                        await fast.send("task.result", task_id=task["task_id"], result=None)
+
+                async def hold_slow() -> None:
+                    while True:
+                        stuck.append(await slow.next_task())
+
+                nursery.start_soon(drain_fast)
+                nursery.start_soon(hold_slow)
+                while len(fast.tasks) + len(slow.tasks) < 20:
+                    await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+            assert len(slow.tasks) == 4 and len(fast.tasks) == 16
+
+
+async def test_round_robin_alternates(nursery: trio.Nursery, tmp_dir: Path) -> None:
+    d = await start_daemon(nursery, tmp_dir, tasks={"strategies": {"rr": "round_robin"}})
+    with trio.fail_after(15):
+        async with connect(d.ws_url) as a, connect(d.ws_url) as b, connect(d.ws_url) as caller:
+            workers = [TestWorker(a), TestWorker(b)]
+            for i, worker in enumerate(workers):
+                await worker.hello(["rr"], concurrency=10, name=f"w{i}")
+            for i in range(10):
+                await dispatch(caller, "rr", i)
+            with trio.move_on_after(1):
+                while len(workers[0].tasks) + len(workers[1].tasks) < 10:
+                    for worker in workers:
+                        with trio.move_on_after(0.05):
+                            await worker.next_task()
+            assert sorted(t["payload"] for t in workers[0].tasks) == [0, 2, 4, 6, 8]
+            assert sorted(t["payload"] for t in workers[1].tasks) == [1, 3, 5, 7, 9]
+
+
+async def test_affinity_is_stable_and_a_joining_worker_moves_few_keys(nursery: trio.Nursery, tmp_dir: Path) -> None:
+    d = await start_daemon(nursery, tmp_dir, tasks={"strategies": {"aff": "affinity"}})
+    keys = [f"tenant-{i}" for i in range(60)]
+
+    async def owners(workers: dict[str, TestWorker], caller: TestClient) -> dict[str, str]:
+        for key in keys:
+            await dispatch(caller, "aff", key, affinity_key=key)
+        owner = {}
+        while len(owner) < len(keys):
+            for name, worker in workers.items():
+                with trio.move_on_after(0.02):
+                    task = await worker.next_task()
+                    owner.setdefault(task["payload"], name)
+                    assert owner[task["payload"]] == name
+                    await worker.send("task.result", task_id=task["task_id"], result=None)
+        return owner
+
+    with trio.fail_after(30):
+        async with connect(d.ws_url) as a, connect(d.ws_url) as b, connect(d.ws_url) as c, \
+                connect(d.ws_url) as caller:
+            workers = {"a": TestWorker(a), "b": TestWorker(b)}
+            for name, worker in workers.items():
+                await worker.hello(["aff"], concurrency=100, name=name)
+            before = await owners(workers, caller)
+            assert before == await owners(workers, caller)  # stable across tasks
+            workers["c"] = TestWorker(c)
+            await workers["c"].hello(["aff"], concurrency=100, name="c")
+            after = await owners(workers, caller)
+            moved = [k for k in keys if before[k] != after[k]]
+            assert all(after[k] == "c" for k in moved)  # keys only move to the newcomer
+            assert 0 < len(moved) < len(keys) * 0.6
+
+
+async def test_no_eligible_worker_waits_queued_and_request_times_out(daemon: InProcessDaemon) -> None:
+    with trio.fail_after(15):
+        async with connect(daemon.ws_url) as caller:
+            task_id = await dispatch(caller, "nobody.runs.this")
+            status = await caller.ok({"op": "task.status", "task_id": task_id})
+            assert status["state"] == "queued"
+            reply = await caller.request({"op": "request", "type": "nobody.runs.this", "timeout": 0.3})
+            assert reply["op"] == "error" and reply["code"] == "timeout"
+            partial = await caller.ok({"op": "collect", "task_ids": [task_id], "timeout": 0.2})
+            assert partial == {**partial, "completed": {}, "failed": {}, "pending": [task_id], "reason": "timeout"}
+
+
+async def test_request_response_and_collect_min_results_and_groups(daemon: InProcessDaemon) -> None:
+    with trio.fail_after(15):
+        async with connect(daemon.ws_url) as w, connect(daemon.ws_url) as caller, connect(daemon.ws_url) as watch:
+            await watch.ok({"op": "subscribe", "pattern": "group.*"})
+            worker = TestWorker(w)
+            await worker.hello(["echo"], concurrency=8)
+
+            async def serve() -> None:
+                while True:
+                    task = await worker.next_task()
+                    await worker.send("task.result", task_id=task["task_id"], result={"echo": task["payload"]})
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve)
+                reply = await caller.ok({"op": "request", "type": "echo", "payload": "hi", "timeout": 5})
+                assert reply["result"] == {"echo": "hi"}
+                ids = [await dispatch(caller, "echo", i, group_id="g1") for i in range(5)]
+                by_group = await caller.ok({"op": "collect", "group_id": "g1", "timeout": 5})
+                assert by_group["reason"] == "all_done" and sorted(by_group["completed"]) == sorted(ids)
+                frame = await watch.next_message()
+                assert frame["msg"]["type"] == "group.completed" and frame["msg"]["payload"]["completed"] == 5
+                nursery.cancel_scope.cancel()
+            some = [await dispatch(caller, "echo", i) for i in range(3)]
+            pending = await dispatch(caller, "nobody", 0)
+            # the worker is gone now: the three echo tasks wait too; min_results=0 is refused
+            bad = await caller.request({"op": "collect", "task_ids": some, "min_results": 0})
+            assert bad["code"] == "bad_request"
+            partial = await caller.ok({"op": "collect", "task_ids": [*some, pending], "timeout": 0.2})
+            assert partial["reason"] == "timeout" and len(partial["pending"]) == 4
+
+
+async def test_bad_task_frames(daemon: InProcessDaemon) -> None:
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"op": "dispatch"}, "bad_request"),
+        ({"op": "dispatch", "type": "a..b"}, "bad_request"),
+        ({"op": "dispatch", "type": "t", "priority": "urgent"}, "bad_request"),
+        ({"op": "dispatch", "type": "t", "priority": 10}, "bad_request"),
+        ({"op": "dispatch", "type": "t", "retry_policy": {"max_attempts": 0}}, "bad_request"),
+        ({"op": "dispatch", "type": "t", "retry_policy": {"tries": 2}}, "bad_request"),
+        ({"op": "dispatch", "type": "t", "timeout": -1}, "bad_request"),
+        ({"op": "dispatch", "type": "t", "heartbeat": "soon"}, "bad_request"),
+        ({"op": "task.status", "task_id": "nope"}, "not_found"),
+        ({"op": "task.status"}, "bad_request"),
+        ({"op": "collect", "timeout": 1}, "bad_request"),
+        ({"op": "collect", "task_ids": ["nope"], "timeout": 1}, "not_found"),
+        ({"op": "collect", "task_ids": "x"}, "bad_request"),
+        ({"op": "task.result", "task_id": "x"}, "bad_request"),  # not a worker
+        ({"op": "worker.hello", "types": []}, "bad_request"),
+        ({"op": "worker.hello", "types": ["ok", 5]}, "bad_request"),
+        ({"op": "worker.hello", "types": ["ok"], "concurrency": 0}, "bad_request"),
+        ({"op": "request", "type": "t", "timeout": "x"}, "bad_request"),
+    ]
+    with trio.fail_after(15):
+        async with connect(daemon.ws_url) as c:
+            for frame, code in cases:
+                reply = await c.request(dict(frame))
+                assert reply["op"] == "error" and reply["code"] == code, (frame, reply)
+            await c.ok({"op": "worker.hello", "types": ["ok"]})
+            assert (await c.request({"op": "worker.hello", "types": ["ok"]}))["code"] == "bad_request"
+            unknown = await c.request({"op": "task.progress", "task_id": "nope", "progress": 0.5})
+            assert unknown["code"] == "not_found"
+            assert (await c.request({"op": "task.progress", "task_id": "x", "progress": 2}))["code"] == "bad_request"
+
+
+def test_backoff_formula_and_priorities() -> None:
+    spec = TaskSpec("t", "x", None, 4, 5, 1.0, 10.0, 30.0, None, None, None)
+    rng = random.Random(7)
+    for attempt, base in ((1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (5, 10.0), (9, 10.0)):
+        for _ in range(50):
+            assert base * 0.8 <= backoff_s(spec, attempt, rng) <= base * 1.2
+    assert [parse_priority(p) for p in ("low", "normal", "high", "critical", 0, 9, None)] == [1, 4, 7, 9, 0, 9, 4]
+    assert TasksConfig().default_strategy == "least_connections"
+
+
+@pytest.mark.parametrize("kill", [True, False])
+def test_daemon_restart_mid_task_retries_it(tmp_dir: Path, kill: bool) -> None:
+    """kill -9 (or SIGTERM) with a task in flight: after restart it is retried, and ends once."""
+    import signal
+
+    from websockets.sync.client import connect as ws_connect
+
+    from tests.conftest import DaemonProcess
+
+    proc = DaemonProcess(tmp_dir)
+    proc.start()
+    try:
+        with ws_connect(proc.ws_url) as worker, ws_connect(proc.ws_url) as caller:
+            worker.send(json.dumps({"op": "worker.hello", "types": ["long"], "ref": 1}))
+            assert json.loads(worker.recv(5))["op"] == "ok"
+            caller.send(json.dumps({"op": "dispatch", "type": "long", "payload": 1, "ref": 2,
+                                    "retry_policy": {"backoff_factor": 0.01}}))
+            task_id = json.loads(caller.recv(5))["task_id"]
+            assert json.loads(worker.recv(5))["task"]["task_id"] == task_id
+            queued_id = None
+            caller.send(json.dumps({"op": "dispatch", "type": "other", "ref": 3}))
+            queued_id = json.loads(caller.recv(5))["task_id"]
+            if kill:
+                proc.kill()
+            else:
+                proc.signal(signal.SIGTERM)
+                assert proc.wait() == 0
+        proc.start()
+        with ws_connect(proc.ws_url) as worker, ws_connect(proc.ws_url) as caller:
+            caller.send(json.dumps({"op": "task.status", "task_id": queued_id, "ref": 1}))
+            assert json.loads(caller.recv(5))["state"] == "queued"
+            worker.send(json.dumps({"op": "worker.hello", "types": ["long"], "ref": 1}))
+            assert json.loads(worker.recv(5))["op"] == "ok"
+            task = json.loads(worker.recv(5))["task"]
+            assert task["task_id"] == task_id and task["attempt"] == (2 if kill else 1)
+            worker.send(json.dumps({"op": "task.result", "task_id": task_id, "result": "done"}))
+            caller.send(json.dumps({"op": "collect", "task_ids": [task_id], "timeout": 5, "ref": 2}))
+            assert json.loads(caller.recv(10))["completed"] == {task_id: "done"}
+    finally:
+        proc.stop()
