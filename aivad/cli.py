@@ -94,7 +94,11 @@ def _print_status(status: dict[str, Any]) -> None:
                   f"{router['deliveries']} deliveries"),
         ("ingested", ", ".join(f"{k} {v}" for k, v in sorted(ingest["by_ingress"].items())) or "nothing yet"),
     ]
-    for section in ("amqp", "tasks", "http"):
+    tasks = status.get("tasks")
+    if tasks:
+        states = ", ".join(f"{state} {n}" for state, n in tasks["tasks_by_state"].items())
+        rows.append(("tasks", f"{states}; {tasks['workers']} workers, {tasks['retries']} retries"))
+    for section in ("amqp", "http"):
         if section in status:
             rows.append((section, ", ".join(f"{k} {v}" for k, v in status[section].items())))
     for name, text in rows:
@@ -166,6 +170,94 @@ def _tail(client: ControlClient, args: argparse.Namespace) -> None:
         print(json.dumps(msg) if args.json else _message_line(msg), flush=True)
 
 
+def _dispatch(client: ControlClient, args: argparse.Namespace) -> None:
+    request: dict[str, Any] = {"cmd": "dispatch", "type": args.type, "payload": _json_arg(args.payload, "PAYLOAD_JSON")}
+    priority = args.priority
+    if priority is not None:
+        request["priority"] = int(priority) if priority.isdigit() else priority
+    if args.max_attempts is not None:
+        request["retry_policy"] = {"max_attempts": args.max_attempts}
+    for name in ("timeout", "heartbeat", "affinity_key", "group_id"):
+        if getattr(args, name) is not None:
+            request[name] = getattr(args, name)
+    reply = client.call(request)
+    print(json.dumps({"task_id": reply["task_id"]}) if args.json else reply["task_id"])
+
+
+def _task(client: ControlClient, args: argparse.Namespace) -> None:
+    task = client.call({"cmd": "task", "task_id": args.task_id})["task"]
+    if args.json:
+        print(json.dumps(task, indent=2))
+        return
+    print(f"{task['task_id']}  {task['type']}  {task['state']}  attempt {task['attempts']}")
+    if task["state"] == "completed":
+        print(f"result: {json.dumps(task['result'])}")
+    elif task["error"] is not None:
+        print(f"error: {json.dumps(task['error'])}")
+    for attempt in task["history"]:
+        print(f"  attempt {attempt.get('attempt', '?')}: {attempt.get('outcome', '?')} on "
+              f"{attempt.get('worker', '-')} {attempt.get('started', '')} → {attempt.get('ended', '')}"
+              + (f"  {json.dumps(attempt['error'])}" if attempt.get("error") is not None else ""))
+
+
+def _tasks(client: ControlClient, args: argparse.Namespace) -> None:
+    request: dict[str, Any] = {"cmd": "tasks", "limit": args.limit}
+    if args.state:
+        request["state"] = args.state
+    tasks = client.call(request)["tasks"]
+    if args.json:
+        print(json.dumps(tasks))
+        return
+    for task in tasks:
+        print(f"{task['task_id']}  {task['state']:<10}  attempts {task['attempts']}  {task['type']}")
+    if not tasks:
+        print("no tasks" + (f" in state {args.state}" if args.state else ""), file=sys.stderr)
+
+
+def _workers(client: ControlClient, args: argparse.Namespace) -> None:
+    workers = client.call({"cmd": "workers"})["workers"]
+    if args.json:
+        print(json.dumps(workers))
+        return
+    print(f"{'name':<20} {'in flight':>9} {'done':>7} {'failed':>7}  connected since        types")
+    for w in workers:
+        print(f"{w['name'][:20]:<20} {w['in_flight']:>4}/{w['concurrency']:<4} {w['done']:>7} {w['failed']:>7}  "
+              f"{w['connected_since']:<21}  {', '.join(w['types'])}")
+
+
+def _dlq(client: ControlClient, args: argparse.Namespace) -> None:
+    action = args.action
+    request: dict[str, Any] = {"cmd": "dlq", "action": action}
+    if action == "list":
+        letters = client.call({**request, "limit": args.limit})["dead_letters"]
+        if args.json:
+            print(json.dumps(letters))
+        for d in [] if args.json else letters:
+            print(f"{d['id']:>6}  {d['kind']:<8}  {d['reason']}  {d['body'][:80]}")
+        return
+    if action == "purge":
+        if not args.yes:
+            raise UsageError("dlq purge deletes every dead letter: add --yes")
+        reply = client.call({**request, "confirm": True})
+        print(json.dumps({"purged": reply["purged"]}) if args.json else f"purged {reply['purged']} dead letters")
+        return
+    if action == "replay" and args.all:
+        request["all"] = True
+    elif args.id is None:
+        raise UsageError(f"dlq {action} needs an ID" + (" (or --all)" if action == "replay" else ""))
+    else:
+        request["id"] = args.id
+    reply = client.call(request)
+    if action == "show":
+        letter = reply["dead_letter"]
+        print(json.dumps(letter, indent=2) if args.json else
+              f"dead letter {letter['id']} ({letter['kind']}): {letter['reason']}\n"
+              f"body: {letter['body']}\ndetail: {json.dumps(letter['detail'], indent=2)}")
+    else:
+        print(json.dumps(reply["replayed"]) if args.json else
+              "\n".join(f"queued again: {t}" for t in reply["replayed"]) or "nothing to replay")
+
+
 def _simple(cmd: str, human: Callable[[dict[str, Any]], str]) -> Callable[[ControlClient, argparse.Namespace], None]:
     def run(client: ControlClient, args: argparse.Namespace) -> None:
         reply = client.call({"cmd": cmd})
@@ -192,6 +284,11 @@ _EXAMPLES = {
     "tail": "aivad tail 'scan.*'\n  aivad tail 'notifications.frontend.evt-42.#' --since 1000",
     "history": "aivad history '#' --limit 20\n  aivad history 'scan.*' --after 1000 --json",
     "drain": "aivad drain    # the daemon closes clients with 1001 and exits 0",
+    "dispatch": "aivad dispatch scan.run '{\"target\": \"10.0.0.1\"}' --priority high --max-attempts 5 --timeout 60",
+    "task": "aivad task 8c1d2e…\n  aivad task 8c1d2e… --json",
+    "tasks": "aivad tasks --state dead\n  aivad tasks --state queued --limit 20",
+    "workers": "aivad workers",
+    "dlq": "aivad dlq list\n  aivad dlq show 12\n  aivad dlq replay 12\n  aivad dlq replay --all\n  aivad dlq purge --yes",
     "reload": "aivad reload   # same as systemctl reload aivad (SIGHUP)",
 }
 
@@ -232,6 +329,27 @@ def _parser() -> argparse.ArgumentParser:
     history.add_argument("pattern", metavar="PATTERN")
     history.add_argument("--after", metavar="SEQ", type=int, default=0)
     history.add_argument("--limit", metavar="N", type=int, default=100)
+    dispatch = command("dispatch", "submit a task to the workers of its type")
+    dispatch.add_argument("type", metavar="TYPE", help="task type, e.g. scan.run")
+    dispatch.add_argument("payload", metavar="PAYLOAD_JSON", nargs="?", help="JSON payload ('-' reads stdin)")
+    dispatch.add_argument("--priority", metavar="P", help="low, normal, high, critical or 0..9")
+    dispatch.add_argument("--max-attempts", metavar="N", type=int)
+    dispatch.add_argument("--timeout", metavar="S", type=float, help="seconds per attempt")
+    dispatch.add_argument("--heartbeat", metavar="S", type=float, help="longest silence between progress reports")
+    dispatch.add_argument("--affinity-key", metavar="KEY")
+    dispatch.add_argument("--group-id", metavar="ID")
+    task = command("task", "show one task: state, attempts, result or error, attempt history")
+    task.add_argument("task_id", metavar="TASK_ID")
+    tasks = command("tasks", "list tasks, newest first")
+    tasks.add_argument("--state", metavar="S", choices=["queued", "dispatched", "running", "retrying", "completed", "dead"])
+    tasks.add_argument("--limit", metavar="N", type=int, default=100)
+    command("workers", "list connected workers")
+    dlq = command("dlq", "the dead-letter queue: list, show, replay, purge")
+    dlq.add_argument("action", choices=["list", "show", "replay", "purge"])
+    dlq.add_argument("id", metavar="ID", type=int, nargs="?")
+    dlq.add_argument("--all", action="store_true", help="replay: every dead task")
+    dlq.add_argument("--yes", action="store_true", help="purge: really delete every dead letter")
+    dlq.add_argument("--limit", metavar="N", type=int, default=100)
     command("drain", "stop intake, close clients, exit 0")
     command("reload", "re-read the config file and apply what can change live")
     return parser
@@ -242,6 +360,11 @@ _RUNNERS: dict[str, Callable[[ControlClient, argparse.Namespace], None]] = {
     "publish": _publish,
     "history": _history,
     "tail": _tail,
+    "dispatch": _dispatch,
+    "task": _task,
+    "tasks": _tasks,
+    "workers": _workers,
+    "dlq": _dlq,
     "drain": _simple("drain", lambda r: "draining"),
     "reload": _simple("reload", _reload_text),
 }

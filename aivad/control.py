@@ -21,6 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+import attrs
 import trio
 
 from .config import ControlConfig
@@ -35,6 +36,7 @@ from .protocol import (
     request_ref,
 )
 from .router import Subscription
+from .tasks import STATES, parse_task_spec
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -217,7 +219,70 @@ async def _cmd_reload(session: Session, request: dict[str, Any]) -> dict[str, An
     return {"applied": outcome.applied, "needs_restart": outcome.needs_restart}
 
 
+async def _cmd_dispatch(session: Session, request: dict[str, Any]) -> dict[str, Any]:
+    daemon = session.service.daemon
+    task_id, duplicate = await daemon.dispatcher.submit(parse_task_spec(request, daemon.cfg.tasks))
+    return {"task_id": task_id, "duplicate": duplicate}
+
+
+async def _cmd_task(session: Session, request: dict[str, Any]) -> dict[str, Any]:
+    view = await session.service.daemon.dispatcher.view(field(request, "task_id", str))
+    if view is None:
+        raise OpError("not_found", "no such task")
+    return {"task": attrs.asdict(view)}
+
+
+async def _cmd_tasks(session: Session, request: dict[str, Any]) -> dict[str, Any]:
+    state = field(request, "state", str, None)
+    if state is not None and state not in STATES:
+        raise OpError("bad_request", f"state must be one of {', '.join(STATES)}")
+    limit = field(request, "limit", int, 100)
+    if not 1 <= limit <= 10_000:
+        raise OpError("bad_request", "limit must be 1..10000")
+    views = await session.service.daemon.dispatcher.views(state=state, limit=limit)
+    return {"tasks": [{k: v for k, v in attrs.asdict(view).items() if k not in ("history", "spec")} for view in views]}
+
+
+async def _cmd_workers(session: Session, request: dict[str, Any]) -> dict[str, Any]:
+    return {"workers": [attrs.asdict(w) for w in session.service.daemon.dispatcher.worker_views()]}
+
+
+async def _cmd_dlq(session: Session, request: dict[str, Any]) -> dict[str, Any]:
+    """``dlq`` with ``action``: list, show (id), replay (id or all), purge (confirm: true)."""
+    daemon = session.service.daemon
+    action = field(request, "action", str)
+    if action == "list":
+        limit = field(request, "limit", int, 100)
+        letters = await daemon.store.dead_letters(field(request, "kind", str, None), limit, field(request, "after", int, 0))
+        return {"dead_letters": [{**attrs.asdict(d), "detail": None, "body": d.body[:200]} for d in letters]}
+    if action == "show":
+        letter_id = field(request, "id", int)
+        letters = await daemon.store.dead_letters(None, 1, letter_id - 1)
+        if not letters or letters[0].id != letter_id:
+            raise OpError("not_found", f"no dead letter {letter_id}")
+        return {"dead_letter": attrs.asdict(letters[0])}
+    if action == "replay":
+        if request.get("all") is True:
+            replayed, after = [], 0
+            while letters := await daemon.store.dead_letters("task", 500, after):
+                for letter in letters:
+                    replayed.append(await daemon.dispatcher.replay(letter.id))
+                after = letters[-1].id
+            return {"replayed": replayed}
+        return {"replayed": [await daemon.dispatcher.replay(field(request, "id", int))]}
+    if action == "purge":
+        if request.get("confirm") is not True:
+            raise OpError("bad_request", "purge deletes every dead letter: send confirm: true")
+        return {"purged": await daemon.store.purge_dead_letters()}
+    raise OpError("bad_request", "action must be list, show, replay or purge")
+
+
 COMMANDS: dict[str, Command] = {
+    "dispatch": _cmd_dispatch,
+    "task": _cmd_task,
+    "tasks": _cmd_tasks,
+    "workers": _cmd_workers,
+    "dlq": _cmd_dlq,
     "status": _cmd_status,
     "publish": _cmd_publish,
     "history": _cmd_history,

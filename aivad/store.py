@@ -405,6 +405,11 @@ class Store:
 
         return await self.read(read)  # type: ignore[no-any-return]
 
+    async def purge_dead_letters(self) -> int:
+        write = await self.submit(lambda conn, _: conn.execute("DELETE FROM dead_letters").rowcount)
+        purged: int = await write.wait()
+        return purged
+
     # ---- introspection ------------------------------------------------------
 
     @staticmethod

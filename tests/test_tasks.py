@@ -380,3 +380,51 @@ def test_daemon_restart_mid_task_retries_it(tmp_dir: Path, kill: bool) -> None:
             assert json.loads(caller.recv(10))["completed"] == {task_id: "done"}
     finally:
         proc.stop()
+
+
+async def control(path: str, request: dict[str, Any]) -> dict[str, Any]:
+    stream = await trio.open_unix_socket(path)
+    async with stream:
+        await stream.send_all(json.dumps(request).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            data += await stream.receive_some(65536)
+    return dict(json.loads(data))
+
+
+async def test_dlq_list_show_replay_purge_over_control(daemon: InProcessDaemon) -> None:
+    with trio.fail_after(15):
+        async with connect(daemon.ws_url) as w:
+            worker = TestWorker(w)
+            await worker.hello(["dlq.t"])
+            reply = await control(daemon.control_path, {"cmd": "dispatch", "type": "dlq.t", "payload": 1,
+                                                        "retry_policy": {"max_attempts": 1}})
+            task_id = reply["task_id"]
+            await worker.next_task()
+            await worker.send("task.fail", task_id=task_id, error="nope")
+            while not (listed := await control(daemon.control_path, {"cmd": "dlq", "action": "list"}))["dead_letters"]:
+                await trio.sleep(0.02)
+            (letter,) = listed["dead_letters"]
+            assert letter["kind"] == "task" and "attempts used" in letter["reason"]
+            shown = (await control(daemon.control_path, {"cmd": "dlq", "action": "show", "id": letter["id"]}))
+            attempts = shown["dead_letter"]["detail"]["attempts"]
+            assert [a["outcome"] for a in attempts] == ["failed"] and attempts[0]["error"] == "nope"
+            assert attempts[0]["worker"] and attempts[0]["started"] and attempts[0]["ended"]
+            refused = await control(daemon.control_path, {"cmd": "dlq", "action": "purge"})
+            assert refused["ok"] is False and refused["error"]["code"] == "bad_request"
+            replayed = await control(daemon.control_path, {"cmd": "dlq", "action": "replay", "id": letter["id"]})
+            assert replayed["replayed"] == [task_id]
+            again = await worker.next_task()
+            assert (again["task_id"], again["attempt"]) == (task_id, 1)  # a fresh attempt budget
+            await worker.send("task.result", task_id=task_id, result="ok now")
+            while (await control(daemon.control_path, {"cmd": "task", "task_id": task_id}))["task"]["state"] != "completed":
+                await trio.sleep(0.02)
+            assert (await control(daemon.control_path, {"cmd": "dlq", "action": "list"}))["dead_letters"] == []
+            gone = await control(daemon.control_path, {"cmd": "dlq", "action": "replay", "id": letter["id"]})
+            assert gone["error"]["code"] == "not_found"
+            workers = (await control(daemon.control_path, {"cmd": "workers"}))["workers"]
+            assert workers[0]["done"] == 1 and workers[0]["failed"] == 1 and workers[0]["types"] == ["dlq.t"]
+            tasks = (await control(daemon.control_path, {"cmd": "tasks", "state": "completed"}))["tasks"]
+            assert [t["task_id"] for t in tasks] == [task_id]
+            purged = await control(daemon.control_path, {"cmd": "dlq", "action": "purge", "confirm": True})
+            assert purged["purged"] == 0
