@@ -158,7 +158,9 @@ class Daemon:
     def summary(self) -> str:
         ws = self.websocket.statistics()
         rate = self.ingest.statistics().rate_10s
-        return f"{ws.connections} connections, {ws.subscriptions} subscriptions, {rate:.0f} msgs/s, last seq {self.store.last_seq}"
+        queued = self.task_counts().get("queued", 0)
+        return (f"{ws.connections} connections, {ws.subscriptions} subscriptions, {rate:.0f} msgs/s, "
+                f"{queued} tasks queued, last seq {self.store.last_seq}")
 
     def status(self) -> dict[str, Any]:
         """The ``status`` command's answer: a snapshot of every service."""
@@ -195,6 +197,16 @@ class Daemon:
         await self.store.drain()
         log.info("drained; stopping")
         root.cancel()
+
+
+async def _serve_status(daemon: Daemon, interval_s: float = 10.0, *, task_status: trio.TaskStatus[None]) -> None:
+    """Keep systemd's STATUS= line current (``systemctl status aivad`` shows it)."""
+    task_status.started()
+    if not daemon.notifier.enabled:
+        return
+    while True:
+        await trio.sleep(interval_s)
+        daemon.notifier.status(daemon.summary())
 
 
 async def _watch_signals(daemon: Daemon, root: trio.CancelScope, *, task_status: trio.TaskStatus[None]) -> None:
@@ -236,6 +248,7 @@ async def run_daemon(
         daemon.websocket = await root.start(serve_websocket, cfg.websocket, daemon)
         daemon.control = await root.start(control.serve_control, cfg.control, daemon, control.COMMANDS)
         await root.start(serve_loop_lag, daemon.loop_lag)
+        await root.start(_serve_status, daemon)
         http_port = None
         if cfg.http.enabled:
             http_port = await root.start(serve_http, cfg.http, daemon.readiness, MetricsRenderer(daemon))
