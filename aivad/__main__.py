@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import sys
+from typing import Literal
 
 import attrs
 import trio
@@ -17,7 +18,7 @@ from .logs import configure_logging
 log = logging.getLogger("aivad")
 
 
-def serve(config_path: str | None, log_format: str | None = None) -> int:
+def serve(config_path: str | None, log_format: Literal["text", "json"] | None = None) -> int:
     """Run the daemon in the foreground; the process exit status."""
     try:
         cfg = load_config(config_path)

@@ -333,7 +333,7 @@ class Dispatcher:
         for task_type, heap in self._ready.items():
             if not heap or not any(w.free > 0 for w in self._by_type.get(task_type, ())):
                 continue
-            waiting = []  # tasks whose affinity target is busy: they keep their place
+            waiting: list[tuple[float, int, str]] = []  # tasks whose affinity target is busy: they keep their place
             while heap and len(waiting) < 1000:
                 entry = heapq.heappop(heap)
                 task = self.tasks.get(entry[2])

@@ -89,7 +89,7 @@ def literal_prefix(pattern: str) -> tuple[str, bool]:
     ``("scan", False)`` for ``scan.*``; ``("a.b", True)`` for ``a.b``; ``("", False)`` for ``#``.
     The store uses it to read history through its ``(type, seq)`` index.
     """
-    words = []
+    words: list[str] = []
     for word in pattern.split("."):
         if word in ("*", "#"):
             return ".".join(words), False

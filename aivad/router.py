@@ -36,7 +36,8 @@ Encoder = Callable[[str, str], bytes]
 class Sink(Protocol):
     """The outbound side of one connection, as the router sees it."""
 
-    encode: Encoder
+    @property
+    def encode(self) -> Encoder: ...
 
     def offer(self, frame: bytes) -> bool:
         """Queue ``frame`` without waiting; False when the bounded queue is full."""

@@ -115,4 +115,4 @@ def parse_task_spec(frame: dict[str, Any], defaults: TasksConfig, *, task_id: st
 def backoff_s(spec: TaskSpec, attempt: int, rng: random.Random | None = None) -> float:
     """Delay before attempt ``attempt + 1``: min(max_backoff, factor × 2^(attempt−1)), ±20 % jitter."""
     base = min(spec.max_backoff_s, spec.backoff_factor_s * 2 ** (attempt - 1))
-    return base * (rng or random).uniform(0.8, 1.2)
+    return float(base * (rng or random).uniform(0.8, 1.2))
