@@ -13,6 +13,7 @@ import trio
 from .cli import EXIT_OK, EXIT_USAGE, main
 from .config import ConfigError, load_config
 from .daemon import run_daemon
+from .exceptions import sole_exception
 from .logs import configure_logging
 
 log = logging.getLogger("aivad")
@@ -30,9 +31,10 @@ def serve(config_path: str | None, log_format: Literal["text", "json"] | None = 
     configure_logging(cfg.log.level, cfg.log.format)
     try:
         trio.run(lambda: run_daemon(cfg, config_path=config_path))
-    except OSError as exc:
-        if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
-            log.error("cannot start: %s", exc)
+    except BaseException as exc:
+        cause = sole_exception(exc)
+        if isinstance(cause, OSError) and cause.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+            log.error("cannot start: %s", cause)
             return EXIT_USAGE
         raise
     return EXIT_OK

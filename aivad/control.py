@@ -75,6 +75,8 @@ class Session:
         limit = self.service.cfg.max_line_bytes
         while True:
             end = self._buffer.find(b"\n")
+            if end > limit:
+                raise OpError("too_large", f"a request line is limited to {limit} bytes")
             if end >= 0:
                 line = bytes(self._buffer[:end])
                 del self._buffer[: end + 1]
@@ -146,6 +148,8 @@ class Session:
                 nursery.start_soon(self._write_stream)
                 nursery.start_soon(self._wait_for_close, nursery.cancel_scope)
                 await router.follow(sub, since)
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the tail client hung up, or was too slow and has been closed
         finally:
             router.remove(sub)
 
@@ -159,12 +163,8 @@ class Session:
                     break
             async with self._send_lock:
                 await self.stream.send_all(b"".join(lines))
-        async with self._send_lock:
-            await self.stream.send_all(
-                dumps({"ok": False, "error": {"code": "overloaded", "message": "tail fell behind; resume with since"}}).encode()
-                + b"\n"
-            )
-        raise trio.BrokenResourceError("slow tail client")
+        await self.send_line({"ok": False, "error": {"code": "overloaded", "message": "tail fell behind; resume with since"}})
+        await self.stream.aclose()
 
     async def _wait_for_close(self, scope: trio.CancelScope) -> None:
         while await self.stream.receive_some(4096):
@@ -200,6 +200,8 @@ async def _cmd_tail(session: Session, request: dict[str, Any]) -> None:
     resume = session.service.daemon.router.resume_point(parsed.since)
     reply: dict[str, Any] = {"ok": True, "pattern": parsed.pattern, "last_seq": resume.last_seq,
                              "recovered": resume.recovered}
+    if request.get("ref") is not None:
+        reply["ref"] = request["ref"]
     if resume.gap is not None:
         reply["gap"] = list(resume.gap)
     await session.send_line(reply)

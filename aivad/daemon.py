@@ -176,7 +176,8 @@ class Daemon:
             "draining": self.draining,
             "websocket": {"port": self.websocket.port, **attrs.asdict(ws)},
             "control": {"socket": str(Path(self.cfg.control.socket).resolve()), "sessions": self.control.sessions},
-            "store": {"path": str(Path(self.cfg.store.path).resolve()), **attrs.asdict(store)},
+            "store": {"path": str(Path(self.cfg.store.path).resolve()),
+                      **attrs.asdict(store, filter=lambda a, _: a.name != "commit_seconds_buckets")},
             "router": attrs.asdict(router),
             "tasks": attrs.asdict(self.dispatcher.statistics()),
             "ingest": {

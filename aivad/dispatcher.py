@@ -432,13 +432,16 @@ class Dispatcher:
         history |= {"ended": _now_rfc3339()}
         events: list[Envelope] = []
         dead_reason = None
+        delay = 0.0
+        # the new state is taken in memory only once it is committed: until then
+        # task.status reads the old one, never "completed" without its result
         if isinstance(outcome, HandedBack):
             task.attempts -= 1
-            task.state = "queued"
+            state = "queued"
             history |= {"outcome": "handed_back"}
         elif isinstance(outcome, Success):
             worker.done += 1
-            task.state = "completed"
+            state = "completed"
             history |= {"outcome": "completed"}
             events.append(_event("task.completed", spec, "completed", attempt.number, result=outcome.result))
         else:
@@ -447,11 +450,11 @@ class Dispatcher:
             events.append(_event("task.failed", spec, "failed", attempt.number, error=outcome.error,
                                  reason=outcome.kind))
             if outcome.retryable and task.attempts < spec.max_attempts:
-                task.state = "retrying"
+                state = "retrying"
                 delay = backoff_s(spec, task.attempts)
                 events.append(_event("task.retrying", spec, "retrying", attempt.number, delay_s=round(delay, 3)))
             else:
-                task.state = "dead"
+                state = "dead"
                 dead_reason = (f"{outcome.kind}: not retryable" if not outcome.retryable
                                else f"{outcome.kind}: {task.attempts} of {spec.max_attempts} attempts used")
                 events.append(_event("task.dead_lettered", spec, "dead", attempt.number, error=outcome.error,
@@ -461,7 +464,7 @@ class Dispatcher:
         result = outcome.result if isinstance(outcome, Success) else None
 
         def write(conn: sqlite3.Connection, w: Write) -> None:
-            _update(conn, task, result=json.dumps(result) if task.state == "completed" else None,
+            _update(conn, task, state=state, result=json.dumps(result) if state == "completed" else None,
                     error=json.dumps(error) if error is not None else None)
             if dead_reason is not None:
                 insert_dead_letter(conn, "task", dead_reason, json.dumps(spec.to_json_dict()),
@@ -469,10 +472,11 @@ class Dispatcher:
             insert_envelopes(conn, w, events)
 
         await (await self._store.submit(write)).wait()
-        if task.state == "retrying":
+        task.state = state
+        if state == "retrying":
             self._retries += 1
-            self._nursery.start_soon(self._requeue_after, task, backoff_s(spec, task.attempts))
-        elif task.state == "queued":
+            self._nursery.start_soon(self._requeue_after, task, delay)
+        elif state == "queued":
             self._enqueue(task)
         else:
             self._end(task, result, error)
@@ -503,6 +507,8 @@ class Dispatcher:
         if task.attempt is not None:
             task.attempt.finish(Failure("abandoned", reason, False))
             return
+        if task.state not in ("queued", "retrying"):
+            return  # its attempt is being settled: that outcome stands
         task.state = "dead"
         task.history.append({"outcome": "abandoned", "error": reason, "ended": _now_rfc3339()})
         spec = task.spec

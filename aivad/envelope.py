@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -61,26 +62,57 @@ def check_pattern(pattern: object) -> str:
     return pattern
 
 
-def compile_pattern(pattern: str) -> re.Pattern[str]:
-    """A regex that full-matches ``"." + topic`` exactly when ``pattern`` matches ``topic``.
+def compile_pattern(pattern: str) -> Callable[[str], bool]:
+    """A predicate: does ``pattern`` match a topic? Linear in the topic, whatever the wildcards.
 
-    Each word becomes ``\\.word``, ``*`` one word ``\\.[^.]+`` and ``#`` zero or
-    more words; prefixing the topic with a dot makes "zero words" fall out for free.
+    Without ``#`` it compares word by word. With ``#`` it runs the pattern as a
+    small NFA over the topic's words (the set of pattern positions reached), so
+    a hostile pattern like ``#.*.#.*.#…`` costs words × tokens, never backtracking.
     """
-    parts = []
-    for word in pattern.split("."):
-        if word == "#":
-            parts.append(r"(?:\.[^.]+)*")
-        elif word == "*":
-            parts.append(r"\.[^.]+")
-        else:
-            parts.append(r"\." + re.escape(word))
-    return re.compile("".join(parts))
+    tokens = pattern.split(".")
+    if "#" not in tokens:
+        n = len(tokens)
+
+        def fixed(topic: str) -> bool:
+            words = topic.split(".")
+            return len(words) == n and all(t == "*" or t == w for t, w in zip(tokens, words, strict=True))
+
+        return fixed
+    m = len(tokens)
+
+    def closure(states: set[int]) -> set[int]:
+        todo = list(states)
+        while todo:
+            i = todo.pop()
+            if i < m and tokens[i] == "#" and i + 1 not in states:
+                states.add(i + 1)
+                todo.append(i + 1)
+        return states
+
+    start = frozenset(closure({0}))
+
+    def nfa(topic: str) -> bool:
+        states: set[int] = set(start)
+        for word in topic.split("."):
+            following = set()
+            for i in states:
+                if i < m:
+                    token = tokens[i]
+                    if token == "#":
+                        following.add(i)
+                    elif token == "*" or token == word:
+                        following.add(i + 1)
+            if not following:
+                return False
+            states = closure(following)
+        return m in states
+
+    return nfa
 
 
 def pattern_matches(pattern: str, topic: str) -> bool:
-    """Reference matcher: does ``pattern`` match ``topic`` (AMQP topic semantics)?"""
-    return compile_pattern(pattern).fullmatch("." + topic) is not None
+    """Does ``pattern`` match ``topic`` (AMQP topic semantics)? The one-off form of compile_pattern."""
+    return compile_pattern(pattern)(topic)
 
 
 def literal_prefix(pattern: str) -> tuple[str, bool]:

@@ -22,6 +22,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from aivad.config import HttpConfig
+from aivad.exceptions import sole_exception
 
 __all__ = ["METRICS_CONTENT_TYPE", "make_app", "serve_http"]
 
@@ -142,17 +143,7 @@ async def serve_http(
     except BaseExceptionGroup as group:
         # hypercorn nests a bind failure three nurseries deep; the operator
         # should read "http 127.0.0.1:8766: Address already in use", not a tree.
-        leaf = _sole_leaf(group)
+        leaf = sole_exception(group)
         if not status.done and isinstance(leaf, OSError):
             raise OSError(leaf.errno, f"http {cfg.host}:{cfg.port}: {leaf.strerror}") from group
         raise
-
-
-def _sole_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    """The only exception inside nested single-member groups, else None."""
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        if len(exc.exceptions) != 1:
-            return None
-        exc = exc.exceptions[0]
-    return exc

@@ -85,7 +85,8 @@ def parse_envelope(frame: dict[str, Any]) -> Envelope:
     """A producer's message from the fields of a publish request (a ``seq`` is ignored)."""
     try:
         return Envelope.from_fields(
-            frame.get("type"), frame.get("payload"), frame.get("metadata"), frame.get("message_id")
+            frame.get("type"), frame.get("payload"), frame.get("metadata"), frame.get("message_id"),
+            frame.get("timestamp"),
         )
     except BadMessage as exc:
         raise OpError("bad_request", str(exc)) from None

@@ -82,7 +82,7 @@ class Router:
     def __init__(self, store: Store, replay_batch: int) -> None:
         self._store = store
         self._index: PatternIndex[Subscription] = PatternIndex()
-        self._replay_batch = replay_batch
+        self.replay_batch = replay_batch
         self._deliveries = 0
         self._overflows = 0
         store.on_commit(self.publish)
@@ -138,11 +138,11 @@ class Router:
         """
         sub.after = max(after, self._store.retention_floor)
         while sub.after < self._store.last_seq:
-            history = await self._store.history(sub.pattern, sub.after, self._replay_batch)
+            history = await self._store.history(sub.pattern, sub.after, self.replay_batch)
             for message in history.messages:
                 await sub.sink.put(sub.sink.encode(sub.pattern_json, message.json))
                 sub.after = message.seq
-            if len(history.messages) < self._replay_batch:
+            if len(history.messages) < self.replay_batch:
                 sub.after = max(sub.after, history.scanned_through)
         # caught up with everything the router has been handed: from here on, live
         sub.live = True

@@ -374,7 +374,7 @@ class Store:
                 bounds: tuple[Any, ...] = (prefix, prefix + ".", prefix + "/")
             else:
                 where, bounds = "seq > ? AND seq <= ?", ()
-            matches = compile_pattern(pattern).fullmatch
+            matches = compile_pattern(pattern)
             messages = []
             cursor = after
             while len(messages) < limit:
@@ -383,7 +383,7 @@ class Store:
                     (*bounds, cursor, newest, _SCAN_CHUNK),
                 ).fetchall()
                 for seq, topic, body in rows:
-                    if matches("." + topic):
+                    if matches(topic):
                         messages.append(StoredMessage(seq, topic, _body_with_seq(body, seq)))
                         if len(messages) == limit:
                             break

@@ -122,7 +122,7 @@ class Connection:
     async def run(self) -> None:
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._send_loop)
+                nursery.start_soon(self._send_then_end, nursery.cancel_scope)
                 nursery.start_soon(self._reply_loop)
                 await self._read_loop(nursery)
                 nursery.cancel_scope.cancel()
@@ -131,6 +131,14 @@ class Connection:
                 self.service.router.remove(sub)
             if self.worker is not None:
                 self.service.daemon.dispatcher.remove_worker(self.worker)
+
+    async def _send_then_end(self, connection: trio.CancelScope) -> None:
+        """When the sender stops (peer gone, closed, slow), the whole connection ends:
+        a reader or replier blocked on the full outbox must not wait forever."""
+        try:
+            await self._send_loop()
+        finally:
+            connection.cancel()
 
     async def _send_loop(self) -> None:
         """Write what is queued, in one ``send_all`` per batch; close 4008 on overflow."""
@@ -248,8 +256,11 @@ class WebSocketService:
     def reconfigure(self, cfg: WebSocketConfig) -> None:
         """Apply live-changeable limits: new connections and new frames use them."""
         self.cfg = cfg
+        self.router.replay_batch = cfg.replay_batch
         if self._server is not None:
             self._server._max_message_size = cfg.max_frame_bytes
+            self._server._connect_timeout = cfg.handshake_timeout_s
+            self._server._disconnect_timeout = cfg.close_timeout_s
         for conn in self.connections:
             conn.ws._max_message_size = cfg.max_frame_bytes
 
@@ -329,7 +340,7 @@ async def _op_unsubscribe(conn: Connection, frame: dict[str, Any]) -> dict[str, 
 
 
 async def _op_publish(conn: Connection, frame: dict[str, Any]) -> dict[str, Any] | None:
-    if conn.service.draining:
+    if conn.service.daemon.draining:
         raise OpError("overloaded", "aivad is draining")
     envelope = parse_envelope(frame)
     try:

@@ -5,6 +5,7 @@ Each test runs under a real ``trio.fail_after`` (no autojump with real sockets).
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -258,3 +259,28 @@ async def test_ping_pong_and_any_path(daemon: InProcessDaemon) -> None:
     with trio.fail_after(10):
         async with connect(daemon.ws_url + "some/path?x=1") as c:
             assert await c.request({"op": "ping", "ref": "p"}) == {"op": "pong", "ref": "p"}
+
+
+async def test_a_client_that_stops_reading_then_vanishes_is_released(nursery: trio.Nursery, tmp_dir) -> None:  # type: ignore[no-untyped-def]
+    """Its reader is blocked on a full outbox when the peer goes: the connection must still end."""
+    d = await start_daemon(nursery, tmp_dir, websocket={"send_buffer_frames": 16})
+
+    def ping_without_reading() -> None:
+        with ws_sync.connect(d.ws_url) as ws:
+            for i in range(20_000):  # pongs pile up: the kernel buffers fill, then the outbox
+                ws.send(json.dumps({"op": "ping", "ref": i, "pad": "z" * 200}))
+            ws.socket.close()  # vanish without a closing handshake
+
+    with trio.fail_after(30):
+        with contextlib.suppress(Exception):
+            await trio.to_thread.run_sync(ping_without_reading)
+        stream = await trio.open_unix_socket(d.control_path)
+        async with stream:
+            while True:
+                await stream.send_all(b'{"cmd":"status"}\n')
+                line = b""
+                while not line.endswith(b"\n"):
+                    line += await stream.receive_some(65536)
+                if json.loads(line)["status"]["websocket"]["connections"] == 0:
+                    break
+                await trio.sleep(0.05)

@@ -1,0 +1,385 @@
+"""The store against a real SQLite file: seq, duplicates, group commit, history, retention, drain.
+
+``serve_store`` runs in the test's nursery on a database in a temp dir; every
+test has a real ``trio.fail_after`` (the writer and readers use real threads).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from aivad.config import StoreConfig
+from aivad.envelope import Envelope, pattern_matches
+from aivad.store import Appended, Store, StoreClosed, Write, insert_envelopes, serve_store
+from tests.conftest import start_daemon
+from tests.wsclient import connect, no_more_messages
+
+
+def env(type: str, payload: Any = None, message_id: str | None = None) -> Envelope:
+    return Envelope.from_fields(type, payload, message_id=message_id)
+
+
+def store_config(directory: Path, **overrides: Any) -> StoreConfig:
+    values: dict[str, Any] = {"path": str(directory / "store.db"), "synchronous": "NORMAL",
+                              "retention_max_messages": 0, "retention_max_age_s": 0.0}
+    values.update(overrides)
+    return StoreConfig(**values)
+
+
+@asynccontextmanager
+async def open_store(cfg: StoreConfig) -> AsyncIterator[Store]:
+    """A running store; closed (cancelled, like a stopping daemon) on exit."""
+    async with trio.open_nursery() as nursery:
+        store = await nursery.start(serve_store, cfg)
+        yield store
+        nursery.cancel_scope.cancel()
+
+
+async def all_seqs(store: Store, pattern: str = "#") -> list[int]:
+    history = await store.history(pattern, 0, 1000)
+    return [m.seq for m in history.messages]
+
+
+class Blocker:
+    """A write that holds the writer thread until released, so the next writes queue up as one batch."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, conn: sqlite3.Connection, write: Write) -> str:
+        self.entered.set()
+        assert self.release.wait(10)
+        return "blocked"
+
+    async def wait_entered(self) -> None:
+        while not self.entered.is_set():
+            await trio.sleep(0.005)
+
+
+# ---- seq ------------------------------------------------------------------------------
+
+
+async def test_seq_strictly_increases_and_is_never_reused(tmp_dir: Path) -> None:
+    cfg = store_config(tmp_dir)
+    with trio.fail_after(20):
+        async with open_store(cfg) as store:
+            assert store.last_seq == 0
+            first = [await store.append(env("a.b", i)) for i in range(5)]
+            assert [a.seq for a in first] == [1, 2, 3, 4, 5]
+            assert all(not a.duplicate for a in first)
+            batch = await store.append_many([env("a.b", i) for i in range(3)])
+            assert [a.seq for a in batch] == [6, 7, 8]
+            # retention by age takes everything, including the newest row
+            assert await store.apply_retention(0, 1e-9) == 8
+            assert await all_seqs(store) == []
+            assert store.statistics().stored_messages == 0
+            assert (await store.append(env("a.b"))).seq == 9
+            assert store.last_seq == 9
+            await store.apply_retention(0, 1e-9)
+        async with open_store(cfg) as store:  # and across a restart
+            assert store.last_seq == 9
+            assert store.retention_floor == 9
+            assert (await store.append(env("a.b"))).seq == 10
+            history = await store.history("#", 0, 10)
+            assert [m.seq for m in history.messages] == [10]
+            assert history.scanned_through == 10
+
+
+async def test_concurrent_appends_get_distinct_increasing_seqs_in_few_commits(tmp_dir: Path) -> None:
+    n = 600
+    results: dict[int, Appended] = {}
+    with trio.fail_after(20):
+        async with open_store(store_config(tmp_dir)) as store:
+
+            async def one(i: int) -> None:
+                results[i] = await store.append(env(f"t.{i % 7}", i))
+
+            async with trio.open_nursery() as nursery:
+                for i in range(n):
+                    nursery.start_soon(one, i)
+            stats = store.statistics()
+            assert sorted(a.seq for a in results.values()) == list(range(1, n + 1))
+            assert stats.committed_messages == n and stats.stored_messages == n and stats.last_seq == n
+            assert stats.commits < n, "group commit: many appends per transaction"
+            assert stats.commit_seconds_buckets[-1][1] == stats.commits
+            # seq order is commit order: each message's payload is found under the seq it was told
+            history = await store.history("#", 0, 1000)
+            assert {json.loads(m.json)["payload"]: m.seq for m in history.messages} == {
+                i: a.seq for i, a in results.items()
+            }
+            assert all(json.loads(m.json)["seq"] == m.seq for m in history.messages)
+
+
+# ---- duplicates ---------------------------------------------------------------------------
+
+
+async def test_duplicates_answer_the_original_seq_and_are_stored_once(tmp_dir: Path) -> None:
+    with trio.fail_after(20):
+        async with open_store(store_config(tmp_dir)) as store:
+            committed: list[int] = []
+            store.on_commit(lambda msgs: committed.extend(m.seq for m in msgs))
+            assert await store.append(env("d", 1, "m-1")) == Appended(1, False)
+            assert await store.append(env("d", 2, "m-1")) == Appended(1, True)
+            # two identical message_ids in one batch, around a new one
+            # (seqs may have gaps - a refused insert can use one up - but they only ever grow)
+            same_batch = await store.append_many([env("d", 3, "m-2"), env("d", 4, "m-3"), env("d", 5, "m-2")])
+            m2, m3 = same_batch[0].seq, same_batch[1].seq
+            assert 1 < m2 < m3
+            assert same_batch == [Appended(m2, False), Appended(m3, False), Appended(m2, True)]
+            # and in separate writes of one group commit
+            blocker = Blocker()
+            held = await store.submit(blocker)
+            await blocker.wait_entered()
+            writes = [await store.submit_append([env("d", 6, "m-4")]) for _ in range(3)]
+            blocker.release.set()
+            await held.wait()
+            results = [(await w.wait())[0] for w in writes]
+            m4 = results[0].seq
+            assert m4 > m3
+            assert results == [Appended(m4, False), Appended(m4, True), Appended(m4, True)]
+            history = await store.history("d", 0, 100)
+            assert [json.loads(m.json)["payload"] for m in history.messages] == [1, 3, 4, 6]
+            assert [m.seq for m in history.messages] == [1, m2, m3, m4]
+            assert committed == [1, m2, m3, m4], "a duplicate is not handed to the router again"
+            stats = store.statistics()
+            assert stats.duplicates == 4 and stats.stored_messages == 4 and stats.last_seq == m4
+            assert (await store.append(env("d", 7, "m-1"))) == Appended(1, True)
+            assert (await store.append(env("d", 7))).seq > m4
+
+
+# ---- a failing write, drain -----------------------------------------------------------------
+
+
+async def test_a_failing_write_fails_alone_and_its_batch_neighbours_commit(tmp_dir: Path) -> None:
+    def insert_then_fail(conn: sqlite3.Connection, write: Write) -> None:
+        insert_envelopes(conn, write, [env("bad", "rolled back")])
+        raise ValueError("boom")
+
+    with trio.fail_after(20):
+        async with open_store(store_config(tmp_dir)) as store:
+            blocker = Blocker()
+            held = await store.submit(blocker)
+            await blocker.wait_entered()
+            before = await store.submit_append([env("good", "before")])
+            failing = await store.submit(insert_then_fail)
+            after = await store.submit_append([env("good", "after")])
+            commits = store.statistics().commits
+            blocker.release.set()
+            assert await held.wait() == "blocked"
+            assert (await before.wait())[0].seq == 1
+            with pytest.raises(ValueError, match="boom"):
+                await failing.wait()
+            assert (await after.wait())[0].seq >= 2
+            assert store.statistics().commits == commits + 2, "the three writes were one batch"
+            history = await store.history("#", 0, 100)
+            assert [json.loads(m.json)["payload"] for m in history.messages] == ["before", "after"]
+            assert store.last_seq == history.messages[-1].seq
+            assert (await store.append(env("good", "later"))).seq > history.messages[-1].seq
+
+
+async def test_drain_commits_what_is_queued_then_refuses_writes(tmp_dir: Path) -> None:
+    with trio.fail_after(20):
+        async with open_store(store_config(tmp_dir)) as store:
+            blocker = Blocker()
+            held = await store.submit(blocker)
+            await blocker.wait_entered()
+            queued = [await store.submit_append([env("q", i)]) for i in range(50)]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(store.drain)
+                await trio.sleep(0.05)
+                with pytest.raises(StoreClosed):
+                    await store.append(env("q", "too late"))
+                blocker.release.set()
+            await held.wait()
+            assert [(await w.wait())[0].seq for w in queued] == list(range(1, 51))
+            assert await all_seqs(store) == list(range(1, 51))
+            with pytest.raises(StoreClosed):
+                await store.submit_append([env("q")])
+
+
+# ---- history --------------------------------------------------------------------------------
+
+TOPICS = ["a", "a.b", "a.c", "a.b.c", "ab", "a-b", "a0", "b.a", "b.a.c", "c.b", "x.y.z.a"]
+QUERIES = ["a", "a.b", "a.#", "a.*", "a.*.c", "a.b.#", "*.b", "#.c", "*.a.#", "#", "*", "#.a", "nope", "nope.#"]
+
+
+async def test_history_by_exact_prefix_and_leading_wildcard_patterns(tmp_dir: Path) -> None:
+    with trio.fail_after(20):
+        async with open_store(store_config(tmp_dir)) as store:
+            stored = [(a.seq, TOPICS[i % len(TOPICS)]) for i, a in enumerate(
+                await store.append_many([env(TOPICS[i % len(TOPICS)], i) for i in range(300)])
+            )]
+            for pattern in QUERIES:
+                want = [seq for seq, topic in stored if pattern_matches(pattern, topic)]
+                for after in (0, 1, 57, 299, 300):
+                    for limit in (1, 7, 1000):
+                        history = await store.history(pattern, after, limit)
+                        assert [m.seq for m in history.messages] == [s for s in want if s > after][:limit], (
+                            pattern, after, limit)
+                        assert history.scanned_through == 300
+                        for m in history.messages:
+                            body = json.loads(m.json)
+                            assert body["seq"] == m.seq and body["type"] == m.type
+                # paging with last_seq reaches everything exactly once
+                paged, after = [], 0
+                while True:
+                    page = await store.history(pattern, after, 13)
+                    if not page.messages:
+                        break
+                    paged += [m.seq for m in page.messages]
+                    after = page.messages[-1].seq
+                assert paged == want
+
+
+async def test_wildcard_history_scans_past_many_non_matching_rows(tmp_dir: Path) -> None:
+    """Sparse matches further apart than one read chunk are all found, in order."""
+    with trio.fail_after(30):
+        async with open_store(store_config(tmp_dir)) as store:
+            for _ in range(5):
+                await store.append_many([env("noise.x", 0) for _ in range(1000)])
+                await store.append(env("rare.hit", 1))
+                await store.append(env("z.rare", 1))
+            for pattern in ("rare.*", "*.hit", "#.rare", "#.hit"):
+                history = await store.history(pattern, 0, 1000)
+                assert len(history.messages) == 5, pattern
+                seqs = [m.seq for m in history.messages]
+                assert seqs == sorted(seqs)
+                assert history.scanned_through == store.last_seq == 5010
+            one = await store.history("#.rare", 0, 1)
+            assert len(one.messages) == 1 and one.messages[0].type == "z.rare"
+
+
+# ---- retention ----------------------------------------------------------------------------------
+
+
+async def test_retention_by_count(tmp_dir: Path) -> None:
+    cfg = store_config(tmp_dir)
+    with trio.fail_after(20):
+        async with open_store(cfg) as store:
+            await store.append_many([env("r", i) for i in range(10)])
+            assert await store.apply_retention(3, 0) == 7
+            assert store.retention_floor == 7
+            assert await all_seqs(store) == [8, 9, 10]
+            assert store.statistics().stored_messages == 3
+            assert await store.apply_retention(3, 0) == 0
+            assert store.retention_floor == 7
+            assert await store.apply_retention(5, 0) == 0, "a looser limit brings nothing back"
+            assert store.retention_floor == 7
+            await store.append(env("r"))
+            assert await store.apply_retention(3, 0) == 1
+            assert store.retention_floor == 8
+        async with open_store(cfg) as store:
+            assert store.retention_floor == 8 and store.last_seq == 11
+            assert store.statistics().stored_messages == 3
+
+
+async def test_retention_by_age(tmp_dir: Path) -> None:
+    with trio.fail_after(20):
+        async with open_store(store_config(tmp_dir)) as store:
+            await store.append_many([env("old", i) for i in range(4)])
+            await trio.sleep(0.4)
+            await store.append_many([env("new", i) for i in range(2)])
+            assert await store.apply_retention(0, 0.3) == 4
+            assert store.retention_floor == 4
+            assert await all_seqs(store) == [5, 6]
+            # both limits: the stricter wins
+            assert await store.apply_retention(1, 3600) == 1
+            assert store.retention_floor == 5
+
+
+async def test_retention_runs_by_itself_every_interval(tmp_dir: Path) -> None:
+    cfg = store_config(tmp_dir, retention_max_messages=2, retention_interval_s=0.05)
+    with trio.fail_after(20):
+        async with open_store(cfg) as store:
+            await store.append_many([env("r", i) for i in range(6)])
+            while store.statistics().stored_messages > 2:
+                await trio.sleep(0.02)
+            assert store.retention_floor == 4
+            assert await all_seqs(store) == [5, 6]
+            store.reconfigure(store_config(tmp_dir, retention_max_messages=1, retention_interval_s=0.05))
+            while store.retention_floor < 5:
+                await trio.sleep(0.02)
+            assert await all_seqs(store) == [6]
+
+
+async def test_subscribe_since_after_retention_reports_the_exact_gap(nursery: trio.Nursery, tmp_dir: Path) -> None:
+    d = await start_daemon(nursery, tmp_dir, store={"retention_max_messages": 3, "retention_interval_s": 0.05})
+    with trio.fail_after(20):
+        async with connect(d.ws_url) as c:
+            for i in range(10):
+                await c.publish("evt.x" if i % 2 else "evt.y", i)
+            # wait for retention through the control socket's status
+            while (await control_status(d.control_path))["store"]["retention_floor"] < 7:
+                await trio.sleep(0.02)
+
+            async with connect(d.ws_url) as s:
+                ok = await s.ok({"op": "subscribe", "pattern": "evt.#", "since": 2})
+                assert ok["recovered"] is False and ok["gap"] == [3, 7] and ok["last_seq"] == 10
+                assert [f["msg"]["seq"] for f in await s.messages(3)] == [8, 9, 10]
+                ok = await s.ok({"op": "subscribe", "pattern": "evt.x", "since": 0})
+                assert ok["recovered"] is False and ok["gap"] == [1, 7]
+                assert [f["msg"]["seq"] for f in await s.messages(2)] == [8, 10]
+                ok = await s.ok({"op": "subscribe", "pattern": "#", "since": 7})
+                assert ok["recovered"] is True and "gap" not in ok
+                assert [f["msg"]["seq"] for f in await s.messages(3)] == [8, 9, 10]
+                await c.publish("evt.y", "live")
+                live = await s.messages(2)
+                assert sorted(f["pattern"] for f in live) == ["#", "evt.#"]
+                assert {f["msg"]["seq"] for f in live} == {11}
+                assert await no_more_messages(s)
+            history = await c.ok({"op": "history", "pattern": "#"})
+            assert history["messages"][0]["seq"] >= 8
+
+
+async def control_status(path: str) -> dict[str, Any]:
+    stream = await trio.open_unix_socket(path)
+    async with stream:
+        await stream.send_all(b'{"cmd":"status"}\n')
+        data = b""
+        while not data.endswith(b"\n"):
+            data += await stream.receive_some(65536)
+    reply = json.loads(data)
+    assert reply["ok"], reply
+    return dict(reply["status"])
+
+
+# ---- a hostile pattern must not pin a reader --------------------------------------------------
+
+_HOSTILE_HISTORY = r"""
+import sqlite3, sys, time
+import trio
+from aivad.config import StoreConfig
+from aivad.envelope import Envelope
+from aivad.store import serve_store
+
+async def main():
+    cfg = StoreConfig(path=sys.argv[1], synchronous="NORMAL")
+    async with trio.open_nursery() as nursery:
+        store = await nursery.start(serve_store, cfg)
+        await store.append(Envelope.from_fields(".".join(["a"] * 60)))
+        history = await store.history(".".join(["#.*"] * 10 + ["z"]), 0, 10)
+        assert history.messages == []
+        nursery.cancel_scope.cancel()
+
+trio.run(main)
+"""
+
+
+def test_history_with_many_wildcards_returns_promptly(tmp_dir: Path) -> None:
+    # in a subprocess: the regex holds the GIL and cannot be cancelled
+    try:
+        subprocess.run([sys.executable, "-c", _HOSTILE_HISTORY, str(tmp_dir / "h.db")], check=True, timeout=3)
+    except subprocess.TimeoutExpired:
+        pytest.fail("history took more than 3 s")
