@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import trio
 
 from . import __version__, control
 from .aggregator import Aggregator, serve_aggregator
+from .amqp import AmqpBridge, serve_amqp
 from .config import Config, ConfigError, load_config
 from .dispatcher import Dispatcher, serve_dispatcher
 from .http import serve_http
@@ -98,6 +100,7 @@ class Daemon:
         self.dispatcher: Dispatcher
         self.aggregator: Aggregator
         self.control: control.ControlService
+        self.amqp: AmqpBridge | None = None
         self.loop_lag = LoopLag()
         self.drain_requested = trio.Event()
         self.draining = False
@@ -111,6 +114,11 @@ class Daemon:
         reasons = []
         if self.draining:
             reasons.append("draining")
+        if self.amqp is not None:
+            amqp = self.amqp.statistics()
+            for queue, consuming in amqp.consuming.items():
+                if not consuming:
+                    reasons.append(f"amqp: enabled but not consuming {queue} ({amqp.last_error or 'connecting'})")
         return reasons
 
     def task_counts(self) -> dict[str, int]:
@@ -180,6 +188,7 @@ class Daemon:
                       **attrs.asdict(store, filter=lambda a, _: a.name != "commit_seconds_buckets")},
             "router": attrs.asdict(router),
             "tasks": attrs.asdict(self.dispatcher.statistics()),
+            "amqp": attrs.asdict(self.amqp.statistics()) if self.amqp else {"enabled": False},
             "ingest": {
                 "by_ingress": ingest.by_ingress,
                 "rate_10s": round(ingest.rate_10s, 2),
@@ -195,6 +204,8 @@ class Daemon:
         self.control.drain()
         await self.dispatcher.drain(self.cfg.shutdown.grace_s / 2)
         await self.websocket.drain()
+        if self.amqp is not None:
+            await self.amqp.stop_consuming()
         await self.store.drain()
         log.info("drained; stopping")
         root.cancel()
@@ -246,6 +257,8 @@ async def run_daemon(
         daemon.router = Router(daemon.store, cfg.websocket.replay_batch)
         daemon.dispatcher = await root.start(serve_dispatcher, cfg.tasks, daemon.store)
         daemon.aggregator = await root.start(serve_aggregator, cfg.tasks, daemon.dispatcher, daemon.store)
+        if cfg.amqp.enabled:  # started() at once: readiness of the embedded path does not wait on the broker
+            daemon.amqp = await root.start(partial(serve_amqp, cfg.amqp, daemon.store, ingest=daemon.ingest))
         daemon.websocket = await root.start(serve_websocket, cfg.websocket, daemon)
         daemon.control = await root.start(control.serve_control, cfg.control, daemon, control.COMMANDS)
         await root.start(serve_loop_lag, daemon.loop_lag)

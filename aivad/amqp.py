@@ -1,0 +1,779 @@
+"""EDGE: the RabbitMQ bridge of DESIGN §4.5 — the only module that imports aiormq.
+
+The bridge
+==========
+
+aiormq runs on its **own asyncio event loop in a dedicated thread**; trio never
+runs asyncio code and ``trio_asyncio`` is not imported (it changes asyncio for
+the whole process). Measured here (see ``bench/amqp_ingest.py`` and
+docs/architecture.md): aiormq under trio-asyncio consumed at 0.2x a raw aiormq
+loop, a thread handing deliveries to trio one by one at 0.5x. What makes the
+difference is the number of hops per message, so the hot path has none:
+
+* The consumer callback (asyncio thread) only appends the delivery to a list
+  under a lock. When the list goes from empty to non-empty it wakes trio with
+  one ``TrioToken.run_sync_soon`` — one cross-thread call per batch, not per
+  message.
+* The trio side takes the whole list, validates each delivery, hands all the
+  envelopes to the store in one ``append_many`` (one group commit), and only
+  then acknowledges the batch with a single ``basic_ack(multiple=True)`` up to
+  the highest delivery tag, scheduled on the asyncio loop with
+  ``call_soon_threadsafe`` (fire and forget, FIFO with everything else on the
+  loop).
+* Control operations (connect, declare, consume, publish with confirms, close)
+  are rare; each is one ``run_coroutine_threadsafe`` awaited from trio.
+
+Guarantees
+==========
+
+* Ack after commit: nothing is acknowledged before the store committed it. A
+  crash, a cancellation or a lost connection before the ack means RabbitMQ
+  redelivers; the store answers a known ``message_id`` as a duplicate, so it
+  is stored once. (A message with no ``message_id`` anywhere gets a fresh one,
+  so for those delivery is at least once: producers should set it.)
+* Poison (not JSON, or an envelope that fails validation): a copy with the
+  reason in ``x-aivad-reason`` is published to the dead-letter exchange with
+  confirms, a row goes into the store's dead-letter table, and then the
+  original is acknowledged — a plain ``basic_reject`` could not carry the
+  reason. Other dead-lettering by the broker (``x-dead-letter-exchange`` on
+  the events queue) still works.
+* Broker lost: the supervisor reconnects with capped exponential backoff and
+  jitter, re-declares the topology and consumes again. ``statistics()`` shows
+  ``connected``, ``consuming`` per queue (true only between ConsumeOk and the
+  loss of the channel, the connection or the consumer), the reconnect count
+  and the last error.
+* Own events: :meth:`AmqpBridge.publish_event` puts an envelope into a bounded
+  in-memory outbox; a publisher task sends it to the events exchange with
+  publisher confirms, in order, re-sending what was not confirmed after a
+  reconnect. They carry ``x-aivad-origin: <node id>`` and are skipped (acked,
+  not stored) when they come back through the events queue.
+* Cancellation (SIGTERM): the connection is closed under a shielded,
+  bounded scope; closing returns every unacknowledged delivery to the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import datetime as dt
+import json
+import logging
+import random
+import socket
+import threading
+from collections import deque
+from collections.abc import Callable, Coroutine, Mapping
+from decimal import Decimal
+from itertools import islice
+from typing import Any, NoReturn, Protocol, TypeVar
+
+import aiormq
+import aiormq.abc
+import attrs
+import trio
+from pamqp import commands as spec
+
+from .config import AmqpConfig
+from .envelope import BadMessage, Envelope
+from .store import StoreClosed
+
+__all__ = [
+    "ORIGIN_HEADER",
+    "REASON_HEADER",
+    "AmqpBridge",
+    "AmqpLost",
+    "AmqpStatistics",
+    "envelope_from_amqp",
+    "serve_amqp",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: header on the daemon's own events: the node id; such messages are never re-ingested
+ORIGIN_HEADER = "x-aivad-origin"
+#: header on dead-lettered copies: why aivad could not take the message
+REASON_HEADER = "x-aivad-reason"
+#: the ingress name messages from RabbitMQ are counted under
+INGRESS = "amqp"
+#: dead-letter table ``kind`` of a poison AMQP delivery
+DEAD_LETTER_KIND = "amqp.poison"
+
+_ENVELOPE_FIELDS = frozenset({"message_id", "timestamp", "type", "payload", "metadata", "seq"})
+# Broker-internal and aivad's own headers are not message metadata.
+_SKIP_HEADER_PREFIXES = ("x-death", "x-first-death-", "x-last-death-", "x-aivad-")
+
+
+class AmqpLost(Exception):
+    """The connection, a channel or the consumer went away; the supervisor reconnects."""
+
+
+class Counter(Protocol):
+    """Where stored messages are counted per ingress (aivad.stats.Ingest fits)."""
+
+    def count(self, ingress: str, n: int = 1) -> None: ...
+
+
+class Sink(Protocol):
+    """What the bridge needs of the store (aivad.store.Store fits)."""
+
+    async def append_many(self, envelopes: list[Envelope]) -> list[Any]: ...
+
+    async def add_dead_letter(self, kind: str, reason: str, body: str, detail: dict[str, Any]) -> int: ...
+
+
+@attrs.frozen
+class AmqpStatistics:
+    """A snapshot of the bridge; ``consuming`` maps queue name → deliveries can arrive now."""
+
+    connected: bool
+    consuming: dict[str, bool]
+    reconnects: int
+    last_error: str | None
+    delivered: int
+    stored: int
+    duplicates: int
+    acked: int
+    rejected: int
+    skipped_own: int
+    batches: int
+    published: int
+    outbox_depth: int
+    outbox_dropped: int
+
+
+# ---- mapping (pure) -------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    """AMQP field-table values → JSON values (bytes as UTF-8, timestamps as RFC 3339)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("utf-8", errors="replace")
+    if isinstance(value, dt.datetime):
+        return _rfc3339(value)
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return str(value)
+
+
+def _rfc3339(value: dt.datetime) -> str:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    return value.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def envelope_from_amqp(
+    body: bytes,
+    routing_key: str,
+    *,
+    message_id: str | None = None,
+    timestamp: dt.datetime | None = None,
+    correlation_id: str | None = None,
+    reply_to: str | None = None,
+    headers: Mapping[str, Any] | None = None,
+) -> Envelope:
+    """Turn one AMQP delivery into an envelope (DESIGN §4.5). Raises BadMessage.
+
+    A JSON object whose keys are envelope fields and that has ``type`` is taken
+    as an envelope; any other JSON value becomes the payload, with the routing
+    key as the type. AMQP properties fill what the body leaves open: the
+    envelope's own ``message_id``/``timestamp``/metadata keys win.
+    """
+    try:
+        obj = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadMessage(f"body is not JSON: {exc}") from None
+    if isinstance(obj, dict) and "type" in obj and obj.keys() <= _ENVELOPE_FIELDS:
+        typ, payload = obj["type"], obj.get("payload")
+        metadata = obj.get("metadata")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise BadMessage("metadata must be an object")
+        metadata = dict(metadata or {})
+        msg_id, stamp = obj.get("message_id"), obj.get("timestamp")
+    else:
+        if not routing_key:
+            raise BadMessage("a non-envelope body needs a routing key to be its type")
+        typ, payload, metadata, msg_id, stamp = routing_key, obj, {}, None, None
+    if msg_id is None and message_id:
+        msg_id = message_id
+    if stamp is None and timestamp is not None:
+        stamp = _rfc3339(timestamp)
+    if correlation_id is not None:
+        metadata.setdefault("correlation_id", correlation_id)
+    if reply_to is not None:
+        metadata.setdefault("reply_to", reply_to)
+    if headers:
+        for key, value in headers.items():
+            if not key.startswith(_SKIP_HEADER_PREFIXES):
+                metadata.setdefault(key, _jsonable(value))
+    if typ is not None and not isinstance(typ, str):
+        raise BadMessage("type must be a string")
+    return Envelope.from_fields(typ, payload, metadata, msg_id, stamp)
+
+
+def _properties_for(env: Envelope, node_id: str) -> spec.Basic.Properties:
+    try:
+        stamp = dt.datetime.fromisoformat(env.timestamp.replace("Z", "+00:00"))
+    except ValueError:
+        stamp = None
+    corr = env.metadata.get("correlation_id")
+    return spec.Basic.Properties(
+        content_type="application/json",
+        delivery_mode=2,
+        message_id=env.message_id,
+        timestamp=stamp,
+        correlation_id=corr if isinstance(corr, str) else None,
+        message_type=env.type,
+        app_id="aivad",
+        headers={ORIGIN_HEADER: node_id},
+    )
+
+
+def _dead_letter_properties(props: spec.Basic.Properties, reason: str, exchange: str,
+                            routing_key: str) -> spec.Basic.Properties:
+    headers = dict(props.headers or {})
+    headers[REASON_HEADER] = reason[:1000]
+    headers["x-aivad-original-exchange"] = exchange
+    headers["x-aivad-original-routing-key"] = routing_key
+    # user_id must name the publishing user, expiration would drop the copy: leave them out.
+    return spec.Basic.Properties(
+        content_type=props.content_type,
+        content_encoding=props.content_encoding,
+        headers=headers,
+        delivery_mode=2,
+        priority=props.priority,
+        correlation_id=props.correlation_id,
+        reply_to=props.reply_to,
+        message_id=props.message_id,
+        timestamp=props.timestamp,
+        message_type=props.message_type,
+        app_id=props.app_id,
+    )
+
+
+# ---- the asyncio thread -------------------------------------------------------------
+
+
+class _LoopThread:
+    """An asyncio loop running in a thread of its own; trio talks to it in two ways.
+
+    ``call`` runs a coroutine there and awaits it from trio (cancellation of the
+    trio side cancels the asyncio task); ``call_soon`` schedules a plain
+    callback there and returns at once.
+    """
+
+    def __init__(self, token: trio.lowlevel.TrioToken) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._token = token
+        self._thread = threading.Thread(target=self._run, name="aivad-amqp-asyncio", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        loop = self.loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_forever()
+            for _ in range(10):  # cancelling a task may start another (aiormq's close path does)
+                tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+                if not tasks:
+                    break
+                for t in tasks:
+                    t.cancel()
+                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
+
+    async def stop(self, limit_s: float) -> None:
+        """Stop the loop and join the thread; shielded and bounded by ``limit_s``."""
+        with contextlib.suppress(RuntimeError):  # already closed
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        with trio.move_on_after(limit_s, shield=True):
+            await trio.to_thread.run_sync(self._thread.join, abandon_on_cancel=True)
+        if self._thread.is_alive():
+            log.warning("amqp: asyncio thread did not stop within %.1fs", limit_s)
+
+    async def call(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
+        done = trio.Event()
+        token = self._token
+
+        def wake(_: concurrent.futures.Future[T]) -> None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(done.set)
+
+        future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(fn(*args), self.loop)
+        future.add_done_callback(wake)
+        try:
+            await done.wait()
+        except BaseException:
+            future.cancel()
+            raise
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            raise AmqpLost(f"{getattr(fn, '__name__', fn)} was cancelled on the asyncio side") from None
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.loop.call_soon_threadsafe(fn, *args)
+
+
+# Errors after which a new connection may help. Anything else is a bug and crashes the service.
+_RETRYABLE: tuple[type[BaseException], ...] = (
+    AmqpLost,
+    aiormq.exceptions.AMQPError,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+    asyncio.TimeoutError,
+    RuntimeError,  # aiormq: "<Connection> closed" from a channel() on a closing connection
+)
+
+
+class _Session:
+    """What belongs to one connection; replaced as a whole on reconnect."""
+
+    __slots__ = ("connection", "consume_channel", "consumer_cancelled", "consumer_tag", "publish_channel")
+
+    def __init__(self, connection: aiormq.abc.AbstractConnection) -> None:
+        self.connection = connection
+        self.consume_channel: aiormq.abc.AbstractChannel | None = None
+        self.publish_channel: aiormq.abc.AbstractChannel | None = None
+        self.consumer_cancelled: asyncio.Future[None] | None = None
+        self.consumer_tag: str | None = None
+
+
+class AmqpBridge:
+    """The AMQP service's state; created and run by :func:`serve_amqp`.
+
+    Public: :meth:`publish_event`, :meth:`publish_event_nowait`,
+    :meth:`statistics`, :meth:`stop_consuming`.
+    """
+
+    def __init__(self, cfg: AmqpConfig, store: Sink, ingest: Counter | None = None) -> None:
+        self._cfg = cfg
+        self._store = store
+        self._ingest = ingest
+        self.node_id = cfg.node_id or socket.gethostname()
+        self._thread = _LoopThread(trio.lowlevel.current_trio_token())
+        self._token = trio.lowlevel.current_trio_token()
+        # hand-off: asyncio thread appends, trio swaps the list out (both under the lock)
+        self._lock = threading.Lock()
+        self._pending: list[aiormq.abc.DeliveredMessage] = []
+        self._wake_pending = False
+        self._wake_send, self._wake_receive = trio.open_memory_channel[None](1)
+        self._session: _Session | None = None
+        self._reached_consuming = False
+        self._busy = False
+        self._batch_done = trio.Event()
+        self._draining = False
+        # outbox of own events: (number, envelope), oldest first
+        self._outbox: deque[tuple[int, Envelope]] = deque()
+        self._outbox_number = 0
+        self._outbox_event = trio.Event()
+        # statistics
+        self._connected = False
+        self._consuming = False
+        self._reconnects = 0
+        self._last_error: str | None = None
+        self._delivered = 0
+        self._stored = 0
+        self._duplicates = 0
+        self._acked = 0
+        self._rejected = 0
+        self._skipped_own = 0
+        self._batches = 0
+        self._published = 0
+        self._outbox_dropped = 0
+
+    # ---- public ------------------------------------------------------------------
+
+    def statistics(self) -> AmqpStatistics:
+        return AmqpStatistics(
+            connected=self._connected,
+            consuming={self._cfg.events_queue: self._consuming},
+            reconnects=self._reconnects,
+            last_error=self._last_error,
+            delivered=self._delivered,
+            stored=self._stored,
+            duplicates=self._duplicates,
+            acked=self._acked,
+            rejected=self._rejected,
+            skipped_own=self._skipped_own,
+            batches=self._batches,
+            published=self._published,
+            outbox_depth=len(self._outbox),
+            outbox_dropped=self._outbox_dropped,
+        )
+
+    def publish_event_nowait(self, env: Envelope) -> None:
+        """Queue one of the daemon's own events for ``events_exchange``; never blocks.
+
+        The outbox holds ``outbox_max`` events while the broker is away; past
+        that the oldest is dropped, counted in ``outbox_dropped`` and logged (the
+        event itself is in the store already: only its AMQP copy is lost).
+        """
+        if len(self._outbox) >= self._cfg.outbox_max:
+            self._outbox.popleft()
+            self._outbox_dropped += 1
+            if self._outbox_dropped in (1, 10, 100) or self._outbox_dropped % 1000 == 0:
+                log.warning("amqp: outbox full (%d), %d events dropped so far",
+                            self._cfg.outbox_max, self._outbox_dropped)
+        self._outbox_number += 1
+        self._outbox.append((self._outbox_number, env))
+        self._outbox_event.set()
+
+    async def publish_event(self, env: Envelope) -> None:
+        """:meth:`publish_event_nowait`, as a checkpoint."""
+        self.publish_event_nowait(env)
+        await trio.lowlevel.checkpoint()
+
+    async def stop_consuming(self, grace_s: float | None = None) -> None:
+        """Drain: cancel the consumer, settle what was delivered, take no more.
+
+        Returns once nothing delivered is pending, or after ``grace_s`` (default:
+        the config's); whatever is still unacked returns to the queue on close.
+        """
+        self._draining = True
+        session = self._session
+        with trio.move_on_after(self._cfg.grace_s if grace_s is None else grace_s):
+            if session is not None and session.consumer_tag is not None:
+                with contextlib.suppress(*_RETRYABLE):
+                    await self._thread.call(self._aio_cancel_consumer, session)
+            self._consuming = False
+            while self._pending or self._busy:
+                await self._batch_done.wait()
+
+    # ---- supervisor (trio) ------------------------------------------------------
+
+    async def _supervise(self) -> NoReturn:
+        cfg = self._cfg
+        delay = cfg.reconnect_initial_s
+        attempts = 0
+        while True:
+            if attempts:
+                self._reconnects += 1
+            attempts += 1
+            self._reached_consuming = False
+            try:
+                await self._run_session()
+            except* _RETRYABLE as group:
+                exc = group.exceptions[0]
+                while isinstance(exc, BaseExceptionGroup):
+                    exc = exc.exceptions[0]
+                self._last_error = f"{type(exc).__name__}: {exc}"[:500]
+                log.warning("amqp: %s; reconnecting", self._last_error)
+            if self._reached_consuming:  # the backoff starts over after a session that worked
+                delay = cfg.reconnect_initial_s
+            sleep_s = random.uniform(delay / 2, delay)  # jitter
+            delay = min(delay * 2, cfg.reconnect_max_s)
+            await trio.sleep(sleep_s)
+
+    async def _run_session(self) -> NoReturn:
+        """One connection's life; ends by raising when it is lost."""
+        connection = await self._thread.call(self._aio_connect)
+        session = _Session(connection)
+        try:
+            await self._thread.call(self._aio_setup, session)
+            self._session = session
+            self._connected = True
+            self._last_error = None
+            log.info("amqp: connected to %s", _censor(self._cfg.url))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch, session)
+                nursery.start_soon(self._publish_loop, session)
+                if not self._draining:
+                    await self._thread.call(self._aio_consume, session)
+                    self._consuming = not self._draining
+                    self._reached_consuming = True
+                    log.info("amqp: consuming %s", self._cfg.events_queue)
+                nursery.start_soon(self._consume_loop, session)
+        finally:
+            self._consuming = False
+            self._connected = False
+            self._session = None
+            with self._lock:  # the broker requeues these with the channel; they come again
+                self._pending = []
+            with trio.move_on_after(self._cfg.grace_s, shield=True):
+                with contextlib.suppress(*_RETRYABLE):
+                    await self._thread.call(self._aio_close, session)
+        raise AssertionError("unreachable: the session's tasks never return")
+
+    async def _watch(self, session: _Session) -> NoReturn:
+        await self._thread.call(self._aio_wait_lost, session)
+        raise AmqpLost("connection lost")  # pragma: no cover - _aio_wait_lost raises
+
+    # ---- consume (trio side) ----------------------------------------------------
+
+    async def _consume_loop(self, session: _Session) -> NoReturn:
+        cfg = self._cfg
+        while True:
+            await self._wake_receive.receive()
+            with self._lock:
+                batch, self._pending = self._pending, []
+                self._wake_pending = False
+            self._busy = True
+            try:
+                for start in range(0, len(batch), cfg.batch_max):
+                    await self._process(session, batch[start:start + cfg.batch_max])
+            finally:
+                self._busy = False
+                self._batch_done.set()
+                self._batch_done = trio.Event()
+
+    async def _process(self, session: _Session, batch: list[aiormq.abc.DeliveredMessage]) -> None:
+        channel = session.consume_channel
+        live = [m for m in batch if m.channel is channel]  # older channels' deliveries come again
+        if not live:
+            return
+        envelopes: list[Envelope] = []
+        poison: list[tuple[aiormq.abc.DeliveredMessage, str]] = []
+        node_id = self.node_id
+        for message in live:
+            props = message.header.properties
+            headers = props.headers
+            if headers and headers.get(ORIGIN_HEADER) == node_id:
+                self._skipped_own += 1
+                continue
+            try:
+                envelopes.append(envelope_from_amqp(
+                    message.body,
+                    message.delivery.routing_key or "",  # type: ignore[union-attr]
+                    message_id=props.message_id,
+                    timestamp=props.timestamp,
+                    correlation_id=props.correlation_id,
+                    reply_to=props.reply_to,
+                    headers=headers,
+                ))
+            except BadMessage as exc:
+                poison.append((message, str(exc)))
+        if envelopes:
+            try:
+                results = await self._store.append_many(envelopes)
+            except StoreClosed:
+                await self._idle_until_cancelled(session)
+            dups = sum(1 for r in results if getattr(r, "duplicate", False))
+            self._duplicates += dups
+            self._stored += len(results) - dups
+            if self._ingest is not None and len(results) > dups:
+                self._ingest.count(INGRESS, len(results) - dups)
+        for message, reason in poison:
+            await self._dead_letter(session, message, reason)
+        last_tag = live[-1].delivery.delivery_tag  # type: ignore[union-attr]
+        self._thread.call_soon(self._aio_ack, channel, last_tag)
+        self._acked += len(live)
+        self._batches += 1
+
+    async def _idle_until_cancelled(self, session: _Session) -> NoReturn:
+        """The store is draining: take no more; what is unacked returns to the queue on close."""
+        log.info("amqp: store closed, consuming stopped")
+        self._draining = True
+        self._consuming = False
+        with contextlib.suppress(*_RETRYABLE):
+            await self._thread.call(self._aio_cancel_consumer, session)
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def _dead_letter(self, session: _Session, message: aiormq.abc.DeliveredMessage, reason: str) -> None:
+        cfg = self._cfg
+        delivery = message.delivery
+        routing_key = delivery.routing_key or ""  # type: ignore[union-attr]
+        exchange = delivery.exchange or ""  # type: ignore[union-attr]
+        props = message.header.properties
+        copy = _dead_letter_properties(props, reason, exchange, routing_key)
+        await self._thread.call(self._aio_publish, session, cfg.dead_letter_exchange, routing_key,
+                                message.body, copy)
+        detail = {
+            "exchange": exchange,
+            "routing_key": routing_key,
+            "queue": cfg.events_queue,
+            "message_id": props.message_id,
+            "headers": _jsonable(props.headers or {}),
+        }
+        await self._store.add_dead_letter(DEAD_LETTER_KIND, reason,
+                                          message.body.decode("utf-8", errors="backslashreplace"), detail)
+        self._rejected += 1
+        log.warning("amqp: dead-lettered a delivery (routing key %r): %s", routing_key, reason)
+
+    # ---- publish (trio side) ----------------------------------------------------
+
+    async def _publish_loop(self, session: _Session) -> NoReturn:
+        cfg = self._cfg
+        while True:
+            while not self._outbox:
+                self._outbox_event = trio.Event()
+                await self._outbox_event.wait()
+            batch = list(islice(self._outbox, cfg.publish_window))
+            items = [(env.type, env.to_json().encode(), _properties_for(env, self.node_id)) for _, env in batch]
+            await self._thread.call(self._aio_publish_many, session, items)
+            last = batch[-1][0]
+            while self._outbox and self._outbox[0][0] <= last:
+                self._outbox.popleft()
+            self._published += len(batch)
+
+    # ---- asyncio side (runs in the bridge thread) ------------------------------
+
+    async def _on_message(self, message: aiormq.abc.DeliveredMessage) -> None:
+        """aiormq's consumer callback: a non-blocking hand-off, one trio wake per batch.
+
+        Never awaits: aiormq runs each call as a task and only logs what it raises.
+        """
+        with self._lock:
+            self._pending.append(message)
+            self._delivered += 1
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        with contextlib.suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(self._wake)
+
+    def _wake(self) -> None:  # runs in trio
+        with contextlib.suppress(trio.WouldBlock):
+            self._wake_send.send_nowait(None)
+
+    async def _aio_connect(self) -> aiormq.abc.AbstractConnection:
+        async with asyncio.timeout(self._cfg.connect_timeout_s):
+            return await aiormq.connect(self._cfg.url, client_properties={"connection_name": f"aivad@{self.node_id}"})
+
+    async def _aio_setup(self, session: _Session) -> None:
+        cfg = self._cfg
+        conn = session.connection
+        async with asyncio.timeout(cfg.connect_timeout_s):
+            consume = await conn.channel(publisher_confirms=False)
+            publish = await conn.channel(publisher_confirms=True)
+            await publish.exchange_declare(cfg.events_exchange, exchange_type="topic", durable=True)
+            await publish.exchange_declare(cfg.tasks_exchange, exchange_type="topic", durable=True)
+            await publish.exchange_declare(cfg.dead_letter_exchange, exchange_type="fanout", durable=True)
+            await publish.queue_declare(cfg.dead_letter_queue, durable=True)
+            await publish.queue_bind(cfg.dead_letter_queue, cfg.dead_letter_exchange, "")
+            await publish.queue_declare(cfg.events_queue, durable=True,
+                                        arguments={"x-dead-letter-exchange": cfg.dead_letter_exchange})
+            await publish.queue_bind(cfg.events_queue, cfg.events_exchange, cfg.events_binding_key)
+            await publish.queue_declare(cfg.tasks_queue, durable=True,
+                                        arguments={"x-max-priority": cfg.tasks_max_priority})
+            await publish.queue_bind(cfg.tasks_queue, cfg.tasks_exchange, cfg.tasks_binding_key)
+            await consume.basic_qos(prefetch_count=cfg.prefetch)
+        cancelled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def on_cancel(_frame: Any) -> None:
+            if not cancelled.done():
+                cancelled.set_exception(AmqpLost(f"consumer on {cfg.events_queue} cancelled by the broker"))
+
+        consume.on_consumer_cancel_callbacks.add(on_cancel)
+        session.consume_channel, session.publish_channel = consume, publish
+        session.consumer_cancelled = cancelled
+
+    async def _aio_consume(self, session: _Session) -> None:
+        assert session.consume_channel is not None
+        ok = await session.consume_channel.basic_consume(self._cfg.events_queue, self._on_message, no_ack=False)
+        session.consumer_tag = ok.consumer_tag
+
+    async def _aio_cancel_consumer(self, session: _Session) -> None:
+        channel = session.consume_channel
+        if channel is not None and session.consumer_tag is not None and not channel.is_closed:
+            await channel.basic_cancel(session.consumer_tag)
+
+    async def _aio_wait_lost(self, session: _Session) -> NoReturn:
+        watched: list[asyncio.Future[Any]] = [session.connection.closing]
+        for channel in (session.consume_channel, session.publish_channel):
+            if channel is not None:
+                watched.append(channel.closing)
+        if session.consumer_cancelled is not None:
+            watched.append(session.consumer_cancelled)
+        try:
+            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for future in watched:
+                if future is not session.consumer_cancelled and not future.done():
+                    future.cancel()  # observers only: this does not close anything
+        future = done.pop()
+        reason = None if future.cancelled() else future.exception()
+        raise AmqpLost(f"{reason or 'closed'}")
+
+    def _aio_ack(self, channel: aiormq.abc.AbstractChannel, delivery_tag: int) -> None:
+        if channel.is_closed:
+            return  # the broker requeued these; they come again and are de-duplicated
+        task = asyncio.get_running_loop().create_task(_ack(channel, delivery_tag))
+        task.add_done_callback(_log_task_error)
+
+    async def _aio_publish(self, session: _Session, exchange: str, routing_key: str, body: bytes,
+                           properties: spec.Basic.Properties) -> None:
+        channel = session.publish_channel
+        assert channel is not None
+        confirm = await channel.basic_publish(body, exchange=exchange, routing_key=routing_key,
+                                              properties=properties)
+        if not isinstance(confirm, spec.Basic.Ack):
+            raise AmqpLost(f"publish to {exchange!r} not confirmed: {confirm!r}")
+
+    async def _aio_publish_many(self, session: _Session,
+                                items: list[tuple[str, bytes, spec.Basic.Properties]]) -> None:
+        channel = session.publish_channel
+        assert channel is not None
+        exchange = self._cfg.events_exchange
+        confirms = await asyncio.gather(*(
+            channel.basic_publish(body, exchange=exchange, routing_key=key, properties=props)
+            for key, body, props in items
+        ))
+        if not all(isinstance(c, spec.Basic.Ack) for c in confirms):
+            raise AmqpLost(f"publish to {exchange!r} not confirmed by the broker")
+
+    async def _aio_close(self, session: _Session) -> None:
+        with contextlib.suppress(Exception):
+            await session.connection.close()
+
+
+async def _ack(channel: aiormq.abc.AbstractChannel, delivery_tag: int) -> None:
+    await channel.basic_ack(delivery_tag, multiple=True, wait=False)
+
+
+def _log_task_error(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("amqp: ack not sent: %s", task.exception())
+
+
+def _censor(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = creds.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}"
+
+
+async def serve_amqp(
+    cfg: AmqpConfig,
+    store: Sink,
+    *,
+    ingest: Counter | None = None,
+    task_status: trio.TaskStatus[AmqpBridge] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Run the AMQP bridge until cancelled (DESIGN §4.5).
+
+    Returns: never. ``started()`` is called at once with the :class:`AmqpBridge`
+    (readiness of the embedded path does not wait on the broker): the
+    connection is made in the background and retried with capped exponential
+    backoff; watch ``statistics().consuming``.
+
+    Resource handling: one thread runs the asyncio loop aiormq needs; on
+    cancellation the connection is closed (unacked deliveries go back to the
+    queue) and the thread is joined, both shielded and bounded by ``grace_s``.
+
+    Error handling: broker and network errors are retried; a store error or a
+    bug propagates and takes the daemon down.
+    """
+    bridge = AmqpBridge(cfg, store, ingest)
+    bridge._thread.start()
+    try:
+        task_status.started(bridge)
+        await bridge._supervise()
+    finally:
+        await bridge._thread.stop(cfg.grace_s)
