@@ -59,8 +59,11 @@ class Aggregator:
             return
         completed = sum(1 for v in views if v.state == "completed")
         payload = {"group_id": group_id, "tasks": len(views), "completed": completed, "dead": len(views) - completed}
-        await self._store.append(Envelope.from_fields(
-            "group.completed", payload, {"source": "aivad"}, f"aivad:group:{group_id}:completed:{len(views)}"))
+        await self._store.append(
+            Envelope.from_fields(
+                "group.completed", payload, {"source": "aivad"}, f"aivad:group:{group_id}:completed:{len(views)}"
+            )
+        )
 
     def _watch(self, task_ids: list[str], event: trio.Event) -> list[str]:
         """Register ``event`` on every id still running; returns those ids. Sync: no wakeup is lost."""
@@ -77,8 +80,9 @@ class Aggregator:
                 if not waiters:
                     del self._waiters[task_id]
 
-    async def collect(self, task_ids: list[str] | None, group_id: str | None, timeout_s: float,
-                      min_results: int | None) -> CollectResult:
+    async def collect(
+        self, task_ids: list[str] | None, group_id: str | None, timeout_s: float, min_results: int | None
+    ) -> CollectResult:
         """Wait until every task ended, ``min_results`` completed, or the timeout; partial results then."""
         deadline = trio.current_time() + timeout_s
         if task_ids is None:
@@ -89,7 +93,11 @@ class Aggregator:
             if unknown:
                 raise OpError("not_found", f"unknown task ids: {', '.join(unknown[:5])}")
         while True:
-            ids = task_ids if task_ids is not None else [v.task_id for v in await self._dispatcher.views(group_id=group_id)]
+            ids = (
+                task_ids
+                if task_ids is not None
+                else [v.task_id for v in await self._dispatcher.views(group_id=group_id)]
+            )
             changed = trio.Event()
             pending = self._watch(ids, changed)
             try:
@@ -106,8 +114,11 @@ class Aggregator:
                     reason = "timeout"
                 if reason is not None:
                     if reason == "timeout" and group_id is not None:
-                        await self._store.append(Envelope.from_fields(
-                            "group.timeout", {"group_id": group_id, "pending": pending[:1000]}, {"source": "aivad"}))
+                        await self._store.append(
+                            Envelope.from_fields(
+                                "group.timeout", {"group_id": group_id, "pending": pending[:1000]}, {"source": "aivad"}
+                            )
+                        )
                     return CollectResult(completed, failed, pending, reason)
                 with trio.move_on_at(deadline):
                     await changed.wait()
@@ -126,8 +137,13 @@ class Aggregator:
         return {"task_id": task_id, "result": result.completed[task_id]}
 
 
-async def serve_aggregator(cfg: TasksConfig, dispatcher: Dispatcher, store: Store, *,
-                           task_status: trio.TaskStatus[Aggregator] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+async def serve_aggregator(
+    cfg: TasksConfig,
+    dispatcher: Dispatcher,
+    store: Store,
+    *,
+    task_status: trio.TaskStatus[Aggregator] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
     """Own the aggregator's background work (group checks) until cancelled."""
     async with trio.open_nursery() as nursery:
         task_status.started(Aggregator(cfg, dispatcher, store, nursery))

@@ -84,14 +84,26 @@ def _print_status(status: dict[str, Any]) -> None:
     ws, store, ingest, router = status["websocket"], status["store"], status["ingest"], status["router"]
     uptime = int(status["uptime_s"])
     rows = [
-        ("aivad", f"{status['version']}, up {uptime // 3600}h{uptime % 3600 // 60:02d}m{uptime % 60:02d}s"
-                  + ("  (draining)" if status.get("draining") else "")),
-        ("websocket", f"port {ws['port']}, {ws['connections']} connections, {ws['subscriptions']} subscriptions, "
-                      f"{ws['slow_consumer_closes']} slow-consumer closes"),
-        ("store", f"last seq {store['last_seq']}, {store['stored_messages']} messages kept, "
-                  f"write queue {store['write_queue_depth']}/{store['write_queue_size']}, {store['path']}"),
-        ("rates", f"{ingest['rate_10s']:.1f} msgs/s (10 s), {ingest['rate_60s']:.1f} msgs/s (1 min), "
-                  f"{router['deliveries']} deliveries"),
+        (
+            "aivad",
+            f"{status['version']}, up {uptime // 3600}h{uptime % 3600 // 60:02d}m{uptime % 60:02d}s"
+            + ("  (draining)" if status.get("draining") else ""),
+        ),
+        (
+            "websocket",
+            f"port {ws['port']}, {ws['connections']} connections, {ws['subscriptions']} subscriptions, "
+            f"{ws['slow_consumer_closes']} slow-consumer closes",
+        ),
+        (
+            "store",
+            f"last seq {store['last_seq']}, {store['stored_messages']} messages kept, "
+            f"write queue {store['write_queue_depth']}/{store['write_queue_size']}, {store['path']}",
+        ),
+        (
+            "rates",
+            f"{ingest['rate_10s']:.1f} msgs/s (10 s), {ingest['rate_60s']:.1f} msgs/s (1 min), "
+            f"{router['deliveries']} deliveries",
+        ),
         ("ingested", ", ".join(f"{k} {v}" for k, v in sorted(ingest["by_ingress"].items())) or "nothing yet"),
     ]
     tasks = status.get("tasks")
@@ -195,9 +207,11 @@ def _task(client: ControlClient, args: argparse.Namespace) -> None:
     elif task["error"] is not None:
         print(f"error: {json.dumps(task['error'])}")
     for attempt in task["history"]:
-        print(f"  attempt {attempt.get('attempt', '?')}: {attempt.get('outcome', '?')} on "
-              f"{attempt.get('worker', '-')} {attempt.get('started', '')} → {attempt.get('ended', '')}"
-              + (f"  {json.dumps(attempt['error'])}" if attempt.get("error") is not None else ""))
+        print(
+            f"  attempt {attempt.get('attempt', '?')}: {attempt.get('outcome', '?')} on "
+            f"{attempt.get('worker', '-')} {attempt.get('started', '')} → {attempt.get('ended', '')}"
+            + (f"  {json.dumps(attempt['error'])}" if attempt.get("error") is not None else "")
+        )
 
 
 def _tasks(client: ControlClient, args: argparse.Namespace) -> None:
@@ -221,8 +235,10 @@ def _workers(client: ControlClient, args: argparse.Namespace) -> None:
         return
     print(f"{'name':<20} {'in flight':>9} {'done':>7} {'failed':>7}  connected since        types")
     for w in workers:
-        print(f"{w['name'][:20]:<20} {w['in_flight']:>4}/{w['concurrency']:<4} {w['done']:>7} {w['failed']:>7}  "
-              f"{w['connected_since']:<21}  {', '.join(w['types'])}")
+        print(
+            f"{w['name'][:20]:<20} {w['in_flight']:>4}/{w['concurrency']:<4} {w['done']:>7} {w['failed']:>7}  "
+            f"{w['connected_since']:<21}  {', '.join(w['types'])}"
+        )
 
 
 def _dlq(client: ControlClient, args: argparse.Namespace) -> None:
@@ -250,12 +266,18 @@ def _dlq(client: ControlClient, args: argparse.Namespace) -> None:
     reply = client.call(request)
     if action == "show":
         letter = reply["dead_letter"]
-        print(json.dumps(letter, indent=2) if args.json else
-              f"dead letter {letter['id']} ({letter['kind']}): {letter['reason']}\n"
-              f"body: {letter['body']}\ndetail: {json.dumps(letter['detail'], indent=2)}")
+        print(
+            json.dumps(letter, indent=2)
+            if args.json
+            else f"dead letter {letter['id']} ({letter['kind']}): {letter['reason']}\n"
+            f"body: {letter['body']}\ndetail: {json.dumps(letter['detail'], indent=2)}"
+        )
     else:
-        print(json.dumps(reply["replayed"]) if args.json else
-              "\n".join(f"queued again: {t}" for t in reply["replayed"]) or "nothing to replay")
+        print(
+            json.dumps(reply["replayed"])
+            if args.json
+            else "\n".join(f"queued again: {t}" for t in reply["replayed"]) or "nothing to replay"
+        )
 
 
 def _simple(cmd: str, human: Callable[[dict[str, Any]], str]) -> Callable[[ControlClient, argparse.Namespace], None]:
@@ -279,16 +301,17 @@ def _reload_text(reply: dict[str, Any]) -> str:
 _EXAMPLES = {
     "serve": "aivad serve\n  aivad serve --config /etc/aivad/config.toml",
     "status": "aivad status\n  aivad status --json | jq .store.last_seq",
-    "publish": "aivad publish scan.completed '{\"scan_id\": \"123\"}'\n"
-               "  echo '{\"n\": 1}' | aivad publish notifications.frontend.evt-42.chat - --message-id m-1",
+    "publish": 'aivad publish scan.completed \'{"scan_id": "123"}\'\n'
+    "  echo '{\"n\": 1}' | aivad publish notifications.frontend.evt-42.chat - --message-id m-1",
     "tail": "aivad tail 'scan.*'\n  aivad tail 'notifications.frontend.evt-42.#' --since 1000",
     "history": "aivad history '#' --limit 20\n  aivad history 'scan.*' --after 1000 --json",
     "drain": "aivad drain    # the daemon closes clients with 1001 and exits 0",
-    "dispatch": "aivad dispatch scan.run '{\"target\": \"10.0.0.1\"}' --priority high --max-attempts 5 --timeout 60",
+    "dispatch": 'aivad dispatch scan.run \'{"target": "10.0.0.1"}\' --priority high --max-attempts 5 --timeout 60',
     "task": "aivad task 8c1d2e…\n  aivad task 8c1d2e… --json",
     "tasks": "aivad tasks --state dead\n  aivad tasks --state queued --limit 20",
     "workers": "aivad workers",
-    "dlq": "aivad dlq list\n  aivad dlq show 12\n  aivad dlq replay 12\n  aivad dlq replay --all\n  aivad dlq purge --yes",
+    "dlq": "aivad dlq list\n  aivad dlq show 12\n  aivad dlq replay 12\n"
+    "  aivad dlq replay --all\n  aivad dlq purge --yes",
     "reload": "aivad reload   # same as systemctl reload aivad (SIGHUP)",
 }
 
@@ -304,12 +327,18 @@ def _parser() -> argparse.ArgumentParser:
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(
-            name, help=help, description=help, epilog="examples:\n  " + _EXAMPLES[name],
+            name,
+            help=help,
+            description=help,
+            epilog="examples:\n  " + _EXAMPLES[name],
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         if name != "serve":
-            sub.add_argument("--socket", metavar="PATH", help="control socket (default: from --config, "
-                             "else $AIVAD_SOCKET, else the daemon's default)")
+            sub.add_argument(
+                "--socket",
+                metavar="PATH",
+                help="control socket (default: from --config, else $AIVAD_SOCKET, else the daemon's default)",
+            )
             sub.add_argument("--json", action="store_true", help="print JSON instead of text")
         sub.add_argument("--config", metavar="PATH", help="config file (TOML)")
         return sub
@@ -341,7 +370,9 @@ def _parser() -> argparse.ArgumentParser:
     task = command("task", "show one task: state, attempts, result or error, attempt history")
     task.add_argument("task_id", metavar="TASK_ID")
     tasks = command("tasks", "list tasks, newest first")
-    tasks.add_argument("--state", metavar="S", choices=["queued", "dispatched", "running", "retrying", "completed", "dead"])
+    tasks.add_argument(
+        "--state", metavar="S", choices=["queued", "dispatched", "running", "retrying", "completed", "dead"]
+    )
     tasks.add_argument("--limit", metavar="N", type=int, default=100)
     command("workers", "list connected workers")
     dlq = command("dlq", "the dead-letter queue: list, show, replay, purge")

@@ -110,8 +110,11 @@ class AmqpConfig:
     """DESIGN §4.5: the RabbitMQ bridge (off by default); names of the topology are configurable."""
 
     enabled: bool = False
-    url: str = _field("amqp://guest:guest@127.0.0.1:5672/", lambda v: v.startswith(("amqp://", "amqps://")),
-                      "must be an amqp:// or amqps:// URL")
+    url: str = _field(
+        "amqp://guest:guest@127.0.0.1:5672/",
+        lambda v: v.startswith(("amqp://", "amqps://")),
+        "must be an amqp:// or amqps:// URL",
+    )
     events_exchange: str = _name("aiva.events")
     events_queue: str = _name("aivad.events")
     events_binding_key: str = _name("#")
@@ -214,7 +217,7 @@ def parse_config(data: dict[str, Any]) -> Config:
     """Structure and validate a parsed TOML document. Raises ConfigError."""
     try:
         cfg = _converter.structure(data, Config)
-    except Exception as exc:  # cattrs groups every problem it found
+    except Exception as exc:  # noqa: BLE001 - cattrs groups every problem it found, whatever its type
         lines = []
         for line in cattrs.transform_error(exc, format_exception=_format):
             message, _, where = line.rpartition(" @ ")

@@ -11,8 +11,8 @@ told apart from the next request).
 from __future__ import annotations
 
 import errno
-import json
 import grp
+import json
 import logging
 import os
 import socket as stdlib_socket
@@ -163,7 +163,9 @@ class Session:
                     break
             async with self._send_lock:
                 await self.stream.send_all(b"".join(lines))
-        await self.send_line({"ok": False, "error": {"code": "overloaded", "message": "tail fell behind; resume with since"}})
+        await self.send_line(
+            {"ok": False, "error": {"code": "overloaded", "message": "tail fell behind; resume with since"}}
+        )
         await self.stream.aclose()
 
     async def _wait_for_close(self, scope: trio.CancelScope) -> None:
@@ -198,8 +200,12 @@ async def _cmd_history(session: Session, request: dict[str, Any]) -> dict[str, A
 async def _cmd_tail(session: Session, request: dict[str, Any]) -> None:
     parsed = parse_subscribe(request)
     resume = session.service.daemon.router.resume_point(parsed.since)
-    reply: dict[str, Any] = {"ok": True, "pattern": parsed.pattern, "last_seq": resume.last_seq,
-                             "recovered": resume.recovered}
+    reply: dict[str, Any] = {
+        "ok": True,
+        "pattern": parsed.pattern,
+        "last_seq": resume.last_seq,
+        "recovered": resume.recovered,
+    }
     if request.get("ref") is not None:
         reply["ref"] = request["ref"]
     if resume.gap is not None:
@@ -255,7 +261,9 @@ async def _cmd_dlq(session: Session, request: dict[str, Any]) -> dict[str, Any]:
     action = field(request, "action", str)
     if action == "list":
         limit = field(request, "limit", int, 100)
-        letters = await daemon.store.dead_letters(field(request, "kind", str, None), limit, field(request, "after", int, 0))
+        letters = await daemon.store.dead_letters(
+            field(request, "kind", str, None), limit, field(request, "after", int, 0)
+        )
         return {"dead_letters": [{**attrs.asdict(d), "detail": None, "body": d.body[:200]} for d in letters]}
     if action == "show":
         letter_id = field(request, "id", int)
@@ -318,7 +326,8 @@ class ControlService:
             self._accepting.cancel()
 
 
-async def _open_listener(cfg: ControlConfig) -> tuple[trio.SocketListener, Path]:
+def _claim_socket_path(cfg: ControlConfig) -> Path:
+    """Create the socket's directory; remove a stale socket, refuse a live one (another daemon)."""
     path = Path(cfg.socket)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     if path.is_socket() or path.exists():
@@ -333,6 +342,11 @@ async def _open_listener(cfg: ControlConfig) -> tuple[trio.SocketListener, Path]
             raise OSError(errno.EADDRINUSE, f"another aivad is serving {path}")
         finally:
             probe.close()
+    return path
+
+
+async def _open_listener(cfg: ControlConfig) -> tuple[trio.SocketListener, Path]:
+    path = _claim_socket_path(cfg)  # start-up only: a few local syscalls
     sock = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
     old_umask = os.umask(0o777 & ~cfg.mode)
     try:
@@ -367,7 +381,9 @@ async def serve_control(
             with trio.CancelScope() as accepting:
                 service._accepting = accepting
                 async with trio.open_nursery() as acceptor:
-                    await acceptor.start(partial(trio.serve_listeners, service.handle, [listener], handler_nursery=sessions))
+                    await acceptor.start(
+                        partial(trio.serve_listeners, service.handle, [listener], handler_nursery=sessions)
+                    )
                     log.info("control socket listening on %s", path)
                     task_status.started(service)
             await listener.aclose()

@@ -118,7 +118,9 @@ class Attempt:
         now = trio.current_time()
         self.hard_deadline = now + timeout_s
         heartbeat = task.spec.heartbeat_s
-        self.scope = trio.CancelScope(deadline=min(self.hard_deadline, now + heartbeat) if heartbeat else self.hard_deadline)
+        self.scope = trio.CancelScope(
+            deadline=min(self.hard_deadline, now + heartbeat) if heartbeat else self.hard_deadline
+        )
         self.outcome: Outcome | None = None
         self.started_wall = time.time()
         self.progressed = False
@@ -189,16 +191,30 @@ def _event(kind: str, spec: TaskSpec, state: str, attempt: int, unique: str = ""
 
 
 def _update(conn: sqlite3.Connection, task: TaskState, **columns: Any) -> None:
-    columns = {"state": task.state, "attempts": task.attempts, "history": json.dumps(task.history),
-               "updated_at": time.time(), **columns}
+    columns = {
+        "state": task.state,
+        "attempts": task.attempts,
+        "history": json.dumps(task.history),
+        "updated_at": time.time(),
+        **columns,
+    }
     assignments = ", ".join(f"{name} = ?" for name in columns)
-    conn.execute(f"UPDATE tasks SET {assignments} WHERE task_id = ?", (*columns.values(), task.spec.task_id))  # noqa: S608
+    conn.execute(f"UPDATE tasks SET {assignments} WHERE task_id = ?", (*columns.values(), task.spec.task_id))
 
 
 def _row_view(row: tuple[Any, ...]) -> TaskView:
     task_id, task_type, spec, state, attempts, group_id, result, error, history = row
-    return TaskView(task_id, task_type, state, attempts, json.loads(result) if result else None,
-                    json.loads(error) if error else None, group_id, json.loads(history), json.loads(spec))
+    return TaskView(
+        task_id,
+        task_type,
+        state,
+        attempts,
+        json.loads(result) if result else None,
+        json.loads(error) if error else None,
+        group_id,
+        json.loads(history),
+        json.loads(spec),
+    )
 
 
 _VIEW_COLUMNS = "task_id, type, spec, state, attempts, group_id, result, error, history"
@@ -363,12 +379,22 @@ class Dispatcher:
         task, worker = attempt.task, attempt.worker
         spec = task.spec
         deadline = datetime.now(UTC) + timedelta(seconds=spec.timeout_s)
-        frame = {"op": "task", "task": {
-            "task_id": spec.task_id, "type": spec.type, "payload": spec.payload, "attempt": attempt.number,
-            "deadline": deadline.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        }}
-        history = {"attempt": attempt.number, "worker": worker.name, "worker_id": worker.worker_id,
-                   "started": _now_rfc3339()}
+        frame = {
+            "op": "task",
+            "task": {
+                "task_id": spec.task_id,
+                "type": spec.type,
+                "payload": spec.payload,
+                "attempt": attempt.number,
+                "deadline": deadline.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            },
+        }
+        history = {
+            "attempt": attempt.number,
+            "worker": worker.name,
+            "worker_id": worker.worker_id,
+            "started": _now_rfc3339(),
+        }
         write = await self._store.submit(lambda conn, w: self._write_dispatched(conn, w, task, worker))
         with attempt.scope:
             await worker.conn.send_json(frame)
@@ -379,16 +405,20 @@ class Dispatcher:
 
     def _write_dispatched(self, conn: sqlite3.Connection, write: Write, task: TaskState, worker: Worker) -> None:
         _update(conn, task, state="dispatched")
-        insert_envelopes(conn, write, [_event("task.dispatched", task.spec, "dispatched", task.attempts,
-                                              worker=worker.name)])
+        insert_envelopes(
+            conn, write, [_event("task.dispatched", task.spec, "dispatched", task.attempts, worker=worker.name)]
+        )
 
     # ---- reports from workers -----------------------------------------------------------
 
     def _attempt_of(self, worker: Worker, task_id: Any) -> Attempt:
         attempt = worker.in_flight.get(task_id) if isinstance(task_id, str) else None
         if attempt is None or attempt.outcome is not None:
-            log.warning("ignoring a report for task %r from worker %s: no attempt of it is in flight there",
-                        task_id, worker.name)
+            log.warning(
+                "ignoring a report for task %r from worker %s: no attempt of it is in flight there",
+                task_id,
+                worker.name,
+            )
             raise OpError("not_found", f"task {str(task_id)[:64]} is not in flight on this worker")
         return attempt
 
@@ -402,14 +432,17 @@ class Dispatcher:
             task.state = "running"
             events.append(_event("task.started", task.spec, "running", attempt.number))
         extra = {"progress": progress} | ({"note": note} if note is not None else {})
-        events.append(_event("task.progress", task.spec, task.state, attempt.number, f":{uuid.uuid4().hex[:8]}",
-                             **extra))
+        events.append(
+            _event("task.progress", task.spec, task.state, attempt.number, f":{uuid.uuid4().hex[:8]}", **extra)
+        )
         state = task.state
 
         def write(conn: sqlite3.Connection, w: Write) -> None:
             if state == "running":
-                conn.execute("UPDATE tasks SET state = 'running' WHERE task_id = ? AND state = 'dispatched'",
-                             (task.spec.task_id,))
+                conn.execute(
+                    "UPDATE tasks SET state = 'running' WHERE task_id = ? AND state = 'dispatched'",
+                    (task.spec.task_id,),
+                )
             insert_envelopes(conn, w, events)
 
         await self._store.submit(write)
@@ -447,28 +480,43 @@ class Dispatcher:
         else:
             worker.failed += 1
             history |= {"outcome": outcome.kind, "error": outcome.error}
-            events.append(_event("task.failed", spec, "failed", attempt.number, error=outcome.error,
-                                 reason=outcome.kind))
+            events.append(
+                _event("task.failed", spec, "failed", attempt.number, error=outcome.error, reason=outcome.kind)
+            )
             if outcome.retryable and task.attempts < spec.max_attempts:
                 state = "retrying"
                 delay = backoff_s(spec, task.attempts)
                 events.append(_event("task.retrying", spec, "retrying", attempt.number, delay_s=round(delay, 3)))
             else:
                 state = "dead"
-                dead_reason = (f"{outcome.kind}: not retryable" if not outcome.retryable
-                               else f"{outcome.kind}: {task.attempts} of {spec.max_attempts} attempts used")
-                events.append(_event("task.dead_lettered", spec, "dead", attempt.number, error=outcome.error,
-                                     reason=dead_reason))
+                dead_reason = (
+                    f"{outcome.kind}: not retryable"
+                    if not outcome.retryable
+                    else f"{outcome.kind}: {task.attempts} of {spec.max_attempts} attempts used"
+                )
+                events.append(
+                    _event("task.dead_lettered", spec, "dead", attempt.number, error=outcome.error, reason=dead_reason)
+                )
         task.history.append(history)
         error = outcome.error if isinstance(outcome, Failure) else None
         result = outcome.result if isinstance(outcome, Success) else None
 
         def write(conn: sqlite3.Connection, w: Write) -> None:
-            _update(conn, task, state=state, result=json.dumps(result) if state == "completed" else None,
-                    error=json.dumps(error) if error is not None else None)
+            _update(
+                conn,
+                task,
+                state=state,
+                result=json.dumps(result) if state == "completed" else None,
+                error=json.dumps(error) if error is not None else None,
+            )
             if dead_reason is not None:
-                insert_dead_letter(conn, "task", dead_reason, json.dumps(spec.to_json_dict()),
-                                   {"task_id": spec.task_id, "attempts": task.history, "error": error})
+                insert_dead_letter(
+                    conn,
+                    "task",
+                    dead_reason,
+                    json.dumps(spec.to_json_dict()),
+                    {"task_id": spec.task_id, "attempts": task.history, "error": error},
+                )
             insert_envelopes(conn, w, events)
 
         await (await self._store.submit(write)).wait()
@@ -494,8 +542,17 @@ class Dispatcher:
             self._completed += 1
         else:
             self._dead += 1
-        view = TaskView(task.spec.task_id, task.spec.type, task.state, task.attempts, result, error,
-                        task.spec.group_id, task.history, task.spec.to_json_dict())
+        view = TaskView(
+            task.spec.task_id,
+            task.spec.type,
+            task.state,
+            task.attempts,
+            result,
+            error,
+            task.spec.group_id,
+            task.history,
+            task.spec.to_json_dict(),
+        )
         for callback in self.on_end:
             callback(view)
 
@@ -516,8 +573,13 @@ class Dispatcher:
 
         def write(conn: sqlite3.Connection, w: Write) -> None:
             _update(conn, task, error=json.dumps(reason))
-            insert_dead_letter(conn, "task", f"abandoned: {reason}", json.dumps(spec.to_json_dict()),
-                               {"task_id": spec.task_id, "attempts": task.history, "error": reason})
+            insert_dead_letter(
+                conn,
+                "task",
+                f"abandoned: {reason}",
+                json.dumps(spec.to_json_dict()),
+                {"task_id": spec.task_id, "attempts": task.history, "error": reason},
+            )
             insert_envelopes(conn, w, events)
 
         await (await self._store.submit(write)).wait()
@@ -527,7 +589,7 @@ class Dispatcher:
 
     async def view(self, task_id: str) -> TaskView | None:
         def read(conn: sqlite3.Connection) -> TaskView | None:
-            row = conn.execute(f"SELECT {_VIEW_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,)).fetchone()  # noqa: S608
+            row = conn.execute(f"SELECT {_VIEW_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
             return _row_view(row) if row else None
 
         found: TaskView | None = await self._store.read(read)
@@ -536,33 +598,55 @@ class Dispatcher:
             found = attrs.evolve(found, state=task.state, attempts=task.attempts, history=list(task.history))
         return found
 
-    async def views(self, task_ids: list[str] | None = None, *, group_id: str | None = None,
-                    state: str | None = None, limit: int = 1000) -> list[TaskView]:
+    async def views(
+        self,
+        task_ids: list[str] | None = None,
+        *,
+        group_id: str | None = None,
+        state: str | None = None,
+        limit: int = 1000,
+    ) -> list[TaskView]:
         def read(conn: sqlite3.Connection) -> list[TaskView]:
             if task_ids is not None:
                 found = {}
                 for start in range(0, len(task_ids), 500):
                     chunk = task_ids[start : start + 500]
                     marks = ",".join("?" * len(chunk))
-                    for row in conn.execute(f"SELECT {_VIEW_COLUMNS} FROM tasks WHERE task_id IN ({marks})", chunk):  # noqa: S608
+                    for row in conn.execute(f"SELECT {_VIEW_COLUMNS} FROM tasks WHERE task_id IN ({marks})", chunk):
                         found[row[0]] = _row_view(row)
                 return [found[t] for t in task_ids if t in found]
             if group_id is not None:
-                rows = conn.execute(f"SELECT {_VIEW_COLUMNS} FROM tasks WHERE group_id = ? ORDER BY created_at",  # noqa: S608
-                                    (group_id,))
+                rows = conn.execute(
+                    f"SELECT {_VIEW_COLUMNS} FROM tasks WHERE group_id = ? ORDER BY created_at", (group_id,)
+                )
             else:
-                rows = conn.execute(f"SELECT {_VIEW_COLUMNS} FROM tasks WHERE (? IS NULL OR state = ?) "  # noqa: S608
-                                    "ORDER BY created_at DESC LIMIT ?", (state, state, limit))
+                rows = conn.execute(
+                    f"SELECT {_VIEW_COLUMNS} FROM tasks WHERE (? IS NULL OR state = ?) "
+                    "ORDER BY created_at DESC LIMIT ?",
+                    (state, state, limit),
+                )
             return [_row_view(row) for row in rows]
 
         views: list[TaskView] = await self._store.read(read)
-        return [attrs.evolve(v, state=t.state, attempts=t.attempts) if (t := self.tasks.get(v.task_id)) else v
-                for v in views]
+        return [
+            attrs.evolve(v, state=t.state, attempts=t.attempts) if (t := self.tasks.get(v.task_id)) else v
+            for v in views
+        ]
 
     def worker_views(self) -> list[WorkerView]:
-        return [WorkerView(w.worker_id, w.name, w.types, w.concurrency, len(w.in_flight), w.done, w.failed,
-                           w.connected_at.isoformat(timespec="seconds").replace("+00:00", "Z"))
-                for w in self.workers.values()]
+        return [
+            WorkerView(
+                w.worker_id,
+                w.name,
+                w.types,
+                w.concurrency,
+                len(w.in_flight),
+                w.done,
+                w.failed,
+                w.connected_at.isoformat(timespec="seconds").replace("+00:00", "Z"),
+            )
+            for w in self.workers.values()
+        ]
 
     def statistics(self) -> DispatcherStatistics:
         counts = dict.fromkeys(STATES, 0)
@@ -586,8 +670,11 @@ class Dispatcher:
                 raise OpError("bad_request", f"dead letter {dead_letter_id} is a {kind}, not a task: not replayable")
             spec = json.loads(body)
             conn.execute("DELETE FROM dead_letters WHERE id = ?", (dead_letter_id,))
-            updated = conn.execute("UPDATE tasks SET state = 'queued', attempts = 0, error = NULL, updated_at = ? "
-                                   "WHERE task_id = ? AND state = 'dead'", (time.time(), spec["task_id"])).rowcount
+            updated = conn.execute(
+                "UPDATE tasks SET state = 'queued', attempts = 0, error = NULL, updated_at = ? "
+                "WHERE task_id = ? AND state = 'dead'",
+                (time.time(), spec["task_id"]),
+            ).rowcount
             return (spec["task_id"], body) if updated else None
 
         taken = await (await self._store.submit(take)).wait()
@@ -606,26 +693,38 @@ class Dispatcher:
         """After a restart: queued tasks wait again; those that were in flight are retried."""
 
         def read(conn: sqlite3.Connection) -> list[tuple[str, str, int, str]]:
-            return conn.execute("SELECT spec, state, attempts, history FROM tasks "
-                                "WHERE state NOT IN ('completed', 'dead') ORDER BY created_at").fetchall()
+            return conn.execute(
+                "SELECT spec, state, attempts, history FROM tasks "
+                "WHERE state NOT IN ('completed', 'dead') ORDER BY created_at"
+            ).fetchall()
 
         rows = await self._store.read(read)
         interrupted = []
         for spec_json, state, attempts, history in rows:
             task = TaskState(TaskSpec(**json.loads(spec_json)), state, attempts, json.loads(history))
             if state in ACTIVE_STATES:
-                task.history.append({"attempt": attempts, "outcome": "interrupted",
-                                     "error": "the daemon stopped during this attempt", "ended": _now_rfc3339()})
+                task.history.append(
+                    {
+                        "attempt": attempts,
+                        "outcome": "interrupted",
+                        "error": "the daemon stopped during this attempt",
+                        "ended": _now_rfc3339(),
+                    }
+                )
                 task.state = "retrying"
                 interrupted.append(task)
             self.tasks[task.spec.task_id] = task
             self._enqueue(task)
         if interrupted:
+
             def write(conn: sqlite3.Connection, w: Write) -> None:
                 for task in interrupted:
                     _update(conn, task)
-                    insert_envelopes(conn, w, [_event("task.retrying", task.spec, "retrying", task.attempts,
-                                                      ":restart", reason="restart")])
+                    insert_envelopes(
+                        conn,
+                        w,
+                        [_event("task.retrying", task.spec, "retrying", task.attempts, ":restart", reason="restart")],
+                    )
 
             await (await self._store.submit(write)).wait()
         if rows:
@@ -640,8 +739,8 @@ class Dispatcher:
         for worker in list(self.workers.values()):
             for attempt in list(worker.in_flight.values()):
                 attempt.finish(HandedBack())
-        while any(w.in_flight for w in self.workers.values()):
-            await trio.sleep(0.01)
+        if any(w.in_flight for w in self.workers.values()):
+            await self._idle.wait()  # set by the last _settle
 
 
 def _hash(text: str) -> int:
@@ -652,8 +751,9 @@ def _now_rfc3339() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-async def serve_dispatcher(cfg: TasksConfig, store: Store, *,
-                           task_status: trio.TaskStatus[Dispatcher] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+async def serve_dispatcher(
+    cfg: TasksConfig, store: Store, *, task_status: trio.TaskStatus[Dispatcher] = trio.TASK_STATUS_IGNORED
+) -> NoReturn:
     """Recover unfinished tasks, then dispatch until cancelled.
 
     Returns: never. Resource handling: attempts live in this service's nursery;

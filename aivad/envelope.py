@@ -56,9 +56,7 @@ def check_pattern(pattern: object) -> str:
         raise BadMessage(f"pattern must be 1..{MAX_TOPIC_LENGTH} characters")
     for word in pattern.split("."):
         if word not in ("*", "#") and not _WORD.fullmatch(word):
-            raise BadMessage(
-                f"pattern {pattern!r}: every dot-separated word must be *, # or match [A-Za-z0-9_-]+"
-            )
+            raise BadMessage(f"pattern {pattern!r}: every dot-separated word must be *, # or match [A-Za-z0-9_-]+")
     return pattern
 
 

@@ -60,26 +60,32 @@ class _DaemonCollector(Collector):
         yield CounterMetricFamily("aivad_deliveries", "Messages handed to subscribers.", value=router.deliveries)
         yield GaugeMetricFamily("aivad_websocket_connections", "Open WebSocket connections.", value=ws.connections)
         yield GaugeMetricFamily("aivad_websocket_subscriptions", "Live subscriptions.", value=router.subscriptions)
-        yield CounterMetricFamily("aivad_slow_consumer_closes", "Connections closed with 4008 (slow consumer).",
-                                  value=ws.slow_consumer_closes)
+        yield CounterMetricFamily(
+            "aivad_slow_consumer_closes", "Connections closed with 4008 (slow consumer).", value=ws.slow_consumer_closes
+        )
         yield CounterMetricFamily("aivad_websocket_errors_sent", "Error frames sent to clients.", value=ws.errors_sent)
         yield GaugeMetricFamily("aivad_store_messages", "Messages kept in the history.", value=store.stored_messages)
         yield GaugeMetricFamily("aivad_store_last_seq", "Newest committed seq.", value=store.last_seq)
-        yield GaugeMetricFamily("aivad_store_write_queue", "Writes waiting for the single writer.",
-                                value=store.write_queue_depth)
-        yield CounterMetricFamily("aivad_store_duplicates", "Publishes answered as duplicates.",
-                                  value=store.duplicates)
+        yield GaugeMetricFamily(
+            "aivad_store_write_queue", "Writes waiting for the single writer.", value=store.write_queue_depth
+        )
+        yield CounterMetricFamily("aivad_store_duplicates", "Publishes answered as duplicates.", value=store.duplicates)
         buckets = [(("+Inf" if le == float("inf") else repr(le)), count) for le, count in store.commit_seconds_buckets]
-        yield HistogramMetricFamily("aivad_store_commit_seconds", "Duration of one group commit.",
-                                    buckets=buckets, sum_value=store.commit_seconds_total)
+        yield HistogramMetricFamily(
+            "aivad_store_commit_seconds",
+            "Duration of one group commit.",
+            buckets=buckets,
+            sum_value=store.commit_seconds_total,
+        )
         tasks = GaugeMetricFamily("aivad_tasks", "Tasks by state.", labels=["state"])
         counts = d.task_counts()
         for state in TASK_STATES:
             tasks.add_metric([state], counts.get(state, 0))
         yield tasks
         yield from d.extra_metrics()
-        yield GaugeMetricFamily("aivad_event_loop_lag_seconds", "Lateness of the last 0.5 s loop tick.",
-                                value=d.loop_lag.last_s)
+        yield GaugeMetricFamily(
+            "aivad_event_loop_lag_seconds", "Lateness of the last 0.5 s loop tick.", value=d.loop_lag.last_s
+        )
         yield GaugeMetricFamily("aivad_uptime_seconds", "Seconds since start.", value=d.uptime_s())
 
 

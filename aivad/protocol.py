@@ -32,8 +32,18 @@ __all__ = [
 
 #: DESIGN §4.3, fixed
 ERROR_CODES = frozenset(
-    {"bad_json", "bad_request", "unknown_op", "too_large", "unauthorized", "forbidden",
-     "not_found", "overloaded", "timeout", "internal"}
+    {
+        "bad_json",
+        "bad_request",
+        "unknown_op",
+        "too_large",
+        "unauthorized",
+        "forbidden",
+        "not_found",
+        "overloaded",
+        "timeout",
+        "internal",
+    }
 )
 HISTORY_MAX_LIMIT = 1000
 
@@ -85,7 +95,10 @@ def parse_envelope(frame: dict[str, Any]) -> Envelope:
     """A producer's message from the fields of a publish request (a ``seq`` is ignored)."""
     try:
         return Envelope.from_fields(
-            frame.get("type"), frame.get("payload"), frame.get("metadata"), frame.get("message_id"),
+            frame.get("type"),
+            frame.get("payload"),
+            frame.get("metadata"),
+            frame.get("message_id"),
             frame.get("timestamp"),
         )
     except BadMessage as exc:

@@ -10,7 +10,7 @@ from collections import Counter, deque
 import attrs
 import trio
 
-__all__ = ["IngestStatistics", "Ingest"]
+__all__ = ["Ingest", "IngestStatistics"]
 
 _WINDOW_S = 60
 

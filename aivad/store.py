@@ -233,7 +233,7 @@ class Store:
                 conn.execute("SAVEPOINT w")
                 try:
                     write.result = write.apply(conn, write)
-                except Exception as exc:  # one bad write must not fail its neighbours
+                except Exception as exc:  # noqa: BLE001 - one bad write must not fail its neighbours
                     conn.execute("ROLLBACK TO w")
                     write.error = exc
                     write.messages = []
@@ -363,8 +363,7 @@ class Store:
             prefix, exact = literal_prefix(pattern)
             if exact:
                 rows = conn.execute(
-                    "SELECT seq, type, body FROM messages WHERE type = ? AND seq > ? AND seq <= ? "
-                    "ORDER BY seq LIMIT ?",
+                    "SELECT seq, type, body FROM messages WHERE type = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
                     (pattern, after, newest, limit),
                 ).fetchall()
                 messages = [StoredMessage(s, t, _body_with_seq(b, s)) for s, t, b in rows]
@@ -379,7 +378,7 @@ class Store:
             cursor = after
             while len(messages) < limit:
                 rows = conn.execute(
-                    f"SELECT seq, type, body FROM messages WHERE {where} ORDER BY seq LIMIT ?",  # noqa: S608
+                    f"SELECT seq, type, body FROM messages WHERE {where} ORDER BY seq LIMIT ?",
                     (*bounds, cursor, newest, _SCAN_CHUNK),
                 ).fetchall()
                 for seq, topic, body in rows:
@@ -429,7 +428,9 @@ class Store:
             duplicates=self._duplicates,
             commit_seconds_total=self._commit_seconds_total,
             last_commit_seconds=self._last_commit_seconds,
-            commit_seconds_buckets=tuple(zip(COMMIT_BUCKETS_S, itertools.accumulate(self._commit_buckets), strict=True)),
+            commit_seconds_buckets=tuple(
+                zip(COMMIT_BUCKETS_S, itertools.accumulate(self._commit_buckets), strict=True)
+            ),
         )
 
     def close_readers(self) -> None:

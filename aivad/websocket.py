@@ -27,7 +27,17 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 
 from .config import WebSocketConfig
 from .envelope import BadMessage, check_topic
-from .protocol import OpError, decode_request, dumps, field, parse_envelope, parse_history, parse_pattern, parse_subscribe, request_ref
+from .protocol import (
+    OpError,
+    decode_request,
+    dumps,
+    field,
+    parse_envelope,
+    parse_history,
+    parse_pattern,
+    parse_subscribe,
+    request_ref,
+)
 from .router import Subscription
 from .store import Appended, StoreClosed, Write
 from .tasks import parse_task_spec
@@ -173,7 +183,7 @@ class Connection:
         async for ref, write in self._pending_rx:
             try:
                 (appended,) = await write.wait()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the write's own failure, answered as internal
                 log.error("publish failed in the store: %s", exc)
                 await self.put(self.service.error_frame(ref, "internal", "the store could not commit"))
                 continue
@@ -319,8 +329,13 @@ async def _op_subscribe(conn: Connection, frame: dict[str, Any]) -> dict[str, An
         raise OpError("overloaded", f"at most {conn.service.cfg.max_subscriptions} subscriptions per connection")
     router = conn.service.router
     resume = router.resume_point(since)
-    reply: dict[str, Any] = {"op": "ok", "ref": frame.get("ref"), "pattern": pattern,
-                             "last_seq": resume.last_seq, "recovered": resume.recovered}
+    reply: dict[str, Any] = {
+        "op": "ok",
+        "ref": frame.get("ref"),
+        "pattern": pattern,
+        "last_seq": resume.last_seq,
+        "recovered": resume.recovered,
+    }
     if resume.gap is not None:
         reply["gap"] = list(resume.gap)
     await conn.put(_frame(reply))
@@ -444,8 +459,11 @@ async def _op_collect(conn: Connection, frame: dict[str, Any]) -> dict[str, Any]
     if min_results is not None and min_results < 1:
         raise OpError("bad_request", "min_results must be >= 1")
     result = await conn.service.daemon.aggregator.collect(
-        list(dict.fromkeys(task_ids)) if task_ids is not None else None, group_id,
-        _timeout(frame, cfg.request_timeout_s), min_results)
+        list(dict.fromkeys(task_ids)) if task_ids is not None else None,
+        group_id,
+        _timeout(frame, cfg.request_timeout_s),
+        min_results,
+    )
     return result.to_wire()
 
 
