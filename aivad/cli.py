@@ -299,7 +299,8 @@ def _reload_text(reply: dict[str, Any]) -> str:
 # ---- argument parsing -----------------------------------------------------------
 
 _EXAMPLES = {
-    "serve": "aivad serve\n  aivad serve --config /etc/aivad/config.toml",
+    "serve": "aivad serve\n  aivad serve --config /etc/aivad/config.toml\n"
+    "  aivad serve --config /etc/aivad/config.toml --check-config",
     "status": "aivad status\n  aivad status --json | jq .store.last_seq",
     "publish": 'aivad publish scan.completed \'{"scan_id": "123"}\'\n'
     "  echo '{\"n\": 1}' | aivad publish notifications.frontend.evt-42.chat - --message-id m-1",
@@ -345,6 +346,7 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = command("serve", "run the daemon in the foreground")
     serve.add_argument("--log-format", choices=["text", "json"], help="override [log] format")
+    serve.add_argument("--check-config", action="store_true", help="validate the config and exit (0 ok, 2 not)")
     command("status", "show what the daemon is doing")
     publish = command("publish", "publish one message")
     publish.add_argument("type", metavar="TYPE", help="topic, e.g. scan.completed")
@@ -419,6 +421,13 @@ def main(argv: list[str] | None = None) -> NoReturn:
     if args.command == "serve":
         from .__main__ import serve
 
+        if args.check_config:
+            try:
+                load_config(args.config)
+            except ConfigError as exc:
+                _fail(EXIT_USAGE, f"config: {exc}")
+            print("config ok")
+            sys.exit(EXIT_OK)
         sys.exit(serve(args.config, args.log_format))
     try:
         client = ControlClient(_socket_path(args))

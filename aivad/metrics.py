@@ -82,6 +82,10 @@ class _DaemonCollector(Collector):
         for state in TASK_STATES:
             tasks.add_metric([state], counts.get(state, 0))
         yield tasks
+        dispatcher = d.dispatcher.statistics()
+        yield GaugeMetricFamily("aivad_workers", "Connected workers.", value=dispatcher.workers)
+        yield CounterMetricFamily("aivad_task_retries", "Attempts that ended in a retry.", value=dispatcher.retries)
+        yield CounterMetricFamily("aivad_dead_letters", "Tasks dead-lettered.", value=dispatcher.dead_lettered)
         yield from d.extra_metrics()
         yield GaugeMetricFamily(
             "aivad_event_loop_lag_seconds", "Lateness of the last 0.5 s loop tick.", value=d.loop_lag.last_s

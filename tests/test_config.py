@@ -98,3 +98,12 @@ def test_bad_cli_usage_exits_2(tmp_path: Path) -> None:
     for args in (["serve", "--bogus"], ["frobnicate"], ["history"], ["tail", "x", "--since", "abc"]):
         result = subprocess.run([sys.executable, "-m", "aivad", *args], capture_output=True, text=True, timeout=30)
         assert result.returncode == 2, args
+
+
+def test_check_config_validates_without_starting(tmp_path: Path) -> None:
+    assert _serve("--config", str(REPO / "config.toml"), "--check-config", cwd=tmp_path).stdout == "config ok\n"
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[store]\nmax_batch = 0\n")
+    result = _serve("--config", str(bad), "--check-config", cwd=tmp_path)
+    assert result.returncode == 2 and "store.max_batch: must be >= 1" in result.stderr
+    assert not (tmp_path / "var").exists()  # nothing was started
