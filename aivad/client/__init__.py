@@ -9,6 +9,15 @@ and asyncio, plus a blocking facade for synchronous agents.
 
     with aivad.client.BlockingClient("ws://127.0.0.1:8765/") as client:
         client.publish("scan.completed", {"scan_id": "123"})
+
+    worker = aivad.client.Worker("ws://127.0.0.1:8765/", concurrency=4, name="scanner-1")
+
+    @worker.handler("scan.run")
+    async def scan(task: aivad.client.TaskContext) -> dict:
+        await task.progress(0.5)
+        return {"open_ports": [22]}
+
+    worker.run_forever()   # or: await worker.run() / async with worker.running(): ...
 """
 
 from aivad.client._blocking import BlockingClient, BlockingSubscription
@@ -26,6 +35,7 @@ from aivad.client._model import (
     TaskStatus,
 )
 from aivad.client._subscription import Subscription
+from aivad.client._worker import PermanentError, TaskAbandoned, TaskContext, Worker, WorkerStatistics
 from aivad.client._ws import HandshakeRejected, WebSocketClosed
 from aivad.envelope import Envelope
 
@@ -41,11 +51,16 @@ __all__ = [
     "Envelope",
     "Gap",
     "HandshakeRejected",
+    "PermanentError",
     "Published",
     "RetryPolicy",
     "Subscription",
     "SubscriptionStatistics",
+    "TaskAbandoned",
+    "TaskContext",
     "TaskStatus",
     "WebSocketClosed",
+    "Worker",
+    "WorkerStatistics",
     "connect",
 ]

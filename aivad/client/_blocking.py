@@ -181,6 +181,10 @@ class BlockingClient:
         )
         return result
 
+    def on_result(self, task_id: str, callback: Callable[[TaskStatus], Any]) -> None:
+        """Call ``callback(TaskStatus)`` once when the task ends; it runs on the portal thread."""
+        self._run(self.client.on_result, task_id, callback)
+
     def request_response(self, type: str, payload: Any = None, timeout: float = 30.0) -> Any:
         return self._run(self.client.request_response, type, payload, timeout)
 

@@ -45,6 +45,7 @@ from aivad.client._ws import HandshakeRejected, WebSocketClosed, WebSocketConnec
 from aivad.envelope import Envelope, check_pattern, check_topic
 
 if TYPE_CHECKING:
+    from aivad.client._results import ResultCallback, ResultWatcher
     from aivad.client._subscription import Subscription
 
 __all__ = ["Client", "connect", "envelope_from_wire", "open_connection"]
@@ -221,6 +222,8 @@ class Client:
         self._connects = 0
         self._closed = False
         self._subscriptions: set[Subscription] = set()
+        self._results: ResultWatcher | None = None
+        self._results_lock = anyio.Lock()
 
     # ---------------------------------------------------------------- core
 
@@ -455,6 +458,39 @@ class Client:
             timeout_s=self._beyond(timeout),
         )
         return reply.get("result")
+
+    async def on_result(self, task_id: str, callback: ResultCallback) -> None:
+        """Call ``callback(TaskStatus)`` once, when the task ends (``completed`` or ``dead``).
+
+        Returns once the callback is registered (at once-fired if the task has
+        already ended). ``TaskStatus.result`` holds the result, ``error`` the
+        final error; ``attempts`` the attempt that ended it. A sync callback
+        runs in the client's reader task (keep it short); an async one is
+        started as a task of the client. Exceptions in callbacks are logged.
+        Callbacks not yet fired when the client closes are dropped.
+
+        Built on the ``task.completed`` / ``task.dead_lettered`` events, so a
+        reconnect (or a daemon restart) loses nothing: the subscriptions resume
+        from the last seq seen. Raises AivadError(``not_found``) for an unknown task.
+        """
+        watcher = self._results
+        if watcher is None:
+            async with self._results_lock:
+                if self._results is None:
+                    from aivad.client._results import ResultWatcher
+
+                    new = ResultWatcher(self)
+                    await new.start()
+                    self._results = new
+                watcher = self._results
+        watcher.add(task_id, callback)
+        try:
+            status = await self.get_task_status(task_id)
+        except BaseException:
+            watcher.discard(task_id, callback)
+            raise
+        if status.state in ("completed", "dead"):
+            watcher.fire(status)
 
     def _beyond(self, server_timeout_s: float) -> float | None:
         """A client deadline that lets the daemon's own deadline fire first."""

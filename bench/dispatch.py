@@ -1,0 +1,365 @@
+"""Task round trips: submit → worker → result collected, aivad beside Celery on the same RabbitMQ.
+
+Usage::
+
+    python bench/dispatch.py [--tasks 5000] [--workers 1,8] [--worker-kind client|raw] [--quick]
+                             [--no-celery]
+
+Uses the broker at ``AIVAD_BENCH_AMQP_URL`` if set, else starts a private
+RabbitMQ with tests/brokers.py (installs it when missing) and stops it after.
+
+For each worker count W, in the same run:
+
+* **aivad**: ``aivad serve`` (default config: embedded store, ``synchronous =
+  FULL``; no AMQP needed on this path) and W worker *processes*, each one
+  ``aivad.client.Worker(concurrency=1)`` with a no-op async handler
+  (``--worker-kind raw``: a lean hand-written protocol loop on trio-websocket
+  instead). The driver (one process, ``aivad.client`` under trio) dispatches N
+  tasks from 32 concurrent callers and counts results as they arrive on a
+  ``task.completed`` subscription (the result is in the event);
+  throughput = N / (last result - first submit). Then the latency of one round
+  trip — dispatch call → its ``task.completed`` at the driver — at half that
+  peak rate, open loop (sends on a fixed schedule, not when the previous one
+  returned), and sequential ``request_response`` calls.
+* **Celery** 5 with the same RabbitMQ as broker, the ``rpc://`` result backend,
+  a no-op task, ``worker --pool=prefork --concurrency=W`` (defaults otherwise);
+  the driver submits N ``delay()`` then ``get()``s each result; sequential
+  ``delay().get()`` for latency.
+
+Prints both and the ratio (goal: aivad >= 5x Celery, aivad p99 < 20 ms at half
+peak). The machine is shared and noisy (2 cores here): compare within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import ChildServer, free_port, machine, percentile, python_argv
+
+HOST = "127.0.0.1"
+TASK_TYPE = "bench.noop"
+
+
+# ---- worker processes ---------------------------------------------------------------------------
+
+
+def serve_client_worker(url: str, name: str, concurrency: int) -> None:
+    from aivad.client import ClientOptions, TaskContext, Worker
+
+    worker = Worker(url, concurrency=concurrency, name=name, options=ClientOptions(keepalive_s=None))
+
+    @worker.handler(TASK_TYPE)
+    async def noop(task: TaskContext) -> None:
+        return None
+
+    worker.run_forever()
+
+
+def serve_raw_worker(url: str, name: str, concurrency: int) -> None:
+    """The protocol by hand, as lean as it gets: a result for every task frame, at once."""
+    import trio
+    from trio_websocket import open_websocket_url
+
+    async def main() -> None:
+        async with open_websocket_url(url) as ws:
+            await ws.send_message(json.dumps({"op": "worker.hello", "types": [TASK_TYPE],
+                                              "concurrency": concurrency, "name": name, "ref": 1}))
+            while True:
+                frame = json.loads(await ws.get_message())
+                if frame.get("op") == "task":
+                    task_id = frame["task"]["task_id"]
+                    await ws.send_message(f'{{"op":"task.result","task_id":"{task_id}","result":null}}')
+
+    trio.run(main)
+
+
+# ---- aivad --------------------------------------------------------------------------------------
+
+
+def control(path: Path, request: dict[str, Any]) -> dict[str, Any]:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(path))
+        s.sendall(json.dumps(request).encode() + b"\n")
+        return dict(json.loads(s.makefile("rb").readline()))
+
+
+def start_aivad(tmp: Path, name: str) -> tuple[ChildServer, str, Path]:
+    port = free_port()
+    home = tmp / name
+    home.mkdir()
+    sock = home / "control.sock"
+    (home / "config.toml").write_text(
+        f'[websocket]\nhost = "{HOST}"\nport = {port}\n\n'
+        f'[control]\nsocket = "{sock}"\n\n'
+        f'[store]\npath = "{home / "aivad.db"}"\n\n'
+        '[log]\nlevel = "WARNING"\n'
+    )
+    child = ChildServer(name, python_argv("-m", "aivad", "serve", "--config", str(home / "config.toml")),
+                        port, home / "aivad.log").start()
+    return child, f"ws://{HOST}:{port}/", sock
+
+
+def start_workers(url: str, n: int, kind: str, log: Path) -> list[subprocess.Popen[bytes]]:
+    procs = []
+    with log.open("ab") as out:
+        for i in range(n):
+            procs.append(subprocess.Popen(
+                python_argv(__file__, "--serve-worker", kind, "--url", url, "--name", f"w{i}"),
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+    return procs
+
+
+def stop_procs(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def wait_workers(sock: Path, n: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if len(control(sock, {"cmd": "workers"}).get("workers", [])) >= n:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{n} workers did not connect within {timeout_s} s")
+
+
+def run_aivad_driver(url: str, tasks: int, latency_tasks: int, sequential: int) -> dict[str, float]:
+    import trio
+
+    import aivad.client
+
+    async def main() -> dict[str, float]:
+        options = aivad.client.ClientOptions(keepalive_s=None, max_in_flight=1024)
+        async with aivad.client.connect(url, options=options) as client:
+            arrived: dict[str, float] = {}
+            expected = {"n": 0}
+            all_done = trio.Event()
+
+            async def follow(*, task_status: trio.TaskStatus[None]) -> None:
+                async with client.subscribe("task.completed") as sub:
+                    task_status.started()
+                    async for env in sub:
+                        arrived[env.payload["task_id"]] = time.perf_counter()
+                        if len(arrived) >= expected["n"]:
+                            all_done.set()
+
+            async with trio.open_nursery() as nursery:
+                await nursery.start(follow)
+                # warm-up
+                expected["n"] = 50
+                for _ in range(50):
+                    await client.dispatch(TASK_TYPE)
+                await all_done.wait()
+
+                async def throughput(n: int, callers: int = 32) -> float:
+                    nonlocal all_done
+                    arrived.clear()
+                    all_done = trio.Event()
+                    expected["n"] = n
+                    counter = iter(range(n))
+                    start = time.perf_counter()
+
+                    async def caller() -> None:
+                        for _ in counter:
+                            await client.dispatch(TASK_TYPE)
+
+                    async with trio.open_nursery() as callers_n:
+                        for _ in range(callers):
+                            callers_n.start_soon(caller)
+                    await all_done.wait()
+                    return n / (max(arrived.values()) - start)
+
+                peak = throughput_value = await throughput(tasks)
+
+                # latency at half the peak, open loop
+                arrived.clear()
+                all_done = trio.Event()
+                expected["n"] = latency_tasks
+                rate = peak / 2
+                sent: dict[str, float] = {}
+                start = time.perf_counter()
+
+                async def send_one(i: int) -> None:
+                    t = time.perf_counter()
+                    sent[await client.dispatch(TASK_TYPE, i)] = t
+
+                async with trio.open_nursery() as senders:
+                    for i in range(latency_tasks):
+                        delay = start + i / rate - time.perf_counter()
+                        if delay > 0:
+                            await trio.sleep(delay)
+                        senders.start_soon(send_one, i)
+                await all_done.wait()
+                latencies = sorted((arrived[t] - s) * 1000 for t, s in sent.items())
+                achieved = latency_tasks / (max(arrived.values()) - start)
+
+                seq = []
+                for _ in range(sequential):
+                    t = time.perf_counter()
+                    await client.request_response(TASK_TYPE, None, timeout=10)
+                    seq.append((time.perf_counter() - t) * 1000)
+                seq.sort()
+                nursery.cancel_scope.cancel()
+        return {"rate": throughput_value, "half_rate": achieved, "p50": percentile(latencies, 50),
+                "p99": percentile(latencies, 99), "seq_p50": percentile(seq, 50), "seq_p99": percentile(seq, 99)}
+
+    return trio.run(main)
+
+
+def bench_aivad(tmp: Path, workers: int, kind: str, args: argparse.Namespace) -> dict[str, float]:
+    child, url, sock = start_aivad(tmp, f"aivad-w{workers}")
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        procs = start_workers(url, workers, kind, tmp / f"aivad-workers-{workers}.log")
+        wait_workers(sock, workers)
+        return run_aivad_driver(url, args.tasks, args.latency_tasks, args.sequential)
+    finally:
+        stop_procs(procs)
+        child.stop()
+
+
+# ---- Celery ------------------------------------------------------------------------------------
+
+CELERY_APP = textwrap.dedent("""
+    import os
+    from celery import Celery
+
+    app = Celery("bench", broker=os.environ["BENCH_AMQP_URL"], backend="rpc://")
+    app.conf.task_default_queue = os.environ["BENCH_QUEUE"]
+
+    @app.task(name="noop")
+    def noop():
+        return None
+""")
+
+
+def bench_celery(tmp: Path, workers: int, amqp_url: str, args: argparse.Namespace) -> dict[str, float]:
+    home = tmp / f"celery-w{workers}"
+    home.mkdir()
+    (home / "celery_noop.py").write_text(CELERY_APP)
+    queue = f"bench-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "BENCH_AMQP_URL": amqp_url, "BENCH_QUEUE": queue, "PYTHONPATH": str(home)}
+    log = (home / "worker.log").open("wb")
+    proc = subprocess.Popen(
+        python_argv("-m", "celery", "-A", "celery_noop", "worker", "--pool=prefork", f"--concurrency={workers}",
+                    "--loglevel=WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat"),
+        cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    os.environ.update(BENCH_AMQP_URL=amqp_url, BENCH_QUEUE=queue)
+    sys.path.insert(0, str(home))
+    sys.modules.pop("celery_noop", None)
+    try:
+        import celery_noop  # type: ignore[import-not-found]
+
+        noop = celery_noop.noop
+        noop.delay().get(timeout=120)  # the worker is up
+        for _ in range(50):
+            noop.delay().get(timeout=30)
+        start = time.perf_counter()
+        results = [noop.delay() for _ in range(args.tasks)]
+        for r in results:
+            r.get(timeout=120)
+        rate = args.tasks / (time.perf_counter() - start)
+        seq = []
+        for _ in range(args.sequential):
+            t = time.perf_counter()
+            noop.delay().get(timeout=30)
+            seq.append((time.perf_counter() - t) * 1000)
+        seq.sort()
+        celery_noop.app.close()
+        return {"rate": rate, "seq_p50": percentile(seq, 50), "seq_p99": percentile(seq, 99)}
+    finally:
+        sys.path.remove(str(home))
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+# ---- main ----------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tasks", type=int, default=5000, help="tasks per throughput run")
+    p.add_argument("--latency-tasks", type=int, default=3000, help="tasks in the half-peak latency run")
+    p.add_argument("--sequential", type=int, default=300, help="sequential round trips for latency")
+    p.add_argument("--workers", default="1,8", help="worker counts, comma separated")
+    p.add_argument("--worker-kind", choices=("client", "raw"), default="client",
+                   help="aivad worker processes: aivad.client.Worker, or a lean raw protocol loop")
+    p.add_argument("--no-celery", action="store_true")
+    p.add_argument("--quick", action="store_true", help="a smoke run: few tasks")
+    p.add_argument("--serve-worker", choices=("client", "raw"), help=argparse.SUPPRESS)
+    p.add_argument("--url", help=argparse.SUPPRESS)
+    p.add_argument("--name", default="w", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.serve_worker:
+        (serve_client_worker if args.serve_worker == "client" else serve_raw_worker)(args.url, args.name, 1)
+        return
+    if args.quick:
+        args.tasks, args.latency_tasks, args.sequential = 500, 300, 50
+    counts = [int(w) for w in args.workers.split(",")]
+    print(f"machine: {machine()}")
+    print(f"tasks per run: {args.tasks}; aivad workers: {args.worker_kind} (separate processes, concurrency 1 each)")
+
+    rabbit = None
+    amqp_url = os.environ.get("AIVAD_BENCH_AMQP_URL")
+    if not args.no_celery and not amqp_url:
+        from tests.brokers import start_rabbitmq
+
+        rabbit = start_rabbitmq()
+        amqp_url = rabbit.url
+    try:
+        with tempfile.TemporaryDirectory(prefix="aivad-bench-") as tmp_name:
+            tmp = Path(tmp_name)
+            rows = []
+            for w in counts:
+                a = bench_aivad(tmp, w, args.worker_kind, args)
+                print(f"aivad  W={w}: {a['rate']:8.0f} round trips/s; at half peak ({a['half_rate']:.0f}/s) "
+                      f"p50 {a['p50']:.1f} ms p99 {a['p99']:.1f} ms; sequential request p50 {a['seq_p50']:.1f} ms "
+                      f"p99 {a['seq_p99']:.1f} ms", flush=True)
+                c = None
+                if not args.no_celery:
+                    assert amqp_url is not None
+                    c = bench_celery(tmp, w, amqp_url, args)
+                    print(f"celery W={w}: {c['rate']:8.0f} round trips/s; sequential delay().get() "
+                          f"p50 {c['seq_p50']:.1f} ms p99 {c['seq_p99']:.1f} ms", flush=True)
+                rows.append((w, a, c))
+            print()
+            print(f"{'workers':>7} {'aivad rt/s':>11} {'celery rt/s':>12} {'ratio':>6} {'p50@half':>9} "
+                  f"{'p99@half':>9} {'goal':>14}")
+            for w, a, c in rows:
+                ratio = a["rate"] / c["rate"] if c else float("nan")
+                ok = "met" if ratio >= 5 and a["p99"] < 20 else "NOT met"
+                print(f"{w:>7} {a['rate']:>11.0f} {c['rate'] if c else float('nan'):>12.0f} {ratio:>5.1f}x "
+                      f"{a['p50']:>7.1f}ms {a['p99']:>7.1f}ms {('≥5x, p99<20ms ' + ok):>14}")
+    finally:
+        if rabbit is not None:
+            rabbit.stop()
+
+
+if __name__ == "__main__":
+    main()
