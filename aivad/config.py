@@ -74,7 +74,7 @@ class ControlConfig:
 @attrs.frozen
 class StoreConfig:
     path: str = "./var/aivad.db"
-    synchronous: Literal["NORMAL", "FULL"] = "FULL"
+    synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
     write_queue: int = _at_least(10_000, 1)
     max_batch: int = _at_least(1000, 1)
     read_connections: int = _at_least(4, 1)

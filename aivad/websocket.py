@@ -158,6 +158,8 @@ class Connection:
             frame = await self._outbox_rx.receive()
             if self._slow:
                 break
+            # one scheduler pass first: frames other tasks are about to queue go in the same write
+            await trio.lowlevel.checkpoint()
             frames, size = [frame], len(frame)
             while size < _MAX_WRITE_BYTES:
                 try:
