@@ -54,6 +54,7 @@ class WebSocketConfig:
     port: int = _port(8765)
     max_frame_bytes: int = _at_least(1_048_576, 256)
     send_buffer_frames: int = _at_least(1024, 16)
+    receive_buffer_frames: int = _at_least(64, 1)
     max_subscriptions: int = _at_least(4096, 1)
     max_inflight_publishes: int = _at_least(256, 1)
     max_connections: int = _at_least(10_000, 1)

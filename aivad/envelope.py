@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import attrs
@@ -127,9 +128,19 @@ def literal_prefix(pattern: str) -> tuple[str, bool]:
     return ".".join(words), True
 
 
+_second_cache: list[Any] = [-1, ""]
+
+
 def now_rfc3339() -> str:
-    """The current UTC time as RFC 3339 with a ``Z`` and millisecond precision."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """The current UTC time as RFC 3339 with a ``Z`` and millisecond precision.
+
+    On every publish without a timestamp: the formatted second is cached.
+    """
+    now = time.time()
+    second = int(now)
+    if second != _second_cache[0]:
+        _second_cache[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
+    return f"{_second_cache[1]}.{int((now - second) * 1000):03d}Z"
 
 
 def _check_timestamp(value: object) -> str:

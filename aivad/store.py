@@ -146,10 +146,13 @@ def _body_with_seq(body: str, seq: int) -> str:
 class Write:
     """One unit of work for the writer: runs in the writer thread inside a savepoint."""
 
-    __slots__ = ("apply", "done", "error", "messages", "result")
+    __slots__ = ("apply", "done", "error", "isolated", "messages", "result")
 
-    def __init__(self, apply: Callable[[sqlite3.Connection, Write], Any]) -> None:
+    def __init__(self, apply: Callable[[sqlite3.Connection, Write], Any], isolated: bool = True) -> None:
         self.apply = apply
+        #: in its own savepoint, so its failure leaves its batch neighbours alone; plain
+        #: appends cannot fail on their own (duplicates are answered, not raised) and skip it
+        self.isolated = isolated
         self.done = trio.Event()
         self.result: Any = None
         self.error: BaseException | None = None
@@ -236,11 +239,11 @@ class Store:
         """Call ``callback(messages)`` after every commit, in seq order. It must not block."""
         self._on_commit.append(callback)
 
-    async def submit(self, apply: Callable[[sqlite3.Connection, Write], Any]) -> Write:
+    async def submit(self, apply: Callable[[sqlite3.Connection, Write], Any], *, isolated: bool = True) -> Write:
         """Queue a write (waiting for room in the bounded queue); await ``.wait()`` for its result."""
         if self._closed:
             raise StoreClosed("the store is draining")
-        write = Write(apply)
+        write = Write(apply, isolated)
         try:
             await self._send.send(write)
         except trio.ClosedResourceError:
@@ -249,7 +252,8 @@ class Store:
 
     async def submit_append(self, envelopes: Sequence[Envelope]) -> Write:
         """Queue envelopes for storage; the write's result is a ``list[Appended]``."""
-        return await self.submit(lambda conn, write: insert_envelopes(conn, write, envelopes))
+        rows = [(e.message_id, e.type, e.to_json()) for e in envelopes]  # JSON on this side, not under the writer
+        return await self.submit(lambda conn, write: insert_rows(conn, write, rows), isolated=False)
 
     async def append_many(self, envelopes: Sequence[Envelope]) -> list[Appended]:
         """Store envelopes in one transaction; returns after commit, in order."""
@@ -273,6 +277,9 @@ class Store:
         conn.execute("BEGIN IMMEDIATE")
         try:
             for write in batch:
+                if not write.isolated:
+                    write.result = write.apply(conn, write)
+                    continue
                 conn.execute("SAVEPOINT w")
                 try:
                     write.result = write.apply(conn, write)
@@ -489,21 +496,25 @@ def insert_envelopes(conn: sqlite3.Connection, write: Write, envelopes: Sequence
 
     Any write may call it, so a state change and the event announcing it commit together.
     """
+    return insert_rows(conn, write, [(e.message_id, e.type, e.to_json()) for e in envelopes])
+
+
+def insert_rows(conn: sqlite3.Connection, write: Write, rows: Sequence[tuple[str, str, str]]) -> list[Appended]:
+    """``insert_envelopes`` for rows already encoded: (message_id, type, envelope JSON)."""
     now = time.time()
     results = []
-    for envelope in envelopes:
-        body = envelope.to_json()
+    for message_id, topic, body in rows:
         row = conn.execute(
             "INSERT INTO messages (message_id, type, stored_at, body) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (message_id) DO NOTHING RETURNING seq",
-            (envelope.message_id, envelope.type, now, body),
+            (message_id, topic, now, body),
         ).fetchone()
         if row is None:
-            (seq,) = conn.execute("SELECT seq FROM messages WHERE message_id = ?", (envelope.message_id,)).fetchone()
+            (seq,) = conn.execute("SELECT seq FROM messages WHERE message_id = ?", (message_id,)).fetchone()
             results.append(Appended(seq, duplicate=True))
         else:
             seq = row[0]
-            write.messages.append(StoredMessage(seq, envelope.type, _body_with_seq(body, seq)))
+            write.messages.append(StoredMessage(seq, topic, _body_with_seq(body, seq)))
             results.append(Appended(seq, duplicate=False))
     return results
 

@@ -26,7 +26,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, WebSocketServer
 
 from .config import WebSocketConfig
-from .envelope import BadMessage, check_topic
+from .envelope import BadMessage, Envelope, check_topic
 from .protocol import (
     OpError,
     decode_request,
@@ -97,11 +97,13 @@ class Connection:
         self.ws = ws
         self.subscriptions: dict[str, Subscription] = {}
         self._outbox, self._outbox_rx = trio.open_memory_channel[bytes](service.cfg.send_buffer_frames)
-        self._pending, self._pending_rx = trio.open_memory_channel[tuple[Any, Write]](
-            service.cfg.max_inflight_publishes
-        )
+        # made at the first publish / first waiting op: a connection that only
+        # subscribes (most of them) carries no replier task, channel or semaphore
+        self._pending: trio.MemorySendChannel[tuple[list[Any], Write]] | None = None
+        self.pending_publishes: list[tuple[Any, Envelope]] = []
+        self._background: trio.Semaphore | None = None
+        self._nursery: trio.Nursery | None = None
         self._slow = False
-        self._background = trio.Semaphore(service.cfg.max_inflight_publishes)
         self.worker: Worker | None = None
 
     # ---- the Sink protocol of the router -----------------------------------
@@ -132,8 +134,8 @@ class Connection:
     async def run(self) -> None:
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 nursery.start_soon(self._send_then_end, nursery.cancel_scope)
-                nursery.start_soon(self._reply_loop)
                 await self._read_loop(nursery)
                 nursery.cancel_scope.cancel()
         finally:
@@ -180,27 +182,60 @@ class Connection:
         with trio.move_on_after(self.service.cfg.close_timeout_s):
             await ws.aclose(CLOSE_SLOW_CONSUMER, "slow consumer")
 
-    async def _reply_loop(self) -> None:
+    async def _reply_loop(self, pending: trio.MemoryReceiveChannel[tuple[list[Any], Write]]) -> None:
         """Answer pipelined publishes in order, each once its commit is done."""
-        async for ref, write in self._pending_rx:
+        async for refs, write in pending:
             try:
-                (appended,) = await write.wait()
+                appended: list[Appended] = await write.wait()
             except Exception as exc:  # noqa: BLE001 - the write's own failure, answered as internal
                 log.error("publish failed in the store: %s", exc)
-                await self.put(self.service.error_frame(ref, "internal", "the store could not commit"))
-                continue
-            assert isinstance(appended, Appended)
-            await self.put(_frame({"op": "ok", "ref": ref, "seq": appended.seq, "duplicate": appended.duplicate}))
+                frames = [self.service.error_frame(ref, "internal", "the store could not commit") for ref in refs]
+            else:
+                frames = [
+                    _frame({"op": "ok", "ref": ref, "seq": a.seq, "duplicate": a.duplicate})
+                    for ref, a in zip(refs, appended, strict=True)
+                ]
+            await self.put(b"".join(frames))
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
+        """Run frames in order; take what is already read ahead, so publishes among them share a commit."""
         ws = self.ws
+        read_ahead = ws._recv_channel.receive_nowait
         while True:
             try:
-                message = await ws.get_message()
+                messages = [await ws.get_message()]
             except ConnectionClosed:
                 return
-            self.service.frames_in += 1
-            await self._handle(message, nursery)
+            while len(messages) < self.service.cfg.receive_buffer_frames:
+                try:
+                    messages.append(read_ahead())
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+            self.service.frames_in += len(messages)
+            for message in messages:
+                await self._handle(message, nursery)
+            await self.flush_publishes()
+
+    async def flush_publishes(self) -> None:
+        """Store the publishes collected from the frames just read, in one write."""
+        if not self.pending_publishes:
+            return
+        refs = [ref for ref, _ in self.pending_publishes]
+        envelopes = [envelope for _, envelope in self.pending_publishes]
+        self.pending_publishes = []
+        try:
+            write = await self.service.store.submit_append(envelopes)
+        except StoreClosed:
+            await self.put(b"".join(self.service.error_frame(r, "overloaded", "aivad is draining") for r in refs))
+            return
+        self.service.ingest.count("websocket", len(envelopes))
+        if self._pending is None:
+            assert self._nursery is not None
+            self._pending, pending = trio.open_memory_channel[tuple[list[Any], Write]](
+                self.service.cfg.max_inflight_publishes
+            )
+            self._nursery.start_soon(self._reply_loop, pending)
+        await self._pending.send((refs, write))
 
     async def _handle(self, message: str | bytes, nursery: trio.Nursery) -> None:
         """Parse and run one frame; every failure becomes an error frame, never a close."""
@@ -212,7 +247,11 @@ class Connection:
             handler = self.service.ops.get(op)
             if handler is None:
                 raise OpError("unknown_op", f"unknown op: {op[:64]}")
+            if op != "publish":
+                await self.flush_publishes()  # writes stay in the order the client sent them
             if op in WAITING_OPS:  # may wait long: run beside the reader, bounded
+                if self._background is None:
+                    self._background = trio.Semaphore(self.service.cfg.max_inflight_publishes)
                 await self._background.acquire()
                 nursery.start_soon(self._run_waiting, handler, frame, ref)
                 return
@@ -235,10 +274,8 @@ class Connection:
             log.exception("op failed on %s", self.ws.remote)
             await self.put(self.service.error_frame(ref, "internal", "internal error"))
         finally:
+            assert self._background is not None
             self._background.release()
-
-    async def defer_publish(self, ref: Any, write: Write) -> None:
-        await self._pending.send((ref, write))
 
 
 class WebSocketService:
@@ -359,13 +396,9 @@ async def _op_unsubscribe(conn: Connection, frame: dict[str, Any]) -> dict[str, 
 async def _op_publish(conn: Connection, frame: dict[str, Any]) -> dict[str, Any] | None:
     if conn.service.daemon.draining:
         raise OpError("overloaded", "aivad is draining")
-    envelope = parse_envelope(frame)
-    try:
-        write = await conn.service.store.submit_append([envelope])
-    except StoreClosed:
-        raise OpError("overloaded", "aivad is draining") from None
-    conn.service.ingest.count("websocket")
-    await conn.defer_publish(frame.get("ref"), write)
+    if len(conn.pending_publishes) >= conn.service.cfg.max_inflight_publishes:
+        await conn.flush_publishes()
+    conn.pending_publishes.append((frame.get("ref"), parse_envelope(frame)))  # stored by flush_publishes
     return None
 
 
@@ -517,6 +550,7 @@ async def serve_websocket(
             service.handle,
             listeners,
             handler_nursery=handlers,
+            message_queue_size=cfg.receive_buffer_frames,
             max_message_size=cfg.max_frame_bytes,
             connect_timeout=cfg.handshake_timeout_s,
             disconnect_timeout=cfg.close_timeout_s,
