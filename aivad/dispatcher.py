@@ -247,31 +247,44 @@ class Dispatcher:
     # ---- submitting --------------------------------------------------------------------
 
     async def submit(self, spec: TaskSpec) -> tuple[str, bool]:
-        """Store a new task (and its ``task.created`` event); returns (task_id, duplicate)."""
+        """Store a new task (and its ``task.created`` event); returns (task_id, duplicate) after commit."""
+        write = await self.submit_many([spec])
+        ((task_id, duplicate),) = await write.wait()
+        return task_id, duplicate
+
+    async def submit_many(self, specs: list[TaskSpec]) -> Write:
+        """Queue new tasks in one write; its result is ``[(task_id, duplicate), …]``.
+
+        A task is queued for workers right after the commit (never before: a
+        crash cannot lose a task a producer was told about), in the given order.
+        """
         if self.draining:
             raise OpError("overloaded", "aivad is draining")
-        if len(self.tasks) >= self.cfg.max_queued:
+        if len(self.tasks) + len(specs) > self.cfg.max_queued:
             raise OpError("overloaded", f"{len(self.tasks)} tasks unfinished (max_queued)")
 
-        def insert(conn: sqlite3.Connection, write: Write) -> bool:
+        def insert(conn: sqlite3.Connection, write: Write) -> list[tuple[str, bool]]:
             now = time.time()
-            row = conn.execute(
-                "INSERT INTO tasks (task_id, type, spec, state, group_id, created_at, updated_at) "
-                "VALUES (?, ?, ?, 'queued', ?, ?, ?) ON CONFLICT (task_id) DO NOTHING RETURNING task_id",
-                (spec.task_id, spec.type, json.dumps(spec.to_json_dict()), spec.group_id, now, now),
-            ).fetchone()
-            if row is None:
-                return True
-            insert_envelopes(conn, write, [_event("task.created", spec, "queued", 0, priority=spec.priority)])
-            return False
+            results = []
+            for spec in specs:
+                row = conn.execute(
+                    "INSERT INTO tasks (task_id, type, spec, state, group_id, created_at, updated_at) "
+                    "VALUES (?, ?, ?, 'queued', ?, ?, ?) ON CONFLICT (task_id) DO NOTHING RETURNING task_id",
+                    (spec.task_id, spec.type, json.dumps(spec.to_json_dict()), spec.group_id, now, now),
+                ).fetchone()
+                if row is not None:
+                    insert_envelopes(conn, write, [_event("task.created", spec, "queued", 0, priority=spec.priority)])
+                results.append((spec.task_id, row is None))
+            return results
 
-        write = await self._store.submit(insert)
-        duplicate: bool = await write.wait()
-        if not duplicate:
-            task = TaskState(spec, "queued", 0, [])
-            self.tasks[spec.task_id] = task
-            self._enqueue(task)
-        return spec.task_id, duplicate
+        def accept(write: Write) -> None:
+            for spec, (_, duplicate) in zip(specs, write.result, strict=True):
+                if not duplicate:
+                    task = TaskState(spec, "queued", 0, [])
+                    self.tasks[spec.task_id] = task
+                    self._enqueue(task)
+
+        return await self._store.submit(insert, committed=accept)
 
     def _enqueue(self, task: TaskState) -> None:
         priority = task.spec.priority

@@ -146,10 +146,17 @@ def _body_with_seq(body: str, seq: int) -> str:
 class Write:
     """One unit of work for the writer: runs in the writer thread inside a savepoint."""
 
-    __slots__ = ("apply", "done", "error", "isolated", "messages", "result")
+    __slots__ = ("apply", "committed", "done", "error", "isolated", "messages", "result")
 
-    def __init__(self, apply: Callable[[sqlite3.Connection, Write], Any], isolated: bool = True) -> None:
+    def __init__(
+        self,
+        apply: Callable[[sqlite3.Connection, Write], Any],
+        isolated: bool = True,
+        committed: Callable[[Write], None] | None = None,
+    ) -> None:
         self.apply = apply
+        #: called in trio right after the commit, before anyone waiting is woken (in commit order)
+        self.committed = committed
         #: in its own savepoint, so its failure leaves its batch neighbours alone; plain
         #: appends cannot fail on their own (duplicates are answered, not raised) and skip it
         self.isolated = isolated
@@ -239,11 +246,17 @@ class Store:
         """Call ``callback(messages)`` after every commit, in seq order. It must not block."""
         self._on_commit.append(callback)
 
-    async def submit(self, apply: Callable[[sqlite3.Connection, Write], Any], *, isolated: bool = True) -> Write:
+    async def submit(
+        self,
+        apply: Callable[[sqlite3.Connection, Write], Any],
+        *,
+        isolated: bool = True,
+        committed: Callable[[Write], None] | None = None,
+    ) -> Write:
         """Queue a write (waiting for room in the bounded queue); await ``.wait()`` for its result."""
         if self._closed:
             raise StoreClosed("the store is draining")
-        write = Write(apply, isolated)
+        write = Write(apply, isolated, committed)
         try:
             await self._send.send(write)
         except trio.ClosedResourceError:
@@ -337,6 +350,8 @@ class Store:
         for write in batch:
             if isinstance(write.result, list):
                 self._duplicates += sum(1 for r in write.result if isinstance(r, Appended) and r.duplicate)
+            if write.committed is not None and write.error is None:
+                write.committed(write)
             write.done.set()
 
     async def drain(self) -> None:

@@ -26,7 +26,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, WebSocketServer
 
 from .config import WebSocketConfig
-from .envelope import BadMessage, Envelope, check_topic
+from .envelope import BadMessage, check_topic
 from .protocol import (
     OpError,
     decode_request,
@@ -83,6 +83,9 @@ class WebSocketStatistics:
     errors_sent: int
 
 
+#: a held batch: the refs to answer, its write, and how one result becomes an ok reply
+_Pending = tuple[list[Any], Write, Callable[[Any], dict[str, Any]]]
+
 #: an op: (connection, frame) → the fields of its ok reply, or None for no reply
 OpHandler = Callable[["Connection", dict[str, Any]], Awaitable[dict[str, Any] | None]]
 
@@ -99,8 +102,9 @@ class Connection:
         self._outbox, self._outbox_rx = trio.open_memory_channel[bytes](service.cfg.send_buffer_frames)
         # made at the first publish / first waiting op: a connection that only
         # subscribes (most of them) carries no replier task, channel or semaphore
-        self._pending: trio.MemorySendChannel[tuple[list[Any], Write]] | None = None
-        self.pending_publishes: list[tuple[Any, Envelope]] = []
+        self._pending: trio.MemorySendChannel[_Pending] | None = None
+        self._batch_op = ""
+        self._batch: list[tuple[Any, Any]] = []
         self._background: trio.Semaphore | None = None
         self._nursery: trio.Nursery | None = None
         self._slow = False
@@ -182,19 +186,16 @@ class Connection:
         with trio.move_on_after(self.service.cfg.close_timeout_s):
             await ws.aclose(CLOSE_SLOW_CONSUMER, "slow consumer")
 
-    async def _reply_loop(self, pending: trio.MemoryReceiveChannel[tuple[list[Any], Write]]) -> None:
-        """Answer pipelined publishes in order, each once its commit is done."""
-        async for refs, write in pending:
+    async def _reply_loop(self, pending: trio.MemoryReceiveChannel[_Pending]) -> None:
+        """Answer batched writes (publish, dispatch) in order, each once its commit is done."""
+        async for refs, write, reply in pending:
             try:
-                appended: list[Appended] = await write.wait()
+                results: list[Any] = await write.wait()
             except Exception as exc:  # noqa: BLE001 - the write's own failure, answered as internal
-                log.error("publish failed in the store: %s", exc)
+                log.error("a batch of %d writes failed in the store: %s", len(refs), exc)
                 frames = [self.service.error_frame(ref, "internal", "the store could not commit") for ref in refs]
             else:
-                frames = [
-                    _frame({"op": "ok", "ref": ref, "seq": a.seq, "duplicate": a.duplicate})
-                    for ref, a in zip(refs, appended, strict=True)
-                ]
+                frames = [_frame({"op": "ok", "ref": ref, **reply(r)}) for ref, r in zip(refs, results, strict=True)]
             await self.put(b"".join(frames))
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
@@ -214,28 +215,43 @@ class Connection:
             self.service.frames_in += len(messages)
             for message in messages:
                 await self._handle(message, nursery)
-            await self.flush_publishes()
+            await self.flush_batch()
 
-    async def flush_publishes(self) -> None:
-        """Store the publishes collected from the frames just read, in one write."""
-        if not self.pending_publishes:
+    async def batch(self, op: str, ref: Any, item: Any) -> None:
+        """Hold a publish/dispatch until the frames read ahead are done: then one write for all."""
+        if self._batch and (self._batch_op != op or len(self._batch) >= self.service.cfg.max_inflight_publishes):
+            await self.flush_batch()
+        self._batch_op = op
+        self._batch.append((ref, item))
+
+    async def flush_batch(self) -> None:
+        """Store what ``batch`` held, in one write; the replier answers after the commit."""
+        if not self._batch:
             return
-        refs = [ref for ref, _ in self.pending_publishes]
-        envelopes = [envelope for _, envelope in self.pending_publishes]
-        self.pending_publishes = []
+        op, held = self._batch_op, self._batch
+        self._batch = []
+        refs = [ref for ref, _ in held]
+        items = [item for _, item in held]
+        reply: Callable[[Any], dict[str, Any]]
         try:
-            write = await self.service.store.submit_append(envelopes)
+            if op == "publish":
+                write = await self.service.store.submit_append(items)
+                self.service.ingest.count("websocket", len(items))
+                reply = _publish_reply
+            else:
+                write = await self.service.daemon.dispatcher.submit_many(items)
+                reply = _dispatch_reply
         except StoreClosed:
             await self.put(b"".join(self.service.error_frame(r, "overloaded", "aivad is draining") for r in refs))
             return
-        self.service.ingest.count("websocket", len(envelopes))
+        except OpError as exc:
+            await self.put(b"".join(self.service.error_frame(r, exc.code, exc.message) for r in refs))
+            return
         if self._pending is None:
             assert self._nursery is not None
-            self._pending, pending = trio.open_memory_channel[tuple[list[Any], Write]](
-                self.service.cfg.max_inflight_publishes
-            )
+            self._pending, pending = trio.open_memory_channel[_Pending](self.service.cfg.max_inflight_publishes)
             self._nursery.start_soon(self._reply_loop, pending)
-        await self._pending.send((refs, write))
+        await self._pending.send((refs, write, reply))
 
     async def _handle(self, message: str | bytes, nursery: trio.Nursery) -> None:
         """Parse and run one frame; every failure becomes an error frame, never a close."""
@@ -247,8 +263,8 @@ class Connection:
             handler = self.service.ops.get(op)
             if handler is None:
                 raise OpError("unknown_op", f"unknown op: {op[:64]}")
-            if op != "publish":
-                await self.flush_publishes()  # writes stay in the order the client sent them
+            if op not in BATCHED_OPS:
+                await self.flush_batch()  # writes stay in the order the client sent them
             if op in WAITING_OPS:  # may wait long: run beside the reader, bounded
                 if self._background is None:
                     self._background = trio.Semaphore(self.service.cfg.max_inflight_publishes)
@@ -396,10 +412,17 @@ async def _op_unsubscribe(conn: Connection, frame: dict[str, Any]) -> dict[str, 
 async def _op_publish(conn: Connection, frame: dict[str, Any]) -> dict[str, Any] | None:
     if conn.service.daemon.draining:
         raise OpError("overloaded", "aivad is draining")
-    if len(conn.pending_publishes) >= conn.service.cfg.max_inflight_publishes:
-        await conn.flush_publishes()
-    conn.pending_publishes.append((frame.get("ref"), parse_envelope(frame)))  # stored by flush_publishes
+    await conn.batch("publish", frame.get("ref"), parse_envelope(frame))
     return None
+
+
+def _publish_reply(appended: Appended) -> dict[str, Any]:
+    return {"seq": appended.seq, "duplicate": appended.duplicate}
+
+
+def _dispatch_reply(result: tuple[str, bool]) -> dict[str, Any]:
+    task_id, duplicate = result
+    return {"task_id": task_id, "duplicate": True} if duplicate else {"task_id": task_id}
 
 
 async def _op_history(conn: Connection, frame: dict[str, Any]) -> dict[str, Any] | None:
@@ -458,9 +481,8 @@ async def _op_task_fail(conn: Connection, frame: dict[str, Any]) -> dict[str, An
 
 
 async def _op_dispatch(conn: Connection, frame: dict[str, Any]) -> dict[str, Any] | None:
-    daemon = conn.service.daemon
-    task_id, duplicate = await daemon.dispatcher.submit(parse_task_spec(frame, daemon.cfg.tasks))
-    return {"task_id": task_id, "duplicate": duplicate} if duplicate else {"task_id": task_id}
+    await conn.batch("dispatch", frame.get("ref"), parse_task_spec(frame, conn.service.daemon.cfg.tasks))
+    return None
 
 
 async def _op_task_status(conn: Connection, frame: dict[str, Any]) -> dict[str, Any] | None:
@@ -524,6 +546,8 @@ OPS: dict[str, OpHandler] = {
     "collect": _op_collect,
     "request": _op_request,
 }
+#: ops held by Connection.batch: those read ahead together are stored in one write
+BATCHED_OPS = frozenset({"publish", "dispatch"})
 #: worker frames: answered only on error, or when they carry a ref
 WORKER_OPS = frozenset({"task.progress", "task.result", "task.fail"})
 #: ops that wait for other parties: they run beside the reader so the connection keeps working
