@@ -75,6 +75,8 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 
 #: rows read per query while filtering a wildcard pattern in Python
 _SCAN_CHUNK = 2000
+#: how often the WAL is checkpointed into the database (outside the writer)
+_CHECKPOINT_INTERVAL_S = 1.0
 #: upper bounds (seconds) of the commit latency histogram
 COMMIT_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, float("inf"))
 
@@ -550,6 +552,9 @@ def open_database(cfg: StoreConfig) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute(f"PRAGMA synchronous = {cfg.synchronous}")
     conn.execute("PRAGMA busy_timeout = 5000")
+    # checkpoints run beside the writer (_serve_checkpoints), not inside one of its commits:
+    # an automatic checkpoint copies and syncs the WAL while every producer waits
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
     conn.executescript(_SCHEMA)
     return conn
 
@@ -573,6 +578,7 @@ async def serve_store(cfg: StoreConfig, *, task_status: trio.TaskStatus[Store] =
         async with trio.open_nursery() as nursery:
             nursery.start_soon(store._write_loop)
             nursery.start_soon(_serve_retention, store)
+            nursery.start_soon(_serve_checkpoints, cfg)
             log.info("store %s open, last seq %d", cfg.path, store.last_seq)
             task_status.started(store)
             await trio.sleep_forever()
@@ -581,6 +587,21 @@ async def serve_store(cfg: StoreConfig, *, task_status: trio.TaskStatus[Store] =
         thread.stop()
         writer.close()
     raise AssertionError("unreachable")
+
+
+async def _serve_checkpoints(cfg: StoreConfig) -> NoReturn:
+    """Copy the WAL into the database every ``_CHECKPOINT_INTERVAL_S``, on a connection of its own.
+
+    A PASSIVE checkpoint never blocks the writer or the readers; once it has
+    caught up, the writer starts the WAL over, so it does not grow without bound.
+    """
+    conn = await trio.to_thread.run_sync(lambda: sqlite3.connect(cfg.path, check_same_thread=False))
+    try:
+        while True:
+            await trio.sleep(_CHECKPOINT_INTERVAL_S)
+            await trio.to_thread.run_sync(conn.execute, "PRAGMA wal_checkpoint(PASSIVE)")
+    finally:
+        conn.close()
 
 
 async def _serve_retention(store: Store) -> None:
