@@ -42,11 +42,27 @@ Guarantees
   ``connected``, ``consuming`` per queue (true only between ConsumeOk and the
   loss of the channel, the connection or the consumer), the reconnect count
   and the last error.
-* Own events: :meth:`AmqpBridge.publish_event` puts an envelope into a bounded
-  in-memory outbox; a publisher task sends it to the events exchange with
-  publisher confirms, in order, re-sending what was not confirmed after a
-  reconnect. They carry ``x-aivad-origin: <node id>`` and are skipped (acked,
-  not stored) when they come back through the events queue.
+* Tasks (when a dispatcher is given): ``tasks_queue`` is consumed on a channel
+  of its own (delivery tags, prefetch and ``multiple=True`` acks are per
+  channel). Each delivery becomes a :class:`~aivad.tasks.TaskSpec` — the body
+  holds the ``dispatch`` op's fields (JSON that is not an object is the
+  payload), the routing key is the type when the body has none, the AMQP
+  ``priority`` counts when the body has none, ``message_id`` is the task_id —
+  and is submitted to the dispatcher one after the other (FIFO within a
+  priority holds); the batch is acked once every task in it is committed. A
+  known task_id is a duplicate: acked, not stored twice. An invalid spec is
+  dead-lettered like a poison event.
+* RPC: a task whose delivery had ``reply_to`` keeps it (and ``correlation_id``)
+  in its stored spec; when it ends, ``{"task_id", "state", "result"|"error"}``
+  goes to the default exchange with routing key ``reply_to`` and that
+  ``correlation_id``, through the outbox. A dead task is also copied to the
+  dead-letter exchange with ``x-aivad-reason``.
+* Own events: :meth:`AmqpBridge.publish_event` (and :meth:`forward_committed`,
+  the store's after-commit hook for ``task.*``, ``group.*`` and ``system.*``)
+  put an envelope into a bounded in-memory outbox; a publisher task sends it to
+  the events exchange with publisher confirms, in order, re-sending what was
+  not confirmed after a reconnect. They carry ``x-aivad-origin: <node id>`` and
+  are skipped (acked, not stored) when they come back through the events queue.
 * Cancellation (SIGTERM): the connection is closed under a shielded,
   bounded scope; closing returns every unacknowledged delivery to the queue.
 """
@@ -59,6 +75,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import os
 import random
 import socket
 import threading
@@ -66,7 +83,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
 from decimal import Decimal
 from itertools import islice
-from typing import Any, NoReturn, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
 
 import aiormq
 import aiormq.abc
@@ -74,18 +91,26 @@ import attrs
 import trio
 from pamqp import commands as spec
 
-from .config import AmqpConfig
+from .config import AmqpConfig, TasksConfig
 from .envelope import BadMessage, Envelope
-from .store import StoreClosed
+from .protocol import OpError
+from .store import StoreClosed, StoredMessage
+from .tasks import TaskSpec, parse_task_spec
+
+if TYPE_CHECKING:
+    from .dispatcher import TaskView
 
 __all__ = [
     "ORIGIN_HEADER",
+    "OWN_EVENT_ROOTS",
     "REASON_HEADER",
+    "TASK_FIELDS",
     "AmqpBridge",
     "AmqpLost",
     "AmqpStatistics",
     "envelope_from_amqp",
     "serve_amqp",
+    "task_spec_from_amqp",
 ]
 
 log = logging.getLogger(__name__)
@@ -98,8 +123,15 @@ ORIGIN_HEADER = "x-aivad-origin"
 REASON_HEADER = "x-aivad-reason"
 #: the ingress name messages from RabbitMQ are counted under
 INGRESS = "amqp"
-#: dead-letter table ``kind`` of a poison AMQP delivery
+#: dead-letter table ``kind`` of a poison AMQP delivery (an event or a task spec)
 DEAD_LETTER_KIND = "amqp.poison"
+#: first words of the topics :meth:`AmqpBridge.forward_committed` sends to the events exchange
+OWN_EVENT_ROOTS = frozenset({"task", "group", "system"})
+#: the fields of a task body: those of the ``dispatch`` op (DESIGN §4.3)
+TASK_FIELDS = frozenset({"type", "payload", "priority", "retry_policy", "timeout", "heartbeat", "affinity_key",
+                         "group_id"})
+#: longest AMQP ``message_id`` taken as a task_id (task event ids add ~40 characters to it)
+MAX_TASK_ID_LENGTH = 200
 
 _ENVELOPE_FIELDS = frozenset({"message_id", "timestamp", "type", "payload", "metadata", "seq"})
 # Broker-internal and aivad's own headers are not message metadata.
@@ -124,9 +156,23 @@ class Sink(Protocol):
     async def add_dead_letter(self, kind: str, reason: str, body: str, detail: dict[str, Any]) -> int: ...
 
 
+class TaskSink(Protocol):
+    """What the bridge needs of the dispatcher (aivad.dispatcher.Dispatcher fits)."""
+
+    cfg: TasksConfig  # the task defaults; a reload replaces it
+    draining: bool
+    on_end: list[Callable[[TaskView], None]]
+
+    async def submit(self, spec: TaskSpec) -> tuple[str, bool]: ...
+
+
 @attrs.frozen
 class AmqpStatistics:
-    """A snapshot of the bridge; ``consuming`` maps queue name → deliveries can arrive now."""
+    """A snapshot of the bridge; ``consuming`` maps queue name → deliveries can arrive now.
+
+    ``delivered``, ``acked`` and ``rejected`` count both queues; ``tasks_*``
+    the tasks queue alone; ``replies`` the RPC replies queued for publishing.
+    """
 
     connected: bool
     consuming: dict[str, bool]
@@ -142,6 +188,11 @@ class AmqpStatistics:
     published: int
     outbox_depth: int
     outbox_dropped: int
+    tasks_submitted: int = 0
+    tasks_duplicates: int = 0
+    tasks_rejected: int = 0
+    replies: int = 0
+    dead_tasks: int = 0
 
 
 # ---- mapping (pure) -------------------------------------------------------------
@@ -170,6 +221,13 @@ def _rfc3339(value: dt.datetime) -> str:
     return value.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _loads(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadMessage(f"body is not JSON: {exc}") from None
+
+
 def envelope_from_amqp(
     body: bytes,
     routing_key: str,
@@ -187,10 +245,7 @@ def envelope_from_amqp(
     key as the type. AMQP properties fill what the body leaves open: the
     envelope's own ``message_id``/``timestamp``/metadata keys win.
     """
-    try:
-        obj = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise BadMessage(f"body is not JSON: {exc}") from None
+    obj = _loads(body)
     if isinstance(obj, dict) and "type" in obj and obj.keys() <= _ENVELOPE_FIELDS:
         typ, payload = obj["type"], obj.get("payload")
         metadata = obj.get("metadata")
@@ -219,22 +274,71 @@ def envelope_from_amqp(
     return Envelope.from_fields(typ, payload, metadata, msg_id, stamp)
 
 
-def _properties_for(env: Envelope, node_id: str) -> spec.Basic.Properties:
+def task_spec_from_amqp(
+    body: bytes,
+    routing_key: str,
+    defaults: TasksConfig,
+    *,
+    message_id: str | None = None,
+    priority: int | None = None,
+    reply_to: str | None = None,
+    correlation_id: str | None = None,
+) -> TaskSpec:
+    """Turn one delivery of the tasks queue into a task spec (DESIGN §4.5). Raises BadMessage.
+
+    A JSON object is a task spec with the ``dispatch`` op's fields (another key
+    is an error: a misspelt ``priorty`` must not pass unnoticed); any other JSON
+    value (``30``, ``"text"``, a list) is the payload. When there is no ``type``
+    the routing key is the type; when there is no ``priority`` the AMQP
+    ``priority`` property counts (capped at 9, the top of aivad's scale);
+    ``message_id`` becomes the task_id (else one is generated); ``reply_to`` and
+    ``correlation_id`` are kept in the spec for the RPC reply.
+    """
+    obj = _loads(body)
+    if isinstance(obj, dict):
+        unknown = obj.keys() - TASK_FIELDS
+        if unknown:
+            raise BadMessage(f"unknown task fields {', '.join(sorted(unknown))} (a task is an object with "
+                             f"{', '.join(sorted(TASK_FIELDS))}; any other JSON value is taken as the payload)")
+        frame = dict(obj)
+    else:
+        frame = {"payload": obj}
+    if frame.get("type") is None:
+        if not routing_key:
+            raise BadMessage("a task without type needs a routing key to be its type")
+        frame["type"] = routing_key
+    if frame.get("priority") is None and priority is not None:
+        frame["priority"] = max(0, min(int(priority), 9))
+    if message_id is not None and not 0 < len(message_id) <= MAX_TASK_ID_LENGTH:
+        raise BadMessage(f"message_id must be 1..{MAX_TASK_ID_LENGTH} characters to be a task_id")
     try:
-        stamp = dt.datetime.fromisoformat(env.timestamp.replace("Z", "+00:00"))
+        task = parse_task_spec(frame, defaults, task_id=message_id or None)
+    except OpError as exc:
+        raise BadMessage(exc.message) from None
+    return attrs.evolve(task, reply_to=reply_to or None, correlation_id=correlation_id or None)
+
+
+def _properties(message_id: str, timestamp: str, typ: str, metadata: Mapping[str, Any],
+                node_id: str) -> spec.Basic.Properties:
+    try:
+        stamp = dt.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
     except ValueError:
         stamp = None
-    corr = env.metadata.get("correlation_id")
+    corr = metadata.get("correlation_id")
     return spec.Basic.Properties(
         content_type="application/json",
         delivery_mode=2,
-        message_id=env.message_id,
+        message_id=message_id,
         timestamp=stamp,
         correlation_id=corr if isinstance(corr, str) else None,
-        message_type=env.type,
+        message_type=typ,
         app_id="aivad",
         headers={ORIGIN_HEADER: node_id},
     )
+
+
+def _properties_for(env: Envelope, node_id: str) -> spec.Basic.Properties:
+    return _properties(env.message_id, env.timestamp, env.type, env.metadata, node_id)
 
 
 def _dead_letter_properties(props: spec.Basic.Properties, reason: str, exchange: str,
@@ -257,6 +361,22 @@ def _dead_letter_properties(props: spec.Basic.Properties, reason: str, exchange:
         message_type=props.message_type,
         app_id=props.app_id,
     )
+
+
+def _dead_task_reason(view: TaskView) -> str:
+    """The dispatcher's wording of why a task is dead, from what its view keeps."""
+    last = view.history[-1] if view.history else {}
+    outcome = last.get("outcome", "dead")
+    if outcome == "abandoned" and "attempt" not in last:
+        return f"abandoned: {last.get('error')}"
+    max_attempts = view.spec.get("max_attempts")
+    if isinstance(max_attempts, int) and view.attempts >= max_attempts:
+        return f"{outcome}: {view.attempts} of {max_attempts} attempts used"
+    return f"{outcome}: not retryable"
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 # ---- the asyncio thread -------------------------------------------------------------
@@ -339,53 +459,113 @@ _RETRYABLE: tuple[type[BaseException], ...] = (
 )
 
 
+class _Consumer:
+    """One consumed queue: the hand-off from the asyncio thread, and its state across sessions.
+
+    The asyncio side appends deliveries to ``pending`` under ``lock`` and wakes
+    trio once per batch; trio swaps the list out. ``stopped`` means this queue
+    takes no more (the daemon is draining): nothing more of it is acked, and
+    what it holds returns to the queue when the channel closes.
+    """
+
+    def __init__(self, queue: str, token: trio.lowlevel.TrioToken) -> None:
+        self.queue = queue
+        self._token = token
+        self.lock = threading.Lock()
+        self.pending: list[aiormq.abc.DeliveredMessage] = []
+        self.wake_pending = False
+        self.wake_send, self.wake_receive = trio.open_memory_channel[None](1)
+        self.busy = False
+        self.batch_done = trio.Event()
+        self.consuming = False
+        self.stopped = False
+        self.delivered = 0
+
+    async def on_message(self, message: aiormq.abc.DeliveredMessage) -> None:
+        """aiormq's consumer callback: a non-blocking hand-off, one trio wake per batch.
+
+        Never awaits: aiormq runs each call as a task and only logs what it raises.
+        """
+        with self.lock:
+            self.pending.append(message)
+            self.delivered += 1
+            if self.wake_pending:
+                return
+            self.wake_pending = True
+        with contextlib.suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(self._wake)
+
+    def _wake(self) -> None:  # runs in trio
+        with contextlib.suppress(trio.WouldBlock):
+            self.wake_send.send_nowait(None)
+
+    def take(self) -> list[aiormq.abc.DeliveredMessage]:
+        with self.lock:
+            batch, self.pending = self.pending, []
+            self.wake_pending = False
+        return batch
+
+    def forget(self) -> None:
+        """The channel is gone: the broker requeues what it delivered; it comes again."""
+        with self.lock:
+            self.pending = []
+
+    @property
+    def settled(self) -> bool:
+        return not self.pending and not self.busy
+
+
 class _Session:
     """What belongs to one connection; replaced as a whole on reconnect."""
 
-    __slots__ = ("connection", "consume_channel", "consumer_cancelled", "consumer_tag", "publish_channel")
+    __slots__ = ("cancelled", "channels", "connection", "consumer_tags", "publish_channel")
 
     def __init__(self, connection: aiormq.abc.AbstractConnection) -> None:
         self.connection = connection
-        self.consume_channel: aiormq.abc.AbstractChannel | None = None
         self.publish_channel: aiormq.abc.AbstractChannel | None = None
-        self.consumer_cancelled: asyncio.Future[None] | None = None
-        self.consumer_tag: str | None = None
+        #: queue name → the channel its consumer runs on (one channel per queue: tags and acks are per channel)
+        self.channels: dict[str, aiormq.abc.AbstractChannel] = {}
+        self.consumer_tags: dict[str, str] = {}
+        #: fail when the broker cancels one of our consumers
+        self.cancelled: list[asyncio.Future[None]] = []
+
+
+#: an outbox entry: (number, exchange, routing key, body, properties)
+_Outgoing = tuple[int, str, str, bytes, spec.Basic.Properties]
 
 
 class AmqpBridge:
     """The AMQP service's state; created and run by :func:`serve_amqp`.
 
     Public: :meth:`publish_event`, :meth:`publish_event_nowait`,
-    :meth:`statistics`, :meth:`stop_consuming`.
+    :meth:`forward_committed`, :meth:`statistics`, :meth:`stop_consuming`.
     """
 
-    def __init__(self, cfg: AmqpConfig, store: Sink, ingest: Counter | None = None) -> None:
+    def __init__(self, cfg: AmqpConfig, store: Sink, ingest: Counter | None = None,
+                 dispatcher: TaskSink | None = None) -> None:
         self._cfg = cfg
         self._store = store
         self._ingest = ingest
-        self.node_id = cfg.node_id or socket.gethostname()
-        self._thread = _LoopThread(trio.lowlevel.current_trio_token())
-        self._token = trio.lowlevel.current_trio_token()
-        # hand-off: asyncio thread appends, trio swaps the list out (both under the lock)
-        self._lock = threading.Lock()
-        self._pending: list[aiormq.abc.DeliveredMessage] = []
-        self._wake_pending = False
-        self._wake_send, self._wake_receive = trio.open_memory_channel[None](1)
+        self._dispatcher = dispatcher
+        self.node_id = cfg.node_id or f"{socket.gethostname()}:{os.getpid()}"  # config.toml: host name and pid
+        token = trio.lowlevel.current_trio_token()
+        self._thread = _LoopThread(token)
+        self._events = _Consumer(cfg.events_queue, token)
+        self._tasks = _Consumer(cfg.tasks_queue, token) if dispatcher is not None else None
+        self._consumers = [self._events] + ([self._tasks] if self._tasks is not None else [])
         self._session: _Session | None = None
         self._reached_consuming = False
-        self._busy = False
-        self._batch_done = trio.Event()
         self._draining = False
-        # outbox of own events: (number, envelope), oldest first
-        self._outbox: deque[tuple[int, Envelope]] = deque()
+        #: message_ids of AMQP deliveries being committed now: not forwarded back to the broker
+        self._ingesting: set[str] = set()
+        # outbox: own events, RPC replies and dead-task copies, oldest first
+        self._outbox: deque[_Outgoing] = deque()
         self._outbox_number = 0
         self._outbox_event = trio.Event()
         # statistics
         self._connected = False
-        self._consuming = False
         self._reconnects = 0
         self._last_error: str | None = None
-        self._delivered = 0
         self._stored = 0
         self._duplicates = 0
         self._acked = 0
@@ -394,16 +574,21 @@ class AmqpBridge:
         self._batches = 0
         self._published = 0
         self._outbox_dropped = 0
+        self._tasks_submitted = 0
+        self._tasks_duplicates = 0
+        self._tasks_rejected = 0
+        self._replies = 0
+        self._dead_tasks = 0
 
     # ---- public ------------------------------------------------------------------
 
     def statistics(self) -> AmqpStatistics:
         return AmqpStatistics(
             connected=self._connected,
-            consuming={self._cfg.events_queue: self._consuming},
+            consuming={c.queue: c.consuming for c in self._consumers},
             reconnects=self._reconnects,
             last_error=self._last_error,
-            delivered=self._delivered,
+            delivered=sum(c.delivered for c in self._consumers),
             stored=self._stored,
             duplicates=self._duplicates,
             acked=self._acked,
@@ -413,32 +598,47 @@ class AmqpBridge:
             published=self._published,
             outbox_depth=len(self._outbox),
             outbox_dropped=self._outbox_dropped,
+            tasks_submitted=self._tasks_submitted,
+            tasks_duplicates=self._tasks_duplicates,
+            tasks_rejected=self._tasks_rejected,
+            replies=self._replies,
+            dead_tasks=self._dead_tasks,
         )
 
     def publish_event_nowait(self, env: Envelope) -> None:
         """Queue one of the daemon's own events for ``events_exchange``; never blocks.
 
-        The outbox holds ``outbox_max`` events while the broker is away; past
-        that the oldest is dropped, counted in ``outbox_dropped`` and logged (the
-        event itself is in the store already: only its AMQP copy is lost).
+        The outbox holds ``outbox_max`` entries (events, RPC replies, dead-task
+        copies) while the broker is away; past that the oldest is dropped,
+        counted in ``outbox_dropped`` and logged (an event itself is in the
+        store already: only its AMQP copy is lost).
         """
-        if len(self._outbox) >= self._cfg.outbox_max:
-            self._outbox.popleft()
-            self._outbox_dropped += 1
-            if self._outbox_dropped in (1, 10, 100) or self._outbox_dropped % 1000 == 0:
-                log.warning("amqp: outbox full (%d), %d events dropped so far",
-                            self._cfg.outbox_max, self._outbox_dropped)
-        self._outbox_number += 1
-        self._outbox.append((self._outbox_number, env))
-        self._outbox_event.set()
+        self._put(self._cfg.events_exchange, env.type, env.to_json().encode(), _properties_for(env, self.node_id))
 
     async def publish_event(self, env: Envelope) -> None:
         """:meth:`publish_event_nowait`, as a checkpoint."""
         self.publish_event_nowait(env)
         await trio.lowlevel.checkpoint()
 
+    def forward_committed(self, messages: list[StoredMessage]) -> None:
+        """The store's after-commit hook: send ``task.*``, ``group.*``, ``system.*`` to the events exchange.
+
+        Messages that came in through AMQP are not sent back. The body is the
+        stored envelope, ``seq`` included. Never blocks (see :meth:`publish_event_nowait`).
+        """
+        exchange = self._cfg.events_exchange
+        for message in messages:
+            if message.type.partition(".")[0] not in OWN_EVENT_ROOTS:
+                continue
+            obj = json.loads(message.json)
+            if obj["message_id"] in self._ingesting:
+                continue
+            props = _properties(obj["message_id"], obj["timestamp"], message.type, obj.get("metadata") or {},
+                                self.node_id)
+            self._put(exchange, message.type, message.json.encode(), props)
+
     async def stop_consuming(self, grace_s: float | None = None) -> None:
-        """Drain: cancel the consumer, settle what was delivered, take no more.
+        """Drain: cancel the consumers, settle what was delivered, take no more.
 
         Returns once nothing delivered is pending, or after ``grace_s`` (default:
         the config's); whatever is still unacked returns to the queue on close.
@@ -446,12 +646,66 @@ class AmqpBridge:
         self._draining = True
         session = self._session
         with trio.move_on_after(self._cfg.grace_s if grace_s is None else grace_s):
-            if session is not None and session.consumer_tag is not None:
-                with contextlib.suppress(*_RETRYABLE):
-                    await self._thread.call(self._aio_cancel_consumer, session)
-            self._consuming = False
-            while self._pending or self._busy:
-                await self._batch_done.wait()
+            for consumer in self._consumers:
+                if session is not None and consumer.queue in session.consumer_tags:
+                    with contextlib.suppress(*_RETRYABLE):
+                        await self._thread.call(self._aio_cancel_consumer, session, consumer.queue)
+                consumer.consuming = False
+            for consumer in self._consumers:
+                while not consumer.settled:
+                    await consumer.batch_done.wait()
+
+    # ---- outbox --------------------------------------------------------------------
+
+    def _put(self, exchange: str, routing_key: str, body: bytes, props: spec.Basic.Properties) -> None:
+        if len(self._outbox) >= self._cfg.outbox_max:
+            self._outbox.popleft()
+            self._outbox_dropped += 1
+            if self._outbox_dropped in (1, 10, 100) or self._outbox_dropped % 1000 == 0:
+                log.warning("amqp: outbox full (%d), %d entries dropped so far",
+                            self._cfg.outbox_max, self._outbox_dropped)
+        self._outbox_number += 1
+        self._outbox.append((self._outbox_number, exchange, routing_key, body, props))
+        self._outbox_event.set()
+
+    def _task_ended(self, view: TaskView) -> None:
+        """The dispatcher's on_end hook: the RPC reply, and a dead task's copy on the dead-letter exchange."""
+        task_spec = view.spec
+        reply_to = task_spec.get("reply_to")
+        correlation_id = task_spec.get("correlation_id")
+        if reply_to:
+            reply: dict[str, Any] = {"task_id": view.task_id, "state": view.state}
+            if view.state == "completed":
+                reply["result"] = view.result
+            else:
+                reply["error"] = view.error
+            props = spec.Basic.Properties(
+                content_type="application/json",
+                correlation_id=correlation_id,
+                message_id=f"aivad:{view.task_id}:reply",
+                message_type=view.type,
+                app_id="aivad",
+                headers={ORIGIN_HEADER: self.node_id},
+            )
+            self._put("", reply_to, _dumps(reply), props)
+            self._replies += 1
+        if view.state == "dead":
+            reason = _dead_task_reason(view)
+            body = {"task_id": view.task_id, "type": view.type, "state": view.state, "attempts": view.attempts,
+                    "error": view.error, "reason": reason, "group_id": view.group_id, "history": view.history,
+                    "spec": task_spec}
+            props = spec.Basic.Properties(
+                content_type="application/json",
+                delivery_mode=2,
+                correlation_id=correlation_id,
+                reply_to=reply_to,
+                message_id=f"aivad:{view.task_id}:dead",
+                message_type=view.type,
+                app_id="aivad",
+                headers={ORIGIN_HEADER: self.node_id, REASON_HEADER: reason[:1000], "x-aivad-task-id": view.task_id},
+            )
+            self._put(self._cfg.dead_letter_exchange, view.type, _dumps(body), props)
+            self._dead_tasks += 1
 
     # ---- supervisor (trio) ------------------------------------------------------
 
@@ -491,18 +745,19 @@ class AmqpBridge:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch, session)
                 nursery.start_soon(self._publish_loop, session)
-                if not self._draining:
-                    await self._thread.call(self._aio_consume, session)
-                    self._consuming = not self._draining
-                    self._reached_consuming = True
-                    log.info("amqp: consuming %s", self._cfg.events_queue)
-                nursery.start_soon(self._consume_loop, session)
+                for consumer in self._consumers:
+                    if not (self._draining or consumer.stopped):
+                        await self._thread.call(self._aio_consume, session, consumer)
+                        consumer.consuming = not (self._draining or consumer.stopped)
+                        self._reached_consuming = True
+                        log.info("amqp: consuming %s", consumer.queue)
+                    nursery.start_soon(self._consume_loop, session, consumer)
         finally:
-            self._consuming = False
             self._connected = False
             self._session = None
-            with self._lock:  # the broker requeues these with the channel; they come again
-                self._pending = []
+            for consumer in self._consumers:
+                consumer.consuming = False
+                consumer.forget()
             with trio.move_on_after(self._cfg.grace_s, shield=True):
                 with contextlib.suppress(*_RETRYABLE):
                     await self._thread.call(self._aio_close, session)
@@ -514,27 +769,34 @@ class AmqpBridge:
 
     # ---- consume (trio side) ----------------------------------------------------
 
-    async def _consume_loop(self, session: _Session) -> NoReturn:
+    async def _consume_loop(self, session: _Session, consumer: _Consumer) -> NoReturn:
         cfg = self._cfg
+        process = self._process_tasks if consumer is self._tasks else self._process_events
         while True:
-            await self._wake_receive.receive()
-            with self._lock:
-                batch, self._pending = self._pending, []
-                self._wake_pending = False
-            self._busy = True
+            await consumer.wake_receive.receive()
+            batch = consumer.take()
+            consumer.busy = True
             try:
                 for start in range(0, len(batch), cfg.batch_max):
-                    await self._process(session, batch[start:start + cfg.batch_max])
+                    chunk = batch[start:start + cfg.batch_max]
+                    channel = session.channels.get(consumer.queue)
+                    live = [m for m in chunk if m.channel is channel]  # older channels' deliveries come again
+                    if live and not consumer.stopped:
+                        await process(session, consumer, live)
             finally:
-                self._busy = False
-                self._batch_done.set()
-                self._batch_done = trio.Event()
+                consumer.busy = False
+                consumer.batch_done.set()
+                consumer.batch_done = trio.Event()
 
-    async def _process(self, session: _Session, batch: list[aiormq.abc.DeliveredMessage]) -> None:
-        channel = session.consume_channel
-        live = [m for m in batch if m.channel is channel]  # older channels' deliveries come again
-        if not live:
-            return
+    def _ack(self, session: _Session, consumer: _Consumer, message: aiormq.abc.DeliveredMessage, n: int) -> None:
+        """Acknowledge everything of ``consumer`` up to ``message`` (one ``multiple=True`` ack)."""
+        tag = message.delivery.delivery_tag  # type: ignore[union-attr]
+        self._thread.call_soon(self._aio_ack, session.channels[consumer.queue], tag)
+        self._acked += n
+        self._batches += 1
+
+    async def _process_events(self, session: _Session, consumer: _Consumer,
+                              live: list[aiormq.abc.DeliveredMessage]) -> None:
         envelopes: list[Envelope] = []
         poison: list[tuple[aiormq.abc.DeliveredMessage, str]] = []
         node_id = self.node_id
@@ -557,33 +819,106 @@ class AmqpBridge:
             except BadMessage as exc:
                 poison.append((message, str(exc)))
         if envelopes:
+            ids = {env.message_id for env in envelopes}
+            self._ingesting |= ids
             try:
                 results = await self._store.append_many(envelopes)
             except StoreClosed:
                 await self._idle_until_cancelled(session)
+            finally:
+                self._ingesting -= ids
             dups = sum(1 for r in results if getattr(r, "duplicate", False))
             self._duplicates += dups
             self._stored += len(results) - dups
             if self._ingest is not None and len(results) > dups:
                 self._ingest.count(INGRESS, len(results) - dups)
         for message, reason in poison:
-            await self._dead_letter(session, message, reason)
-        last_tag = live[-1].delivery.delivery_tag  # type: ignore[union-attr]
-        self._thread.call_soon(self._aio_ack, channel, last_tag)
-        self._acked += len(live)
-        self._batches += 1
+            await self._dead_letter(session, consumer, message, reason)
+        self._ack(session, consumer, live[-1], len(live))
+
+    async def _process_tasks(self, session: _Session, consumer: _Consumer,
+                             live: list[aiormq.abc.DeliveredMessage]) -> None:
+        """Submit the batch's tasks in delivery order (FIFO within a priority), then ack them at once."""
+        dispatcher = self._dispatcher
+        assert dispatcher is not None
+        done = 0
+        for message in live:
+            props = message.header.properties
+            try:
+                task = task_spec_from_amqp(
+                    message.body,
+                    message.delivery.routing_key or "",  # type: ignore[union-attr]
+                    dispatcher.cfg,
+                    message_id=props.message_id,
+                    priority=props.priority,
+                    reply_to=props.reply_to,
+                    correlation_id=props.correlation_id,
+                )
+            except BadMessage as exc:
+                await self._dead_letter(session, consumer, message, str(exc))
+                self._tasks_rejected += 1
+                done += 1
+                continue
+            if not await self._submit(task):
+                # the daemon is draining: ack what is committed; the rest returns to the queue on close
+                if done:
+                    self._ack(session, consumer, live[done - 1], done)
+                await self._stop_consumer(session, consumer)
+                return
+            done += 1
+        self._ack(session, consumer, live[-1], len(live))
+
+    async def _submit(self, task: TaskSpec) -> bool:
+        """Hand one task to the dispatcher; False when it takes no more (draining)."""
+        dispatcher = self._dispatcher
+        assert dispatcher is not None
+        while True:
+            if dispatcher.draining:
+                return False
+            try:
+                # Shielded: cancelled between its commit and its return, submit() would leave a
+                # task stored but never queued in memory (the redelivery is then a duplicate).
+                # Bounded, in case the store itself is gone (a hard stop).
+                with trio.move_on_after(self._cfg.grace_s, shield=True) as scope:
+                    _, duplicate = await dispatcher.submit(task)
+                if scope.cancelled_caught:
+                    raise AmqpLost(f"submitting task {task.task_id} took longer than grace_s")
+            except StoreClosed:
+                return False
+            except OpError as exc:
+                if exc.code != "overloaded":
+                    raise
+                if dispatcher.draining:
+                    return False
+                log.warning("amqp: %s; task %s waits", exc.message, task.task_id)
+                await trio.sleep(0.5)  # full (max_queued): what is unacked waits in RabbitMQ, bounded by prefetch
+                continue
+            if duplicate:
+                self._tasks_duplicates += 1
+            else:
+                self._tasks_submitted += 1
+            return True
+
+    async def _stop_consumer(self, session: _Session, consumer: _Consumer) -> None:
+        log.info("amqp: %s takes no more (draining)", consumer.queue)
+        consumer.stopped = True
+        consumer.consuming = False
+        with contextlib.suppress(*_RETRYABLE):
+            await self._thread.call(self._aio_cancel_consumer, session, consumer.queue)
 
     async def _idle_until_cancelled(self, session: _Session) -> NoReturn:
         """The store is draining: take no more; what is unacked returns to the queue on close."""
         log.info("amqp: store closed, consuming stopped")
         self._draining = True
-        self._consuming = False
-        with contextlib.suppress(*_RETRYABLE):
-            await self._thread.call(self._aio_cancel_consumer, session)
+        for consumer in self._consumers:
+            consumer.consuming = False
+            with contextlib.suppress(*_RETRYABLE):
+                await self._thread.call(self._aio_cancel_consumer, session, consumer.queue)
         await trio.sleep_forever()
         raise AssertionError("unreachable")
 
-    async def _dead_letter(self, session: _Session, message: aiormq.abc.DeliveredMessage, reason: str) -> None:
+    async def _dead_letter(self, session: _Session, consumer: _Consumer, message: aiormq.abc.DeliveredMessage,
+                           reason: str) -> None:
         cfg = self._cfg
         delivery = message.delivery
         routing_key = delivery.routing_key or ""  # type: ignore[union-attr]
@@ -595,14 +930,15 @@ class AmqpBridge:
         detail = {
             "exchange": exchange,
             "routing_key": routing_key,
-            "queue": cfg.events_queue,
+            "queue": consumer.queue,
             "message_id": props.message_id,
             "headers": _jsonable(props.headers or {}),
         }
         await self._store.add_dead_letter(DEAD_LETTER_KIND, reason,
                                           message.body.decode("utf-8", errors="backslashreplace"), detail)
         self._rejected += 1
-        log.warning("amqp: dead-lettered a delivery (routing key %r): %s", routing_key, reason)
+        log.warning("amqp: dead-lettered a delivery from %s (routing key %r): %s", consumer.queue, routing_key,
+                    reason)
 
     # ---- publish (trio side) ----------------------------------------------------
 
@@ -613,32 +949,13 @@ class AmqpBridge:
                 self._outbox_event = trio.Event()
                 await self._outbox_event.wait()
             batch = list(islice(self._outbox, cfg.publish_window))
-            items = [(env.type, env.to_json().encode(), _properties_for(env, self.node_id)) for _, env in batch]
-            await self._thread.call(self._aio_publish_many, session, items)
+            await self._thread.call(self._aio_publish_many, session, [item[1:] for item in batch])
             last = batch[-1][0]
             while self._outbox and self._outbox[0][0] <= last:
                 self._outbox.popleft()
             self._published += len(batch)
 
     # ---- asyncio side (runs in the bridge thread) ------------------------------
-
-    async def _on_message(self, message: aiormq.abc.DeliveredMessage) -> None:
-        """aiormq's consumer callback: a non-blocking hand-off, one trio wake per batch.
-
-        Never awaits: aiormq runs each call as a task and only logs what it raises.
-        """
-        with self._lock:
-            self._pending.append(message)
-            self._delivered += 1
-            if self._wake_pending:
-                return
-            self._wake_pending = True
-        with contextlib.suppress(trio.RunFinishedError):
-            self._token.run_sync_soon(self._wake)
-
-    def _wake(self) -> None:  # runs in trio
-        with contextlib.suppress(trio.WouldBlock):
-            self._wake_send.send_nowait(None)
 
     async def _aio_connect(self) -> aiormq.abc.AbstractConnection:
         async with asyncio.timeout(self._cfg.connect_timeout_s):
@@ -648,7 +965,6 @@ class AmqpBridge:
         cfg = self._cfg
         conn = session.connection
         async with asyncio.timeout(cfg.connect_timeout_s):
-            consume = await conn.channel(publisher_confirms=False)
             publish = await conn.channel(publisher_confirms=True)
             await publish.exchange_declare(cfg.events_exchange, exchange_type="topic", durable=True)
             await publish.exchange_declare(cfg.tasks_exchange, exchange_type="topic", durable=True)
@@ -661,39 +977,38 @@ class AmqpBridge:
             await publish.queue_declare(cfg.tasks_queue, durable=True,
                                         arguments={"x-max-priority": cfg.tasks_max_priority})
             await publish.queue_bind(cfg.tasks_queue, cfg.tasks_exchange, cfg.tasks_binding_key)
-            await consume.basic_qos(prefetch_count=cfg.prefetch)
-        cancelled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            session.publish_channel = publish
+            for consumer in self._consumers:
+                channel = await conn.channel(publisher_confirms=False)
+                await channel.basic_qos(prefetch_count=cfg.prefetch)
+                session.channels[consumer.queue] = channel
+                cancelled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                channel.on_consumer_cancel_callbacks.add(_on_cancel(cancelled, consumer.queue))
+                session.cancelled.append(cancelled)
 
-        def on_cancel(_frame: Any) -> None:
-            if not cancelled.done():
-                cancelled.set_exception(AmqpLost(f"consumer on {cfg.events_queue} cancelled by the broker"))
+    async def _aio_consume(self, session: _Session, consumer: _Consumer) -> None:
+        channel = session.channels[consumer.queue]
+        ok = await channel.basic_consume(consumer.queue, consumer.on_message, no_ack=False)
+        assert ok.consumer_tag is not None
+        session.consumer_tags[consumer.queue] = ok.consumer_tag
 
-        consume.on_consumer_cancel_callbacks.add(on_cancel)
-        session.consume_channel, session.publish_channel = consume, publish
-        session.consumer_cancelled = cancelled
-
-    async def _aio_consume(self, session: _Session) -> None:
-        assert session.consume_channel is not None
-        ok = await session.consume_channel.basic_consume(self._cfg.events_queue, self._on_message, no_ack=False)
-        session.consumer_tag = ok.consumer_tag
-
-    async def _aio_cancel_consumer(self, session: _Session) -> None:
-        channel = session.consume_channel
-        if channel is not None and session.consumer_tag is not None and not channel.is_closed:
-            await channel.basic_cancel(session.consumer_tag)
+    async def _aio_cancel_consumer(self, session: _Session, queue: str) -> None:
+        channel = session.channels.get(queue)
+        tag = session.consumer_tags.pop(queue, None)
+        if channel is not None and tag is not None and not channel.is_closed:
+            await channel.basic_cancel(tag)
 
     async def _aio_wait_lost(self, session: _Session) -> NoReturn:
         watched: list[asyncio.Future[Any]] = [session.connection.closing]
-        for channel in (session.consume_channel, session.publish_channel):
+        for channel in (session.publish_channel, *session.channels.values()):
             if channel is not None:
                 watched.append(channel.closing)
-        if session.consumer_cancelled is not None:
-            watched.append(session.consumer_cancelled)
+        watched += session.cancelled
         try:
             done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for future in watched:
-                if future is not session.consumer_cancelled and not future.done():
+                if future not in session.cancelled and not future.done():
                     future.cancel()  # observers only: this does not close anything
         future = done.pop()
         reason = None if future.cancelled() else future.exception()
@@ -715,20 +1030,27 @@ class AmqpBridge:
             raise AmqpLost(f"publish to {exchange!r} not confirmed: {confirm!r}")
 
     async def _aio_publish_many(self, session: _Session,
-                                items: list[tuple[str, bytes, spec.Basic.Properties]]) -> None:
+                                items: list[tuple[str, str, bytes, spec.Basic.Properties]]) -> None:
         channel = session.publish_channel
         assert channel is not None
-        exchange = self._cfg.events_exchange
         confirms = await asyncio.gather(*(
             channel.basic_publish(body, exchange=exchange, routing_key=key, properties=props)
-            for key, body, props in items
+            for exchange, key, body, props in items
         ))
         if not all(isinstance(c, spec.Basic.Ack) for c in confirms):
-            raise AmqpLost(f"publish to {exchange!r} not confirmed by the broker")
+            raise AmqpLost("a publish was not confirmed by the broker")
 
     async def _aio_close(self, session: _Session) -> None:
         with contextlib.suppress(Exception):
             await session.connection.close()
+
+
+def _on_cancel(cancelled: asyncio.Future[None], queue: str) -> Callable[[Any], None]:
+    def on_cancel(_frame: Any) -> None:
+        if not cancelled.done():
+            cancelled.set_exception(AmqpLost(f"consumer on {queue} cancelled by the broker"))
+
+    return on_cancel
 
 
 async def _ack(channel: aiormq.abc.AbstractChannel, delivery_tag: int) -> None:
@@ -754,6 +1076,7 @@ async def serve_amqp(
     store: Sink,
     *,
     ingest: Counter | None = None,
+    dispatcher: TaskSink | None = None,
     task_status: trio.TaskStatus[AmqpBridge] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Run the AMQP bridge until cancelled (DESIGN §4.5).
@@ -761,7 +1084,9 @@ async def serve_amqp(
     Returns: never. ``started()`` is called at once with the :class:`AmqpBridge`
     (readiness of the embedded path does not wait on the broker): the
     connection is made in the background and retried with capped exponential
-    backoff; watch ``statistics().consuming``.
+    backoff; watch ``statistics().consuming``. With a ``dispatcher`` the tasks
+    queue is consumed too, and its ``on_end`` hook sends RPC replies and
+    dead-task copies (removed again when the bridge stops).
 
     Resource handling: one thread runs the asyncio loop aiormq needs; on
     cancellation the connection is closed (unacked deliveries go back to the
@@ -770,10 +1095,14 @@ async def serve_amqp(
     Error handling: broker and network errors are retried; a store error or a
     bug propagates and takes the daemon down.
     """
-    bridge = AmqpBridge(cfg, store, ingest)
+    bridge = AmqpBridge(cfg, store, ingest, dispatcher)
     bridge._thread.start()
+    if dispatcher is not None:
+        dispatcher.on_end.append(bridge._task_ended)
     try:
         task_status.started(bridge)
         await bridge._supervise()
     finally:
+        if dispatcher is not None:
+            dispatcher.on_end.remove(bridge._task_ended)
         await bridge._thread.stop(cfg.grace_s)

@@ -21,6 +21,7 @@ from typing import Any
 
 import attrs
 import trio
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from . import __version__, control
 from .aggregator import Aggregator, serve_aggregator
@@ -125,7 +126,21 @@ class Daemon:
         return self.dispatcher.statistics().tasks_by_state
 
     def extra_metrics(self) -> list[Any]:
-        return []
+        if self.amqp is None:
+            return []
+        amqp = self.amqp.statistics()
+        consuming = GaugeMetricFamily("aivad_amqp_consuming", "1 while deliveries of the queue can arrive.",
+                                      labels=["queue"])
+        for queue, on in sorted(amqp.consuming.items()):
+            consuming.add_metric([queue], int(on))
+        return [
+            consuming,
+            GaugeMetricFamily("aivad_amqp_connected", "1 while connected to RabbitMQ.", value=int(amqp.connected)),
+            CounterMetricFamily("aivad_amqp_reconnects", "Connections to RabbitMQ made again.", value=amqp.reconnects),
+            GaugeMetricFamily("aivad_amqp_outbox", "Publishes waiting for the broker.", value=amqp.outbox_depth),
+            CounterMetricFamily("aivad_amqp_outbox_dropped", "Publishes dropped: outbox full.",
+                                value=amqp.outbox_dropped),
+        ]
 
     def request_drain(self, why: str) -> None:
         if not self.drain_requested.is_set():
@@ -258,7 +273,9 @@ async def run_daemon(
         daemon.dispatcher = await root.start(serve_dispatcher, cfg.tasks, daemon.store)
         daemon.aggregator = await root.start(serve_aggregator, cfg.tasks, daemon.dispatcher, daemon.store)
         if cfg.amqp.enabled:  # started() at once: readiness of the embedded path does not wait on the broker
-            daemon.amqp = await root.start(partial(serve_amqp, cfg.amqp, daemon.store, ingest=daemon.ingest))
+            daemon.amqp = await root.start(partial(serve_amqp, cfg.amqp, daemon.store, ingest=daemon.ingest,
+                                                   dispatcher=daemon.dispatcher))
+            daemon.store.on_commit(daemon.amqp.forward_committed)  # task.*, group.*, system.* → events exchange
         daemon.websocket = await root.start(serve_websocket, cfg.websocket, daemon)
         daemon.control = await root.start(control.serve_control, cfg.control, daemon, control.COMMANDS)
         await root.start(serve_loop_lag, daemon.loop_lag)

@@ -206,7 +206,7 @@ def get_all(url: str, queue: str) -> list[tuple[Any, bytes]]:
 async def wait_until(predicate: Callable[[], bool], seconds: float, what: str) -> None:
     """Poll a condition on the broker or a statistics snapshot (real time, bounded)."""
     with trio.move_on_after(seconds):
-        while not predicate():  # noqa: ASYNC110 - the condition lives outside trio
+        while not predicate():  # the condition lives outside trio: poll it
             await trio.sleep(0.02)
         return
     raise AssertionError(f"timed out after {seconds}s waiting for {what}")
