@@ -57,12 +57,18 @@ Guarantees
   goes to the default exchange with routing key ``reply_to`` and that
   ``correlation_id``, through the outbox. A dead task is also copied to the
   dead-letter exchange with ``x-aivad-reason``.
-* Own events: :meth:`AmqpBridge.publish_event` (and :meth:`forward_committed`,
-  the store's after-commit hook for ``task.*``, ``group.*`` and ``system.*``)
-  put an envelope into a bounded in-memory outbox; a publisher task sends it to
-  the events exchange with publisher confirms, in order, re-sending what was
-  not confirmed after a reconnect. They carry ``x-aivad-origin: <node id>`` and
-  are skipped (acked, not stored) when they come back through the events queue.
+* Own events and the outbox live in the store, so a restart loses nothing
+  waiting: the ``task.*``, ``group.*`` and ``system.*`` messages after the
+  cursor ``meta.amqp_forwarded_seq`` are read in seq order, published with
+  confirms and the cursor moved (one write per confirmed batch);
+  :meth:`forward_committed`, the store's after-commit hook, only wakes the
+  publisher. Such messages that came in through AMQP are listed in
+  ``amqp_skip`` by the ingest's own transaction and never sent back. RPC
+  replies, dead-task copies and :meth:`AmqpBridge.publish_event` are rows of
+  ``amqp_outbox``, deleted once confirmed. Both are bounded by ``outbox_max``
+  (the oldest dropped and counted). What was not confirmed is sent again after
+  a reconnect. Own events carry ``x-aivad-origin: <node id>`` and are skipped
+  (acked, not stored) when they come back through the events queue.
 * Cancellation (SIGTERM): the connection is closed under a shielded,
   bounded scope; closing returns every unacknowledged delivery to the queue.
 """
@@ -78,11 +84,11 @@ import logging
 import os
 import random
 import socket
+import sqlite3
 import threading
-from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
 from decimal import Decimal
-from itertools import islice
+from functools import partial
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
 
 import aiormq
@@ -94,7 +100,7 @@ from pamqp import commands as spec
 from .config import AmqpConfig, TasksConfig
 from .envelope import BadMessage, Envelope
 from .protocol import OpError
-from .store import StoreClosed, StoredMessage
+from .store import Appended, StoreClosed, StoredMessage, Write, insert_rows
 from .tasks import TaskSpec, parse_task_spec
 
 if TYPE_CHECKING:
@@ -151,7 +157,10 @@ class Counter(Protocol):
 class Sink(Protocol):
     """What the bridge needs of the store (aivad.store.Store fits)."""
 
-    async def append_many(self, envelopes: list[Envelope]) -> list[Any]: ...
+    async def submit(self, apply: Callable[[sqlite3.Connection, Write], Any], *, isolated: bool = True,
+                     committed: Callable[[Write], None] | None = None) -> Write: ...
+
+    async def read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any: ...
 
     async def add_dead_letter(self, kind: str, reason: str, body: str, detail: dict[str, Any]) -> int: ...
 
@@ -379,6 +388,112 @@ def _dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+# ---- the outbox in the store ---------------------------------------------------------
+#
+# Own events are not copied anywhere: the messages table has them, with their seq. The
+# meta key ``amqp_forwarded_seq`` is how far they have been published (confirmed); the
+# publisher reads what follows it. ``amqp_skip`` holds the seqs of own-root messages that
+# came in through AMQP (written in the ingest's transaction): those are never sent back.
+# RPC replies and dead-task copies are rows of ``amqp_outbox``, published in id order and
+# deleted once confirmed.
+
+#: meta key: the newest seq whose own events have all been published (or were never to be)
+CURSOR_KEY = "amqp_forwarded_seq"
+#: persist a cursor that only skipped other messages once it is this far ahead
+_CURSOR_PERSIST_STEP = 10_000
+_OWN_WHERE = " OR ".join(f"(type = '{r}' OR (type >= '{r}.' AND type < '{r}/'))" for r in sorted(OWN_EVENT_ROOTS))
+_PROPERTY_FIELDS = ("content_type", "delivery_mode", "correlation_id", "reply_to", "message_id", "message_type",
+                    "app_id", "headers")
+
+
+def _is_own(topic: str) -> bool:
+    return topic.partition(".")[0] in OWN_EVENT_ROOTS
+
+
+def _props_to_json(props: spec.Basic.Properties) -> str:
+    return json.dumps({f: getattr(props, f) for f in _PROPERTY_FIELDS if getattr(props, f) is not None})
+
+
+def _props_from_json(text: str) -> spec.Basic.Properties:
+    return spec.Basic.Properties(**json.loads(text))
+
+
+@attrs.frozen
+class _Pending:
+    """What the publisher reads in one snapshot: outbox rows and own events after the cursor."""
+
+    rows: list[tuple[int, str, str, bytes, spec.Basic.Properties]]
+    events: list[tuple[int, str, str]]  # (seq, type, envelope JSON with seq)
+    #: the cursor may move here once ``events`` are confirmed (every own event up to it is in them)
+    scanned_through: int
+
+
+def _read_cursor(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (CURSOR_KEY,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _read_pending(conn: sqlite3.Connection, cursor: int, limit: int) -> _Pending:
+    conn.execute("BEGIN")  # one snapshot: the rows and scanned_through agree
+    try:
+        newest = conn.execute(
+            "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0)"
+        ).fetchone()[0]
+        rows = [(i, e, k, bytes(b), _props_from_json(p)) for i, e, k, p, b in conn.execute(
+            "SELECT id, exchange, routing_key, properties, body FROM amqp_outbox ORDER BY id LIMIT ?", (limit,))]
+        events = [(seq, t, f'{b[:-1]},"seq":{seq}}}') for seq, t, b in conn.execute(
+            f"SELECT seq, type, body FROM messages m WHERE seq > ? AND seq <= ? AND ({_OWN_WHERE}) "
+            "AND NOT EXISTS (SELECT 1 FROM amqp_skip s WHERE s.seq = m.seq) ORDER BY seq LIMIT ?",
+            (cursor, newest, limit))]
+        through = events[-1][0] if len(events) == limit else newest
+        return _Pending(rows, events, max(through, cursor))
+    finally:
+        conn.execute("COMMIT")
+
+
+def _count_pending(conn: sqlite3.Connection, cursor: int) -> tuple[int, int, int]:
+    """(cursor in the store, own events after it, outbox rows)."""
+    cursor = max(cursor, _read_cursor(conn))
+    events = conn.execute(
+        f"SELECT count(*) FROM messages m WHERE seq > ? AND ({_OWN_WHERE}) "
+        "AND NOT EXISTS (SELECT 1 FROM amqp_skip s WHERE s.seq = m.seq)", (cursor,)).fetchone()[0]
+    rows = conn.execute("SELECT count(*) FROM amqp_outbox").fetchone()[0]
+    return cursor, int(events), int(rows)
+
+
+def _skip_oldest_events(conn: sqlite3.Connection, _: Write, cursor: int, n: int) -> int:
+    """Move the cursor past the ``n`` oldest own events (the outbox is over its bound); returns it."""
+    row = conn.execute(
+        f"SELECT max(seq) FROM (SELECT seq FROM messages m WHERE seq > ? AND ({_OWN_WHERE}) "
+        "AND NOT EXISTS (SELECT 1 FROM amqp_skip s WHERE s.seq = m.seq) ORDER BY seq LIMIT ?)", (cursor, n),
+    ).fetchone()
+    cursor = max(cursor, int(row[0] or 0))
+    _set_cursor(conn, cursor)
+    return cursor
+
+
+def _set_cursor(conn: sqlite3.Connection, cursor: int) -> None:
+    conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
+                 "ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)", (CURSOR_KEY, cursor))
+    conn.execute("DELETE FROM amqp_skip WHERE seq <= ?", (cursor,))
+
+
+def _confirmed(conn: sqlite3.Connection, _: Write, last_row: int | None, cursor: int) -> None:
+    """One write per confirmed batch: the rows go, the cursor moves."""
+    if last_row is not None:
+        conn.execute("DELETE FROM amqp_outbox WHERE id <= ?", (last_row,))
+    _set_cursor(conn, cursor)
+
+
+def _insert_rows(conn: sqlite3.Connection, _: Write,
+                 items: list[tuple[str, str, bytes, spec.Basic.Properties]], bound: int) -> int:
+    """Queue RPC replies / dead-task copies; past ``bound`` rows the oldest go. Returns how many went."""
+    conn.executemany("INSERT INTO amqp_outbox (exchange, routing_key, properties, body) VALUES (?, ?, ?, ?)",
+                     [(e, k, _props_to_json(p), b) for e, k, b, p in items])
+    (newest,) = conn.execute("SELECT coalesce(max(id), 0) FROM amqp_outbox").fetchone()
+    return int(conn.execute("DELETE FROM amqp_outbox WHERE id <= ?", (newest - bound,)).rowcount)
+
+
 # ---- the asyncio thread -------------------------------------------------------------
 
 
@@ -530,15 +645,14 @@ class _Session:
         self.cancelled: list[asyncio.Future[None]] = []
 
 
-#: an outbox entry: (number, exchange, routing key, body, properties)
-_Outgoing = tuple[int, str, str, bytes, spec.Basic.Properties]
+#: an outbox row on its way into the store: (exchange, routing key, body, properties)
+_Outgoing = tuple[str, str, bytes, spec.Basic.Properties]
 
 
 class AmqpBridge:
     """The AMQP service's state; created and run by :func:`serve_amqp`.
 
-    Public: :meth:`publish_event`, :meth:`publish_event_nowait`,
-    :meth:`forward_committed`, :meth:`statistics`, :meth:`stop_consuming`.
+    Public: :meth:`publish_event`, :meth:`forward_committed`, :meth:`statistics`, :meth:`stop_consuming`.
     """
 
     def __init__(self, cfg: AmqpConfig, store: Sink, ingest: Counter | None = None,
@@ -558,10 +672,15 @@ class AmqpBridge:
         self._draining = False
         #: message_ids of AMQP deliveries being committed now: not forwarded back to the broker
         self._ingesting: set[str] = set()
-        # outbox: own events, RPC replies and dead-task copies, oldest first
-        self._outbox: deque[_Outgoing] = deque()
-        self._outbox_number = 0
-        self._outbox_event = trio.Event()
+        # the outbox lives in the store (see _read_pending); here: RPC replies and dead-task
+        # copies not yet written to it, the cursor, and what is known to wait
+        self._rows_to_store: list[_Outgoing] = []
+        self._rows_event = trio.Event()
+        self._outbox_event = trio.Event()  # set when there may be something to publish
+        self._cursor = 0  # own events up to here are published (or were never to be)
+        self._persisted_cursor = 0
+        self._events_waiting = 0  # own events after the cursor (an estimate between recounts)
+        self._rows_waiting = 0  # outbox rows in the store
         # statistics
         self._connected = False
         self._reconnects = 0
@@ -596,7 +715,7 @@ class AmqpBridge:
             skipped_own=self._skipped_own,
             batches=self._batches,
             published=self._published,
-            outbox_depth=len(self._outbox),
+            outbox_depth=self._events_waiting + self._rows_waiting + len(self._rows_to_store),
             outbox_dropped=self._outbox_dropped,
             tasks_submitted=self._tasks_submitted,
             tasks_duplicates=self._tasks_duplicates,
@@ -605,37 +724,29 @@ class AmqpBridge:
             dead_tasks=self._dead_tasks,
         )
 
-    def publish_event_nowait(self, env: Envelope) -> None:
-        """Queue one of the daemon's own events for ``events_exchange``; never blocks.
-
-        The outbox holds ``outbox_max`` entries (events, RPC replies, dead-task
-        copies) while the broker is away; past that the oldest is dropped,
-        counted in ``outbox_dropped`` and logged (an event itself is in the
-        store already: only its AMQP copy is lost).
-        """
-        self._put(self._cfg.events_exchange, env.type, env.to_json().encode(), _properties_for(env, self.node_id))
-
     async def publish_event(self, env: Envelope) -> None:
-        """:meth:`publish_event_nowait`, as a checkpoint."""
-        self.publish_event_nowait(env)
-        await trio.lowlevel.checkpoint()
+        """Send one of the daemon's own events (not stored as a message) to ``events_exchange``.
+
+        It waits in the store's outbox (bounded by ``outbox_max``) until the broker confirms it;
+        returns once it is committed there.
+        """
+        await self._store_rows([(self._cfg.events_exchange, env.type, env.to_json().encode(),
+                                 _properties_for(env, self.node_id))])
 
     def forward_committed(self, messages: list[StoredMessage]) -> None:
-        """The store's after-commit hook: send ``task.*``, ``group.*``, ``system.*`` to the events exchange.
+        """The store's after-commit hook: wake the publisher when ``task.*``, ``group.*`` or ``system.*`` came.
 
-        Messages that came in through AMQP are not sent back. The body is the
-        stored envelope, ``seq`` included. Never blocks (see :meth:`publish_event_nowait`).
+        Nothing is copied: the publisher reads those messages from the store, after
+        its cursor (messages that came in through AMQP are not sent back; the body is
+        the stored envelope, ``seq`` included). Never blocks.
         """
-        exchange = self._cfg.events_exchange
-        for message in messages:
-            if message.type.partition(".")[0] not in OWN_EVENT_ROOTS:
-                continue
-            obj = json.loads(message.json)
-            if obj["message_id"] in self._ingesting:
-                continue
-            props = _properties(obj["message_id"], obj["timestamp"], message.type, obj.get("metadata") or {},
-                                self.node_id)
-            self._put(exchange, message.type, message.json.encode(), props)
+        ingesting = self._ingesting
+        own = sum(1 for m in messages
+                  if m.seq > self._cursor and _is_own(m.type)
+                  and not (ingesting and json.loads(m.json)["message_id"] in ingesting))
+        if own:
+            self._events_waiting += own
+            self._outbox_event.set()
 
     async def stop_consuming(self, grace_s: float | None = None) -> None:
         """Drain: cancel the consumers, settle what was delivered, take no more.
@@ -657,16 +768,45 @@ class AmqpBridge:
 
     # ---- outbox --------------------------------------------------------------------
 
+    def _dropped(self, n: int) -> None:
+        if not n:
+            return
+        before = self._outbox_dropped
+        self._outbox_dropped += n
+        if before < 100 or before // 1000 != self._outbox_dropped // 1000:
+            log.warning("amqp: outbox full (%d), %d entries dropped so far", self._cfg.outbox_max,
+                        self._outbox_dropped)
+
     def _put(self, exchange: str, routing_key: str, body: bytes, props: spec.Basic.Properties) -> None:
-        if len(self._outbox) >= self._cfg.outbox_max:
-            self._outbox.popleft()
-            self._outbox_dropped += 1
-            if self._outbox_dropped in (1, 10, 100) or self._outbox_dropped % 1000 == 0:
-                log.warning("amqp: outbox full (%d), %d entries dropped so far",
-                            self._cfg.outbox_max, self._outbox_dropped)
-        self._outbox_number += 1
-        self._outbox.append((self._outbox_number, exchange, routing_key, body, props))
+        """Queue a row for the store's outbox (written by :meth:`_row_writer`, in order); never blocks."""
+        if len(self._rows_to_store) >= self._cfg.outbox_max:  # the store is stuck: keep the bound here too
+            del self._rows_to_store[0]
+            self._dropped(1)
+        self._rows_to_store.append((exchange, routing_key, body, props))
+        self._rows_event.set()
+
+    async def _store_rows(self, items: list[_Outgoing]) -> None:
+        """One store write: the rows go into ``amqp_outbox``; past ``outbox_max`` the oldest go."""
+        bound = self._cfg.outbox_max
+        write = await self._store.submit(lambda conn, w: _insert_rows(conn, w, items, bound))
+        dropped: int = await write.wait()
+        self._rows_waiting = min(self._rows_waiting + len(items), bound)
+        self._dropped(dropped)
         self._outbox_event.set()
+
+    async def _row_writer(self) -> NoReturn:
+        """Move what ``on_end`` queued into the store, in order, one write per batch."""
+        while True:
+            while not self._rows_to_store:
+                self._rows_event = trio.Event()
+                await self._rows_event.wait()
+            items = self._rows_to_store[:500]
+            try:
+                await self._store_rows(items)
+            except StoreClosed:
+                log.warning("amqp: store closed, %d replies not queued", len(self._rows_to_store))
+                await trio.sleep_forever()
+            del self._rows_to_store[:len(items)]
 
     def _task_ended(self, view: TaskView) -> None:
         """The dispatcher's on_end hook: the RPC reply, and a dead task's copy on the dead-letter exchange."""
@@ -821,13 +961,15 @@ class AmqpBridge:
         if envelopes:
             ids = {env.message_id for env in envelopes}
             self._ingesting |= ids
+            rows = [(e.message_id, e.type, e.to_json()) for e in envelopes]
             try:
-                results = await self._store.append_many(envelopes)
+                write = await self._store.submit(lambda conn, w: _ingest(conn, w, rows), isolated=False)
+                results: list[Appended] = await write.wait()
             except StoreClosed:
                 await self._idle_until_cancelled(session)
             finally:
                 self._ingesting -= ids
-            dups = sum(1 for r in results if getattr(r, "duplicate", False))
+            dups = sum(1 for r in results if r.duplicate)
             self._duplicates += dups
             self._stored += len(results) - dups
             if self._ingest is not None and len(results) > dups:
@@ -942,18 +1084,49 @@ class AmqpBridge:
 
     # ---- publish (trio side) ----------------------------------------------------
 
+    async def _load_outbox(self) -> None:
+        """Read the cursor and what waits; over ``outbox_max`` own events, skip the oldest (counted)."""
+        cursor, events, rows = await self._store.read(lambda conn: _count_pending(conn, self._cursor))
+        self._cursor = self._persisted_cursor = cursor
+        excess = events - self._cfg.outbox_max
+        if excess > 0:
+            write = await self._store.submit(lambda conn, w: _skip_oldest_events(conn, w, cursor, excess))
+            self._cursor = self._persisted_cursor = await write.wait()
+            self._dropped(excess)
+            events -= excess
+        self._events_waiting, self._rows_waiting = events, rows
+
     async def _publish_loop(self, session: _Session) -> NoReturn:
+        """Publish the store's outbox in order with confirms; one store write per confirmed batch."""
         cfg = self._cfg
+        exchange = cfg.events_exchange
+        await self._load_outbox()
         while True:
-            while not self._outbox:
-                self._outbox_event = trio.Event()
+            self._outbox_event = trio.Event()
+            cursor = self._cursor
+            pending: _Pending = await self._store.read(partial(_read_pending, cursor=cursor, limit=cfg.publish_window))
+            items: list[_Outgoing] = [(e, k, b, p) for _, e, k, b, p in pending.rows]
+            for _, topic, body in pending.events:
+                obj = json.loads(body)
+                items.append((exchange, topic, body.encode(), _properties(
+                    obj["message_id"], obj["timestamp"], topic, obj.get("metadata") or {}, self.node_id)))
+            if items:
+                await self._thread.call(self._aio_publish_many, session, items)
+            last_row = pending.rows[-1][0] if pending.rows else None
+            moved = pending.scanned_through - self._persisted_cursor
+            if items or moved >= _CURSOR_PERSIST_STEP:
+                through = pending.scanned_through
+                write = await self._store.submit(partial(_confirmed, last_row=last_row, cursor=through))
+                await write.wait()
+                self._persisted_cursor = through
+            self._cursor = pending.scanned_through
+            self._published += len(items)
+            self._rows_waiting = max(0, self._rows_waiting - len(pending.rows))
+            self._events_waiting = max(0, self._events_waiting - len(pending.events))
+            if len(pending.rows) < cfg.publish_window and len(pending.events) < cfg.publish_window:
+                if not pending.rows and not pending.events:
+                    self._events_waiting = 0
                 await self._outbox_event.wait()
-            batch = list(islice(self._outbox, cfg.publish_window))
-            await self._thread.call(self._aio_publish_many, session, [item[1:] for item in batch])
-            last = batch[-1][0]
-            while self._outbox and self._outbox[0][0] <= last:
-                self._outbox.popleft()
-            self._published += len(batch)
 
     # ---- asyncio side (runs in the bridge thread) ------------------------------
 
@@ -1045,6 +1218,15 @@ class AmqpBridge:
             await session.connection.close()
 
 
+def _ingest(conn: sqlite3.Connection, write: Write, rows: list[tuple[str, str, str]]) -> list[Appended]:
+    """Store deliveries; the own-root ones go into ``amqp_skip`` in the same transaction (never sent back)."""
+    results = insert_rows(conn, write, rows)
+    own = [(m.seq,) for m in write.messages if _is_own(m.type)]
+    if own:
+        conn.executemany("INSERT OR IGNORE INTO amqp_skip (seq) VALUES (?)", own)
+    return results
+
+
 def _on_cancel(cancelled: asyncio.Future[None], queue: str) -> Callable[[Any], None]:
     def on_cancel(_frame: Any) -> None:
         if not cancelled.done():
@@ -1096,12 +1278,15 @@ async def serve_amqp(
     bug propagates and takes the daemon down.
     """
     bridge = AmqpBridge(cfg, store, ingest, dispatcher)
+    await bridge._load_outbox()
     bridge._thread.start()
     if dispatcher is not None:
         dispatcher.on_end.append(bridge._task_ended)
     try:
-        task_status.started(bridge)
-        await bridge._supervise()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(bridge._row_writer)
+            task_status.started(bridge)
+            await bridge._supervise()
     finally:
         if dispatcher is not None:
             dispatcher.on_end.remove(bridge._task_ended)

@@ -71,6 +71,16 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     body TEXT NOT NULL,
     detail TEXT NOT NULL
 );
+-- the AMQP bridge (aivad/amqp.py): RPC replies and dead-task copies waiting for the broker,
+-- and the seqs of task.*/group.*/system.* messages that came in through AMQP (never sent back)
+CREATE TABLE IF NOT EXISTS amqp_outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    exchange TEXT NOT NULL,
+    routing_key TEXT NOT NULL,
+    properties TEXT NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS amqp_skip (seq INTEGER PRIMARY KEY);
 """
 
 #: rows read per query while filtering a wildcard pattern in Python

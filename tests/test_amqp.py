@@ -241,9 +241,12 @@ class SlowSink:
     def __init__(self, store: Store, delay_s: float) -> None:
         self.store, self.delay_s = store, delay_s
 
-    async def append_many(self, envelopes: list[Envelope]) -> list[Any]:
+    async def submit(self, apply: Any, **kw: Any) -> Any:
         await trio.sleep(self.delay_s)
-        return await self.store.append_many(envelopes)
+        return await self.store.submit(apply, **kw)
+
+    async def read(self, fn: Any) -> Any:
+        return await self.store.read(fn)
 
     async def add_dead_letter(self, kind: str, reason: str, body: str, detail: dict[str, Any]) -> int:
         return await self.store.add_dead_letter(kind, reason, body, detail)
@@ -256,8 +259,8 @@ class StuckSink(SlowSink):
         super().__init__(store, 0)
         self.entered = 0
 
-    async def append_many(self, envelopes: list[Envelope]) -> list[Any]:
-        self.entered += len(envelopes)
+    async def submit(self, apply: Any, **kw: Any) -> Any:
+        self.entered += 1
         await trio.sleep_forever()
         raise AssertionError("unreachable")
 
@@ -382,7 +385,7 @@ async def test_broker_down_at_start_then_up(tmp_path: Path) -> None:
             assert stats.consuming == {cfg.events_queue: False}
             assert stats.last_error is not None
             assert "Connect" in stats.last_error
-            bridge.publish_event_nowait(Envelope.from_fields("system.alert", {}))
+            await bridge.publish_event(Envelope.from_fields("system.alert", {}))
             assert bridge.statistics().outbox_depth == 1
 
 
@@ -420,7 +423,7 @@ async def test_broker_restart_mid_stream_no_loss_no_duplicates(rabbitmq: RabbitM
         assert stored_at_loss < len(before)  # the restart really hit mid-stream
         outage_events = [Envelope.from_fields("task.progress", {"i": i}) for i in range(10)]
         for env in outage_events:
-            bridge.publish_event_nowait(env)
+            await bridge.publish_event(env)
         await trio.to_thread.run_sync(restart.join)
         await wait_until(lambda: bridge.statistics().consuming[cfg.events_queue], 20, "consuming again")
         await trio.to_thread.run_sync(

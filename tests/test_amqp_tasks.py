@@ -202,14 +202,16 @@ class Daemon:
 
 
 @asynccontextmanager
-async def amqp_daemon(directory: Path, cfg: AmqpConfig, **sections: dict[str, Any]) -> AsyncIterator[Daemon]:
+async def amqp_daemon(directory: Path, cfg: AmqpConfig, wait_consuming: bool = True,
+                      **sections: dict[str, Any]) -> AsyncIterator[Daemon]:
     """Run a daemon until the block ends (then cancel it: like a kill, tasks stay in the store)."""
     doc = test_config(directory, amqp=amqp_section(cfg), **sections)
     async with trio.open_nursery() as nursery:
         endpoints = await nursery.start(partial(run_daemon, parse_config(doc), handle_signals=False))
         daemon = Daemon(endpoints.ws_url, endpoints.control_path, endpoints.http_port, cfg)
-        await daemon.wait_amqp(lambda a: a["consuming"] == {cfg.events_queue: True, cfg.tasks_queue: True},
-                               "consuming both queues")
+        if wait_consuming:
+            await daemon.wait_amqp(lambda a: a["consuming"] == {cfg.events_queue: True, cfg.tasks_queue: True},
+                                   "consuming both queues")
         yield daemon
         nursery.cancel_scope.cancel()
 
@@ -485,6 +487,63 @@ async def test_rpc_reply_survives_a_daemon_restart(rabbitmq: RabbitMQ, tmp_dir: 
     [(reply, corr_id)] = replies
     assert reply == {"task_id": "across-restart", "state": "completed", "result": fib(12)}
     assert corr_id is not None
+
+
+async def test_outbox_in_the_store_survives_broker_outage_and_daemon_restart(
+        rabbitmq: RabbitMQ, tmp_dir: Path) -> None:
+    """Broker down → task events and an RPC reply wait in the store → daemon restarted → broker back:
+    every event and the reply arrive, in order, once."""
+    cfg = make_cfg(rabbitmq.url)
+    side = await trio.to_thread.run_sync(bind_side_queue, rabbitmq.url, cfg.events_exchange, "task.#")
+    replies = f"replies-{uuid.uuid4().hex[:8]}"
+
+    def declare_replies() -> None:
+        conn, ch = pika_channel(rabbitmq.url)
+        ch.queue_declare(replies, durable=True)
+        conn.close()
+
+    await trio.to_thread.run_sync(declare_replies)
+    try:
+        async with amqp_daemon(tmp_dir, cfg) as daemon:
+            await trio.to_thread.run_sync(publish, rabbitmq.url, cfg.tasks_exchange, [
+                ("fib", b"12", task_props(message_id="outage-1", reply_to=replies, correlation_id="corr-1"))])
+            with trio.fail_after(10):
+                while (view := await daemon.task("outage-1")) is None or view["state"] != "queued":
+                    await trio.sleep(0.05)
+            await daemon.wait_amqp(lambda a: a["outbox_depth"] == 0, "task.created published")
+            await trio.to_thread.run_sync(rabbitmq.stop_server)
+            await daemon.wait_amqp(lambda a: not a["connected"], "connection lost")
+            async with connect(daemon.ws_url) as w:
+                worker = RawWorker(w)
+                await worker.hello(["fib"])
+                with trio.fail_after(10):
+                    task = await worker.next_task()
+                assert task["task_id"] == "outage-1"
+                await w.send({"op": "task.progress", "task_id": "outage-1", "progress": 0.5})
+                await worker.result("outage-1", fib(12))
+                with trio.fail_after(10):
+                    while (view := await daemon.task("outage-1")) is None or view["state"] != "completed":
+                        await trio.sleep(0.05)
+            # dispatched, started, progress, completed + the reply
+            await daemon.wait_amqp(lambda a: a["outbox_depth"] == 5, "waiting in the outbox")
+        async with amqp_daemon(tmp_dir, cfg, wait_consuming=False) as daemon:  # the same store, broker still down
+            await daemon.wait_amqp(lambda a: a["outbox_depth"] == 5, "still waiting after the restart")
+            await trio.to_thread.run_sync(rabbitmq.start)
+            await daemon.wait_amqp(lambda a: a["connected"] and a["outbox_depth"] == 0, "outbox flushed", 60)
+            async with connect(daemon.ws_url) as caller:
+                history = await caller.ok({"op": "history", "pattern": "task.#", "limit": 1000})
+    finally:
+        if rabbitmq._server is None:
+            await trio.to_thread.run_sync(rabbitmq.start)
+    stored = [m["message_id"] for m in history["messages"]]
+    assert [m["type"] for m in history["messages"]] == ["task.created", "task.dispatched", "task.started",
+                                                          "task.progress", "task.completed"]
+    got = await trio.to_thread.run_sync(get_all, rabbitmq.url, side)
+    assert [p.message_id for p, _ in got] == stored  # every event, in order, once
+    assert [json.loads(b)["seq"] for _, b in got] == [m["seq"] for m in history["messages"]]
+    [(props, body)] = await trio.to_thread.run_sync(get_all, rabbitmq.url, replies)
+    assert props.correlation_id == "corr-1"
+    assert json.loads(body) == {"task_id": "outage-1", "state": "completed", "result": fib(12)}
 
 
 async def test_metrics_readyz_and_status_show_both_queues(rabbitmq: RabbitMQ, tmp_dir: Path) -> None:
