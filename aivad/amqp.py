@@ -766,6 +766,20 @@ class AmqpBridge:
                 while not consumer.settled:
                     await consumer.batch_done.wait()
 
+    async def set_prefetch(self, prefetch: int) -> None:
+        """Apply a reloaded ``[amqp] prefetch`` to the consumer channels now (and to later sessions)."""
+        self._cfg = attrs.evolve(self._cfg, prefetch=prefetch)
+        session = self._session
+        if session is None:
+            return
+        for channel in list(session.channels.values()):
+            with contextlib.suppress(*_RETRYABLE):
+                await self._thread.call(self._aio_qos, channel, prefetch)
+
+    @staticmethod
+    async def _aio_qos(channel: aiormq.abc.AbstractChannel, prefetch: int) -> None:
+        await channel.basic_qos(prefetch_count=prefetch)
+
     # ---- outbox --------------------------------------------------------------------
 
     def _dropped(self, n: int) -> None:

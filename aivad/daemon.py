@@ -51,6 +51,7 @@ LIVE_KEYS: dict[str, frozenset[str]] = {
     "shutdown": frozenset({"grace_s"}),
     "store": frozenset({"retention_max_messages", "retention_max_age_s", "retention_interval_s"}),
     "tasks": frozenset({"default_strategy", "strategies", "aging_s"}),
+    "amqp": frozenset({"prefetch"}),
 }
 
 
@@ -152,7 +153,10 @@ class Daemon:
         async with self._reload_lock:
             self.notifier.reloading()
             try:
-                return self._reload()
+                outcome = self._reload()
+                if self.amqp is not None and "amqp.prefetch" in outcome.applied:
+                    await self.amqp.set_prefetch(self.cfg.amqp.prefetch)
+                return outcome
             finally:
                 self.notifier.ready(self.summary())
 

@@ -768,3 +768,33 @@ async def test_docs_amqp_examples_run(rabbitmq: RabbitMQ, tmp_dir: Path) -> None
             nursery.cancel_scope.cancel()
     finally:
         await trio.to_thread.run_sync(delete_default_topology, rabbitmq.url)
+
+
+async def test_reload_applies_a_new_prefetch_to_the_consumers(rabbitmq: RabbitMQ, tmp_dir: Path) -> None:
+    """[amqp] prefetch is live: SIGHUP / `aivad reload` re-issues basic.qos on the consumer channels."""
+    from tests.conftest import to_toml
+
+    cfg = make_cfg(rabbitmq.url)
+    path = tmp_dir / "config.toml"
+
+    def write(prefetch: int) -> None:
+        path.write_text(to_toml(test_config(tmp_dir, amqp={**amqp_section(cfg), "prefetch": prefetch})))
+
+    def prefetch_counts() -> set[int]:
+        out = rabbitmq.ctl("list_channels", "prefetch_count", "--no-table-headers", "--quiet")
+        return {int(line) for line in out.split() if line.strip().isdigit()}
+
+    write(37)
+    async with trio.open_nursery() as nursery:
+        endpoints = await nursery.start(partial(run_daemon, parse_config(test_config(
+            tmp_dir, amqp={**amqp_section(cfg), "prefetch": 37})), config_path=str(path), handle_signals=False))
+        daemon = Daemon(endpoints.ws_url, endpoints.control_path, endpoints.http_port, cfg)
+        await daemon.wait_amqp(lambda a: all(a["consuming"].values()) and a["consuming"], "consuming")
+        assert 37 in await trio.to_thread.run_sync(prefetch_counts)
+        write(123)
+        reply = await daemon.control({"cmd": "reload"})
+        assert reply["ok"] and "amqp.prefetch" in reply["applied"], reply
+        with trio.fail_after(15):
+            while 123 not in await trio.to_thread.run_sync(prefetch_counts):
+                await trio.sleep(0.2)
+        nursery.cancel_scope.cancel()
