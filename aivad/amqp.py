@@ -172,7 +172,7 @@ class TaskSink(Protocol):
     draining: bool
     on_end: list[Callable[[TaskView], None]]
 
-    async def submit(self, spec: TaskSpec) -> tuple[str, bool]: ...
+    async def submit_many(self, specs: list[TaskSpec]) -> Write: ...
 
 
 @attrs.frozen
@@ -994,14 +994,14 @@ class AmqpBridge:
 
     async def _process_tasks(self, session: _Session, consumer: _Consumer,
                              live: list[aiormq.abc.DeliveredMessage]) -> None:
-        """Submit the batch's tasks in delivery order (FIFO within a priority), then ack them at once."""
+        """Submit the batch's tasks in one write, in delivery order (FIFO within a priority), then ack them at once."""
         dispatcher = self._dispatcher
         assert dispatcher is not None
-        done = 0
+        specs = []
         for message in live:
             props = message.header.properties
             try:
-                task = task_spec_from_amqp(
+                specs.append(task_spec_from_amqp(
                     message.body,
                     message.delivery.routing_key or "",  # type: ignore[union-attr]
                     dispatcher.cfg,
@@ -1009,36 +1009,32 @@ class AmqpBridge:
                     priority=props.priority,
                     reply_to=props.reply_to,
                     correlation_id=props.correlation_id,
-                )
+                ))
             except BadMessage as exc:
                 await self._dead_letter(session, consumer, message, str(exc))
                 self._tasks_rejected += 1
-                done += 1
-                continue
-            if not await self._submit(task):
-                # the daemon is draining: ack what is committed; the rest returns to the queue on close
-                if done:
-                    self._ack(session, consumer, live[done - 1], done)
-                await self._stop_consumer(session, consumer)
-                return
-            done += 1
+        if specs and not await self._submit(specs):
+            # the daemon is draining: nothing of this batch was stored; it returns to the queue on close
+            await self._stop_consumer(session, consumer)
+            return
         self._ack(session, consumer, live[-1], len(live))
 
-    async def _submit(self, task: TaskSpec) -> bool:
-        """Hand one task to the dispatcher; False when it takes no more (draining)."""
+    async def _submit(self, specs: list[TaskSpec]) -> bool:
+        """Hand tasks to the dispatcher in one write; False when it takes no more (draining)."""
         dispatcher = self._dispatcher
         assert dispatcher is not None
         while True:
             if dispatcher.draining:
                 return False
             try:
-                # Shielded: cancelled between its commit and its return, submit() would leave a
-                # task stored but never queued in memory (the redelivery is then a duplicate).
-                # Bounded, in case the store itself is gone (a hard stop).
+                write = await dispatcher.submit_many(specs)
+                # Shielded once queued: a task without a message_id has a generated task_id, so a
+                # redelivery after a cancelled wait would be stored again. Bounded, in case the
+                # store itself is gone (a hard stop).
                 with trio.move_on_after(self._cfg.grace_s, shield=True) as scope:
-                    _, duplicate = await dispatcher.submit(task)
+                    results = await write.wait()
                 if scope.cancelled_caught:
-                    raise AmqpLost(f"submitting task {task.task_id} took longer than grace_s")
+                    raise AmqpLost(f"submitting {len(specs)} tasks took longer than grace_s")
             except StoreClosed:
                 return False
             except OpError as exc:
@@ -1046,13 +1042,12 @@ class AmqpBridge:
                     raise
                 if dispatcher.draining:
                     return False
-                log.warning("amqp: %s; task %s waits", exc.message, task.task_id)
+                log.warning("amqp: %s; %d tasks wait", exc.message, len(specs))
                 await trio.sleep(0.5)  # full (max_queued): what is unacked waits in RabbitMQ, bounded by prefetch
                 continue
-            if duplicate:
-                self._tasks_duplicates += 1
-            else:
-                self._tasks_submitted += 1
+            duplicates = sum(1 for _, duplicate in results if duplicate)
+            self._tasks_duplicates += duplicates
+            self._tasks_submitted += len(specs) - duplicates
             return True
 
     async def _stop_consumer(self, session: _Session, consumer: _Consumer) -> None:
