@@ -135,8 +135,8 @@ async def test_no_access_log_at_info(port: int, caplog: pytest.LogCaptureFixture
     caplog.set_level("INFO")
     await request(port, "GET", "/metrics")
     await request(port, "GET", "/nope")
-    # only the HTTP server's own loggers: a thread left by an earlier test may log beside it
-    assert [r for r in caplog.records if r.name.startswith(("aivad.http", "hypercorn"))] == []
+    # no line per request (an access log); the server's own start-up line may land here too
+    assert [r for r in caplog.records if "/metrics" in r.getMessage() or "/nope" in r.getMessage()] == []
 
 
 async def test_port_in_use_is_one_oserror() -> None:
