@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import grp
-import json
 import logging
 import os
 import socket as stdlib_socket
@@ -193,23 +192,15 @@ async def _cmd_publish(session: Session, request: dict[str, Any]) -> dict[str, A
 async def _cmd_history(session: Session, request: dict[str, Any]) -> dict[str, Any]:
     parsed = parse_history(request)
     history = await session.service.daemon.store.history(parsed.pattern, parsed.after, parsed.limit)
-    messages = [json.loads(m.json) for m in history.messages]
-    return {"messages": messages, "last_seq": history.messages[-1].seq if history.messages else parsed.after}
+    return history.page(parsed.after)
 
 
 async def _cmd_tail(session: Session, request: dict[str, Any]) -> None:
     parsed = parse_subscribe(request)
     resume = session.service.daemon.router.resume_point(parsed.since)
-    reply: dict[str, Any] = {
-        "ok": True,
-        "pattern": parsed.pattern,
-        "last_seq": resume.last_seq,
-        "recovered": resume.recovered,
-    }
+    reply: dict[str, Any] = {"ok": True, **resume.reply_fields(parsed.pattern)}
     if request.get("ref") is not None:
         reply["ref"] = request["ref"]
-    if resume.gap is not None:
-        reply["gap"] = list(resume.gap)
     await session.send_line(reply)
     since = resume.last_seq if parsed.since is None else parsed.since
     await session.stream_subscription(Subscription(session, parsed.pattern), since)

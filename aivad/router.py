@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 
@@ -69,6 +69,13 @@ class Resume:
     last_seq: int
     recovered: bool
     gap: tuple[int, int] | None
+
+    def reply_fields(self, pattern: str) -> dict[str, Any]:
+        """The fields of a subscribe (or tail) reply, DESIGN §4.3."""
+        fields: dict[str, Any] = {"pattern": pattern, "last_seq": self.last_seq, "recovered": self.recovered}
+        if self.gap is not None:
+            fields["gap"] = list(self.gap)
+        return fields
 
 
 @attrs.frozen

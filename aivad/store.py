@@ -123,6 +123,11 @@ class History:
     messages: list[StoredMessage]
     scanned_through: int
 
+    def page(self, after: int) -> dict[str, Any]:
+        """The fields of a history reply: the envelopes, and ``last_seq`` to ask after next (DESIGN §4.3)."""
+        last_seq = self.messages[-1].seq if self.messages else after
+        return {"messages": [json.loads(m.json) for m in self.messages], "last_seq": last_seq}
+
 
 @attrs.frozen
 class DeadLetter:

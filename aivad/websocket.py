@@ -15,7 +15,6 @@ to the trio-websocket version in pyproject.
 
 from __future__ import annotations
 
-import json
 import logging
 import struct
 from collections.abc import Awaitable, Callable
@@ -384,16 +383,7 @@ async def _op_subscribe(conn: Connection, frame: dict[str, Any]) -> dict[str, An
         raise OpError("overloaded", f"at most {conn.service.cfg.max_subscriptions} subscriptions per connection")
     router = conn.service.router
     resume = router.resume_point(since)
-    reply: dict[str, Any] = {
-        "op": "ok",
-        "ref": frame.get("ref"),
-        "pattern": pattern,
-        "last_seq": resume.last_seq,
-        "recovered": resume.recovered,
-    }
-    if resume.gap is not None:
-        reply["gap"] = list(resume.gap)
-    await conn.put(_frame(reply))
+    await conn.put(_frame({"op": "ok", "ref": frame.get("ref"), **resume.reply_fields(pattern)}))
     sub = Subscription(conn, pattern)
     conn.subscriptions[pattern] = sub
     await router.follow(sub, resume.last_seq if since is None else since)
@@ -428,9 +418,7 @@ def _dispatch_reply(result: tuple[str, bool]) -> dict[str, Any]:
 async def _op_history(conn: Connection, frame: dict[str, Any]) -> dict[str, Any] | None:
     request = parse_history(frame)
     history = await conn.service.store.history(request.pattern, request.after, request.limit)
-    messages = [json.loads(m.json) for m in history.messages]
-    last_seq = history.messages[-1].seq if history.messages else request.after
-    return {"messages": messages, "last_seq": last_seq}
+    return history.page(request.after)
 
 
 # ---- task ops (DESIGN §4.3, second table) ---------------------------------------------
