@@ -36,7 +36,7 @@ import attrs
 import trio
 
 from .config import TasksConfig
-from .envelope import Envelope
+from .envelope import Envelope, now_rfc3339
 from .protocol import OpError
 from .store import Store, Write, insert_dead_letter, insert_envelopes
 from .tasks import ACTIVE_STATES, STATES, TaskSpec, backoff_s
@@ -187,7 +187,8 @@ def _event(kind: str, spec: TaskSpec, state: str, attempt: int, unique: str = ""
     if spec.group_id is not None:
         payload["group_id"] = spec.group_id
     message_id = f"aivad:{spec.task_id}:{kind}:{attempt}{unique}"
-    return Envelope.from_fields(kind, payload, {"source": "aivad"}, message_id)
+    # built directly: the topics are the daemon's own, the ids its own making (no producer input to check)
+    return Envelope(message_id, now_rfc3339(), kind, payload, {"source": "aivad"})
 
 
 def _update(conn: sqlite3.Connection, task: TaskState, **columns: Any) -> None:
@@ -284,7 +285,7 @@ class Dispatcher:
                     self.tasks[spec.task_id] = task
                     self._enqueue(task)
 
-        return await self._store.submit(insert, committed=accept)
+        return await self._store.submit(insert, isolated=False, committed=accept)
 
     def _enqueue(self, task: TaskState) -> None:
         priority = task.spec.priority
@@ -406,9 +407,9 @@ class Dispatcher:
             "attempt": attempt.number,
             "worker": worker.name,
             "worker_id": worker.worker_id,
-            "started": _now_rfc3339(),
+            "started": now_rfc3339(),
         }
-        write = await self._store.submit(lambda conn, w: self._write_dispatched(conn, w, task, worker))
+        write = await self._store.submit(lambda conn, w: self._write_dispatched(conn, w, task, worker), isolated=False)
         with attempt.scope:
             await worker.conn.send_json(frame)
             await write.wait()
@@ -458,7 +459,7 @@ class Dispatcher:
                 )
             insert_envelopes(conn, w, events)
 
-        await self._store.submit(write)
+        await self._store.submit(write, isolated=False)
 
     def result(self, worker: Worker, task_id: Any, result: Any) -> None:
         self._attempt_of(worker, task_id).finish(Success(result))
@@ -475,7 +476,7 @@ class Dispatcher:
         self._wake.set()
         if self.draining and isinstance(outcome, Failure) and outcome.kind == "worker_lost":
             outcome = HandedBack()
-        history |= {"ended": _now_rfc3339()}
+        history |= {"ended": now_rfc3339()}
         events: list[Envelope] = []
         dead_reason = None
         delay = 0.0
@@ -580,7 +581,7 @@ class Dispatcher:
         if task.state not in ("queued", "retrying"):
             return  # its attempt is being settled: that outcome stands
         task.state = "dead"
-        task.history.append({"outcome": "abandoned", "error": reason, "ended": _now_rfc3339()})
+        task.history.append({"outcome": "abandoned", "error": reason, "ended": now_rfc3339()})
         spec = task.spec
         events = [_event("task.dead_lettered", spec, "dead", task.attempts, error=reason, reason="abandoned")]
 
@@ -721,7 +722,7 @@ class Dispatcher:
                         "attempt": attempts,
                         "outcome": "interrupted",
                         "error": "the daemon stopped during this attempt",
-                        "ended": _now_rfc3339(),
+                        "ended": now_rfc3339(),
                     }
                 )
                 task.state = "retrying"
@@ -758,10 +759,6 @@ class Dispatcher:
 
 def _hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
-
-
-def _now_rfc3339() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 async def serve_dispatcher(
