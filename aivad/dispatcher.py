@@ -93,6 +93,8 @@ class Worker:
         self.failed = 0
         self.dispatched = 0
         self.connected_at = datetime.now(UTC)
+        #: said worker.drain: gets no new task, and what it still holds when it leaves is handed back
+        self.draining = False
 
     @property
     def free(self) -> int:
@@ -168,6 +170,7 @@ class WorkerView:
     done: int
     failed: int
     connected_since: str
+    draining: bool = False
 
 
 @attrs.frozen
@@ -307,15 +310,30 @@ class Dispatcher:
         self._wake.set()
         return worker
 
+    def drain_worker(self, worker: Worker) -> None:
+        """``worker.drain``: send it nothing more; it finishes what it has, then leaves."""
+        if worker.draining:
+            return
+        worker.draining = True
+        self._make_ineligible(worker)
+        log.info("worker %s drains with %d tasks in flight", worker.name, len(worker.in_flight))
+
+    def _make_ineligible(self, worker: Worker) -> None:
+        for task_type in worker.types:
+            workers = self._by_type.get(task_type, [])
+            if worker in workers:
+                workers.remove(worker)
+                self._rings.pop(task_type, None)
+
     def remove_worker(self, worker: Worker) -> None:
-        """The worker's connection is gone: its attempts end as worker_lost."""
+        """The worker's connection is gone: its attempts end as worker_lost (handed back if it drained)."""
         if self.workers.pop(worker.worker_id, None) is None:
             return
-        for task_type in worker.types:
-            self._by_type[task_type].remove(worker)
-            self._rings.pop(task_type, None)
+        self._make_ineligible(worker)
         for attempt in list(worker.in_flight.values()):
-            attempt.finish(Failure("worker_lost", f"worker {worker.name} disconnected", True))
+            # a draining worker did not run what reached it after its drain: that attempt does not count
+            attempt.finish(HandedBack() if worker.draining
+                           else Failure("worker_lost", f"worker {worker.name} disconnected", True))
         log.info("worker %s left with %d tasks in flight", worker.name, len(worker.in_flight))
 
     def _ring(self, task_type: str) -> tuple[list[int], list[Worker]]:
@@ -658,6 +676,7 @@ class Dispatcher:
                 w.done,
                 w.failed,
                 w.connected_at.isoformat(timespec="seconds").replace("+00:00", "Z"),
+                w.draining,
             )
             for w in self.workers.values()
         ]

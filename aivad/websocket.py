@@ -448,6 +448,11 @@ async def _op_worker_hello(conn: Connection, frame: dict[str, Any]) -> dict[str,
     return {"worker_id": conn.worker.worker_id}
 
 
+async def _op_worker_drain(conn: Connection, frame: dict[str, Any]) -> dict[str, Any] | None:
+    conn.service.daemon.dispatcher.drain_worker(_worker_of(conn))
+    return {}
+
+
 async def _op_task_progress(conn: Connection, frame: dict[str, Any]) -> dict[str, Any] | None:
     worker = _worker_of(conn)
     progress = field(frame, "progress", (int, float), 0)
@@ -526,6 +531,7 @@ OPS: dict[str, OpHandler] = {
     "history": _op_history,
     "ping": _op_ping,
     "worker.hello": _op_worker_hello,
+    "worker.drain": _op_worker_drain,
     "task.progress": _op_task_progress,
     "task.result": _op_task_result,
     "task.fail": _op_task_fail,
@@ -537,7 +543,7 @@ OPS: dict[str, OpHandler] = {
 #: ops held by Connection.batch: those read ahead together are stored in one write
 BATCHED_OPS = frozenset({"publish", "dispatch"})
 #: worker frames: answered only on error, or when they carry a ref
-WORKER_OPS = frozenset({"task.progress", "task.result", "task.fail"})
+WORKER_OPS = frozenset({"worker.drain", "task.progress", "task.result", "task.fail"})
 #: ops that wait for other parties: they run beside the reader so the connection keeps working
 WAITING_OPS = frozenset({"collect", "request"})
 

@@ -24,6 +24,7 @@ from typing import Any
 import anyio
 import pytest
 import trio
+import trio.lowlevel
 
 import aivad.client
 from aivad.client import (
@@ -254,7 +255,7 @@ async def test_on_result_fires_once_per_task(daemon: InProcessDaemon) -> None:
     async_seen: list[TaskStatus] = []
 
     async def async_callback(status: TaskStatus) -> None:
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         async_seen.append(status)
 
     with trio.fail_after(20):
@@ -342,7 +343,9 @@ async def test_shutdown_grace_cancels_and_the_daemon_retries_elsewhere(daemon: I
             assert cancelled.is_set()
             async with healthy.running():
                 result = await client.collect_all([task_id], timeout=5)
-            assert result.completed == {task_id: "attempt 2"}
+            # the hung worker drained (worker.drain) before it cancelled: like a daemon drain,
+            # what it held is handed back and that attempt does not count
+            assert result.completed == {task_id: "attempt 1"}
 
 
 async def test_worker_reconnects_after_the_daemon_restarts(nursery: trio.Nursery, tmp_dir: Path) -> None:

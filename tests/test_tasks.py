@@ -430,3 +430,27 @@ async def test_dlq_list_show_replay_purge_over_control(daemon: InProcessDaemon) 
             assert [t["task_id"] for t in tasks] == [task_id]
             purged = await control(daemon.control_path, {"cmd": "dlq", "action": "purge", "confirm": True})
             assert purged["purged"] == 0
+
+
+async def test_worker_drain_gets_no_new_tasks_and_hands_back_what_it_holds(daemon: InProcessDaemon) -> None:
+    with trio.fail_after(15):
+        async with connect(daemon.ws_url) as caller, connect(daemon.ws_url) as w2:
+            async with connect(daemon.ws_url) as w1:
+                leaving = TestWorker(w1)
+                await leaving.hello(["d"], concurrency=2, name="leaving")
+                held = await dispatch(caller, "d", "held", retry_policy={"max_attempts": 1})
+                assert (await leaving.next_task())["task_id"] == held
+                await w1.ok({"op": "worker.drain", "ref": "bye"})
+                later = await dispatch(caller, "d", "later")
+                assert (await caller.ok({"op": "task.status", "task_id": later}))["state"] == "queued"
+                workers = (await control(daemon.control_path, {"cmd": "workers"}))["workers"]
+                assert [w["draining"] for w in workers] == [True]
+            # gone while holding a task: handed back, its single allowed attempt not used up
+            staying = TestWorker(w2)
+            await staying.hello(["d"], concurrency=2)
+            got = {(t := await staying.next_task())["payload"]: t for _ in range(2)}
+            assert set(got) == {"held", "later"} and got["held"]["attempt"] == 1
+            for task in got.values():
+                await staying.send("task.result", task_id=task["task_id"], result="ok")
+            done = await caller.ok({"op": "collect", "task_ids": [held, later], "timeout": 5})
+            assert done["reason"] == "all_done" and done["failed"] == {}

@@ -27,12 +27,10 @@ Why this shape:
   that connection are cancelled (the daemon retries their tasks, and would
   ignore their results), and the worker reconnects with capped backoff and says
   ``worker.hello`` again.
-- **Drain, don't kill.** :meth:`Worker.stop` stops running new tasks, lets the
-  running ones finish within ``shutdown_grace_s`` and cancels the rest. Results
-  of tasks that finish during the drain are held and sent together just before
-  the connection closes: a result frees a slot, and the daemon would fill that
-  slot with a task this worker will not run (the protocol has no "stop sending
-  me tasks" op; a task sent in that instant is retried by the daemon).
+- **Drain, don't kill.** :meth:`Worker.stop` sends ``worker.drain`` (the daemon
+  sends it no new task from then on, and hands back without counting an attempt
+  any task that reached it in that instant), lets the running ones finish within
+  ``shutdown_grace_s`` — their results go out as they come — and cancels the rest.
 """
 
 from __future__ import annotations
@@ -166,7 +164,6 @@ class _Session:
         self._pending: dict[int, list[Any]] = {}  # ref → [event, reply]
         self.lost: AivadConnectionError | None = None
         self.runs: dict[tuple[str, int], TaskContext] = {}
-        self.held: list[str] = []
         self.worker_id = ""
 
     async def send(self, text: str) -> bool:
@@ -510,8 +507,6 @@ class Worker:
             text = await self._run_handler(session, ctx)
             if text is None:
                 self._abandoned += 1
-            elif self._draining and session.lost is None:
-                session.held.append(text)
             else:
                 await session.send(text)
         finally:
@@ -577,6 +572,9 @@ class Worker:
         self._draining = True
         log.info("worker %s: draining (%d running, grace %g s)", self.name, self._running_count,
                  self.shutdown_grace_s)
+        session = self._session
+        if session is not None and session.lost is None:
+            await session.send(_frame({"op": "worker.drain"}, None))  # no new tasks for us
         with anyio.move_on_after(self.shutdown_grace_s):
             await self._idle.wait()
         if self._running_count:
@@ -588,10 +586,6 @@ class Worker:
             await self._idle.wait()  # async handlers end at once; threads when they return
         session = self._session
         if session is not None:
-            held, session.held = session.held, []
-            for text in held:
-                if not await session.send(text):
-                    break
             await session.conn.aclose()
 
 
