@@ -142,7 +142,7 @@ async def aivad_consume(cfg: AmqpConfig, store_cfg: StoreConfig, n: int) -> tupl
         store = await nursery.start(serve_store, store_cfg)
         bridge = await nursery.start(serve_amqp, cfg, store)
         started = await _consuming_since(bridge, cfg)
-        while bridge.statistics().acked < n:  # noqa: ASYNC110 - polling a snapshot is the point
+        while bridge.statistics().acked < n:
             await trio.sleep(0.002)
         elapsed = time.perf_counter() - started
         stats = bridge.statistics()
@@ -154,7 +154,7 @@ async def aivad_consume(cfg: AmqpConfig, store_cfg: StoreConfig, n: int) -> tupl
 
 async def _consuming_since(bridge: AmqpBridge, cfg: AmqpConfig) -> float:
     """Wait for ConsumeOk (connect and declare are not part of the rate, as for raw)."""
-    while not bridge.statistics().consuming[cfg.events_queue]:  # noqa: ASYNC110 - a snapshot
+    while not bridge.statistics().consuming[cfg.events_queue]:
         await trio.sleep(0.0005)
     return time.perf_counter()
 

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -100,9 +100,9 @@ async def start_daemon(nursery: trio.Nursery, directory: Path, **sections: dict[
 
 
 @pytest.fixture
-async def daemon(nursery: trio.Nursery, tmp_dir: Path) -> AsyncIterator[InProcessDaemon]:
-    """An in-process daemon on free ports in its own temp dir, cancelled at teardown."""
-    yield await start_daemon(nursery, tmp_dir)
+async def daemon(nursery: trio.Nursery, tmp_dir: Path) -> InProcessDaemon:
+    """An in-process daemon on free ports in its own temp dir, cancelled at teardown (with the nursery)."""
+    return await start_daemon(nursery, tmp_dir)
 
 
 # ---- the real subprocess ---------------------------------------------------------

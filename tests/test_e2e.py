@@ -65,7 +65,7 @@ def close_code(ws: ws_sync.ClientConnection, timeout_s: float = 10.0) -> int:
         while True:
             ws.recv(timeout=timeout_s)
     except websockets.ConnectionClosed as closed:
-        assert closed.rcvd is not None, "closed without a close frame from the server"
+        assert closed.rcvd is not None, "closed without a close frame from the server"  # noqa: PT017
         return closed.rcvd.code
     raise AssertionError("unreachable")
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import trio
 
-from aivad.daemon import Endpoints, run_daemon
 from aivad.config import parse_config
+from aivad.daemon import Endpoints, run_daemon
 from tests.conftest import test_config
 from tests.wsclient import connect
 

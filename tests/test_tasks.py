@@ -419,7 +419,8 @@ async def test_dlq_list_show_replay_purge_over_control(daemon: InProcessDaemon) 
             again = await worker.next_task()
             assert (again["task_id"], again["attempt"]) == (task_id, 1)  # a fresh attempt budget
             await worker.send("task.result", task_id=task_id, result="ok now")
-            while (await control(daemon.control_path, {"cmd": "task", "task_id": task_id}))["task"]["state"] != "completed":
+            status = {"cmd": "task", "task_id": task_id}
+            while (await control(daemon.control_path, status))["task"]["state"] != "completed":
                 await trio.sleep(0.02)
             assert (await control(daemon.control_path, {"cmd": "dlq", "action": "list"}))["dead_letters"] == []
             gone = await control(daemon.control_path, {"cmd": "dlq", "action": "replay", "id": letter["id"]})

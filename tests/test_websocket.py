@@ -12,11 +12,10 @@ import pytest
 import trio
 import websockets
 import websockets.sync.client as ws_sync
-from trio_websocket import ConnectionClosed, open_websocket_url
+from trio_websocket import open_websocket_url
 
 from tests.conftest import InProcessDaemon, start_daemon
 from tests.wsclient import connect, no_more_messages
-
 
 
 async def test_publish_then_subscribers_get_it_once_with_seq(daemon: InProcessDaemon) -> None:
