@@ -25,7 +25,7 @@ from collections.abc import Mapping
 
 import trio
 
-__all__ = ["Notifier", "serve_watchdog"]
+__all__ = ["Notifier", "listen_fds", "serve_watchdog"]
 
 log = logging.getLogger(__name__)
 
@@ -203,3 +203,27 @@ async def serve_watchdog(notifier: Notifier, *, task_status: trio.TaskStatus[Non
     while True:
         notifier.watchdog()
         await trio.sleep(interval)
+
+
+#: sd_listen_fds(3): passed sockets start at this descriptor
+SD_LISTEN_FDS_START = 3
+
+
+def listen_fds(environ: dict[str, str] | None = None) -> list[socket.socket]:
+    """Sockets systemd passed to this process (socket activation), or [] when none.
+
+    Follows sd_listen_fds(3): only when ``LISTEN_PID`` is our PID; the variables
+    are removed afterwards so a child process does not take the sockets for its own.
+    """
+    env = os.environ if environ is None else environ
+    if _positive_int(env, "LISTEN_PID") != os.getpid():
+        return []
+    count = _positive_int(env, "LISTEN_FDS") or 0
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        env.pop(name, None)
+    sockets = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
+        os.set_inheritable(fd, False)
+        sockets.append(socket.socket(fileno=fd))
+    log.info("socket activation: %d listening sockets from systemd", len(sockets))
+    return sockets

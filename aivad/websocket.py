@@ -38,6 +38,7 @@ from .protocol import (
     request_ref,
 )
 from .router import Subscription
+from .sdnotify import listen_fds
 from .store import Appended, StoreClosed, Write
 from .tasks import parse_task_spec
 
@@ -563,7 +564,9 @@ async def serve_websocket(
     """
     service = WebSocketService(cfg, daemon)
     async with trio.open_nursery() as handlers:
-        listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
+        # under socket activation systemd has bound the port (systemd/aivad.socket); else bind it here
+        inherited = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in listen_fds()]
+        listeners = inherited or await trio.open_tcp_listeners(cfg.port, host=cfg.host)
         server = WebSocketServer(
             service.handle,
             listeners,
