@@ -451,10 +451,10 @@ async def test_broker_restart_mid_stream_no_loss_no_duplicates(rabbitmq: RabbitM
         assert list(dict.fromkeys(got_ids)) == [e.message_id for e in outage_events]
 
 
-# ---- through the daemon (skipped until run_daemon starts serve_amqp) ------------------
+# ---- through the daemon: serve_amqp started by run_daemon ------------------------------
 
 
-def _daemon_amqp_status(control_path: str) -> dict[str, Any] | None:
+def _daemon_amqp_status(control_path: str) -> dict[str, Any]:
     import socket as socket_
 
     with socket_.socket(socket_.AF_UNIX) as s:
@@ -462,8 +462,9 @@ def _daemon_amqp_status(control_path: str) -> dict[str, Any] | None:
         s.connect(control_path)
         s.sendall(b'{"cmd": "status"}\n')
         reply = json.loads(s.makefile("rb").readline())
-    amqp = reply.get("status", {}).get("amqp")
-    return amqp if isinstance(amqp, dict) and "consuming" in amqp else None
+    amqp = reply["status"]["amqp"]
+    assert "consuming" in amqp, f"status shows no running AMQP bridge: {amqp}"
+    return dict(amqp)
 
 
 def _amqp_section(cfg: AmqpConfig) -> dict[str, Any]:
@@ -480,12 +481,10 @@ async def test_deepsoc_flow_through_the_daemon(rabbitmq: RabbitMQ, nursery: trio
     cfg = make_cfg(rabbitmq.url)
     daemon = await start_daemon(nursery, tmp_dir, amqp=_amqp_section(cfg))
     amqp = await trio.to_thread.run_sync(_daemon_amqp_status, daemon.control_path)
-    if amqp is None:
-        pytest.skip("run_daemon does not start serve_amqp yet")
     with trio.fail_after(15):  # the daemon runs in this trio loop: ask it from a thread
         while not amqp["consuming"].get(cfg.events_queue):
             await trio.sleep(0.05)
-            amqp = await trio.to_thread.run_sync(_daemon_amqp_status, daemon.control_path) or amqp
+            amqp = await trio.to_thread.run_sync(_daemon_amqp_status, daemon.control_path)
     async with connect(daemon.ws_url) as client:
         sub = await client.ok({"op": "subscribe", "pattern": "notifications.frontend.evt-7.#"})
         props = pika.BasicProperties(message_id="deepsoc-1", delivery_mode=2, headers={"source": "expert"})
@@ -523,10 +522,8 @@ def test_sigterm_with_unacked_deliveries(rabbitmq: RabbitMQ, tmp_dir: Path) -> N
     proc = DaemonProcess(tmp_dir, amqp={**_amqp_section(cfg), "prefetch": 500})
     proc.start()
     try:
-        if _daemon_amqp_status(proc.control_path) is None:
-            pytest.skip("run_daemon does not start serve_amqp yet")
         deadline = time.monotonic() + 30
-        while (_daemon_amqp_status(proc.control_path) or {}).get("stored", 0) < 2000:
+        while _daemon_amqp_status(proc.control_path)["stored"] < 2000:
             if time.monotonic() >= deadline:
                 pytest.fail(proc.log())
             time.sleep(0.01)
