@@ -49,8 +49,8 @@ class Aggregator:
     def _task_ended(self, view: TaskView) -> None:
         for event in self._waiters.pop(view.task_id, ()):
             event.set()
-        if view.group_id is not None:
-            self._nursery.start_soon(self._check_group, view.group_id)
+        if view.group_id is not None and not self._dispatcher.groups_running[view.group_id]:
+            self._nursery.start_soon(self._check_group, view.group_id)  # the group's last running task
 
     async def _check_group(self, group_id: str) -> None:
         """Publish ``group.completed`` once every task of the group has ended."""
@@ -92,6 +92,8 @@ class Aggregator:
             unknown = [t for t in task_ids if t not in known]
             if unknown:
                 raise OpError("not_found", f"unknown task ids: {', '.join(unknown[:5])}")
+        completed: dict[str, Any] = {}
+        failed: dict[str, Any] = {}
         while True:
             ids = (
                 task_ids
@@ -99,11 +101,18 @@ class Aggregator:
                 else [v.task_id for v in await self._dispatcher.views(group_id=group_id)]
             )
             changed = trio.Event()
-            pending = self._watch(ids, changed)
+            running = set(self._watch(ids, changed))
             try:
-                ended = await self._dispatcher.views([t for t in ids if t not in pending])
-                completed = {v.task_id: v.result for v in ended if v.state == "completed"}
-                failed = {v.task_id: v.error for v in ended if v.state == "dead"}
+                for task_id in running:  # running again (a dead-letter replay): not ended any more
+                    completed.pop(task_id, None)
+                    failed.pop(task_id, None)
+                # only the tasks that ended since the last look are read: a wake costs what changed
+                fresh = [t for t in ids if t not in running and t not in completed and t not in failed]
+                for view in await self._dispatcher.views(fresh):
+                    if view.state == "completed":
+                        completed[view.task_id] = view.result
+                    elif view.state == "dead":
+                        failed[view.task_id] = view.error
                 pending = [t for t in ids if t not in completed and t not in failed]
                 reason = None
                 if not pending:

@@ -28,6 +28,7 @@ import logging
 import sqlite3
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -233,6 +234,8 @@ class Dispatcher:
         self._store = store
         self._nursery = nursery
         self.tasks: dict[str, TaskState] = {}
+        #: group_id → its tasks not yet ended (group.completed is due when it reaches 0)
+        self.groups_running: Counter[str] = Counter()
         self.workers: dict[str, Worker] = {}
         self._by_type: dict[str, list[Worker]] = {}
         self._rings: dict[str, tuple[list[int], list[Worker]]] = {}
@@ -285,10 +288,16 @@ class Dispatcher:
             for spec, (_, duplicate) in zip(specs, write.result, strict=True):
                 if not duplicate:
                     task = TaskState(spec, "queued", 0, [])
-                    self.tasks[spec.task_id] = task
+                    self._track(task)
                     self._enqueue(task)
 
         return await self._store.submit(insert, isolated=False, committed=accept)
+
+    def _track(self, task: TaskState) -> None:
+        """A task not yet ended: in ``tasks``, and counted in its group."""
+        self.tasks[task.spec.task_id] = task
+        if task.spec.group_id is not None:
+            self.groups_running[task.spec.group_id] += 1
 
     def _enqueue(self, task: TaskState) -> None:
         priority = task.spec.priority
@@ -332,8 +341,9 @@ class Dispatcher:
         self._make_ineligible(worker)
         for attempt in list(worker.in_flight.values()):
             # a draining worker did not run what reached it after its drain: that attempt does not count
-            attempt.finish(HandedBack() if worker.draining
-                           else Failure("worker_lost", f"worker {worker.name} disconnected", True))
+            attempt.finish(
+                HandedBack() if worker.draining else Failure("worker_lost", f"worker {worker.name} disconnected", True)
+            )
         log.info("worker %s left with %d tasks in flight", worker.name, len(worker.in_flight))
 
     def _ring(self, task_type: str) -> tuple[list[int], list[Worker]]:
@@ -570,6 +580,10 @@ class Dispatcher:
 
     def _end(self, task: TaskState, result: Any, error: Any) -> None:
         self.tasks.pop(task.spec.task_id, None)
+        if task.spec.group_id is not None:
+            self.groups_running[task.spec.group_id] -= 1
+            if not self.groups_running[task.spec.group_id]:
+                del self.groups_running[task.spec.group_id]
         if task.state == "completed":
             self._completed += 1
         else:
@@ -716,7 +730,7 @@ class Dispatcher:
         task_id, body = taken
         spec = TaskSpec(**json.loads(body))
         task = TaskState(spec, "queued", 0, [])
-        self.tasks[task_id] = task
+        self._track(task)
         self._enqueue(task)
         return str(task_id)
 
@@ -746,7 +760,7 @@ class Dispatcher:
                 )
                 task.state = "retrying"
                 interrupted.append(task)
-            self.tasks[task.spec.task_id] = task
+            self._track(task)
             self._enqueue(task)
         if interrupted:
 
