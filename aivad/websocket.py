@@ -16,7 +16,6 @@ to the trio-websocket version in pyproject.
 from __future__ import annotations
 
 import logging
-import struct
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -41,6 +40,7 @@ from .router import Subscription
 from .sdnotify import listen_fds
 from .store import Appended, StoreClosed, Write
 from .tasks import parse_task_spec
+from .wsframes import OP_TEXT, encode_frame
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -57,13 +57,8 @@ _MAX_WRITE_BYTES = 1 << 20
 
 
 def text_frame(payload: bytes) -> bytes:
-    """An unmasked, final RFC 6455 text frame (server → client frames are never masked)."""
-    n = len(payload)
-    if n < 126:
-        return bytes((0x81, n)) + payload
-    if n < 65536:
-        return struct.pack("!BBH", 0x81, 126, n) + payload
-    return struct.pack("!BBQ", 0x81, 127, n) + payload
+    """A final text frame; server → client frames are never masked."""
+    return encode_frame(OP_TEXT, payload, mask=False)
 
 
 def encode_push(pattern_json: str, msg_json: str) -> bytes:

@@ -516,6 +516,14 @@ class Worker:
             if self._running_count == 0:
                 self._idle.set()
 
+    async def _take_slot(self) -> None:
+        """A free slot without a trip through the event loop (the usual case: the
+        daemon never sends more tasks than ``concurrency``); else wait for one."""
+        try:
+            self._slots.acquire_nowait()
+        except anyio.WouldBlock:
+            await self._slots.acquire()
+
     async def _run_handler(self, session: _Session, ctx: TaskContext) -> str | None:
         """Run the handler in its own scope; the frame to send, or None when nothing should be."""
         fn, is_async = self._handlers.get(ctx.type, (None, False))
@@ -531,10 +539,13 @@ class Worker:
                 scope.cancel()
             try:
                 if is_async:
-                    async with self._slots:
+                    await self._take_slot()
+                    try:
                         result = fn(ctx)
                         if inspect.isawaitable(result):
                             result = await result
+                    finally:
+                        self._slots.release()
                 else:  # the thread holds the slot until it returns, even if we are cancelled
                     result = await anyio.to_thread.run_sync(fn, ctx, limiter=self._slots)
                 outcome = ("result", result)
