@@ -244,6 +244,8 @@ class Dispatcher:
         self._round_robin: dict[str, int] = {}
         self._wake = trio.Event()
         self._idle = trio.Event()
+        #: attempts started and not yet settled (also those of workers that left)
+        self._in_flight = 0
         self.draining = False
         self._retries = 0
         self._dead = 0
@@ -414,7 +416,9 @@ class Dispatcher:
         task.attempt = attempt
         worker.in_flight[task.spec.task_id] = attempt
         worker.dispatched += 1
-        self._idle = trio.Event()
+        if not self._in_flight:
+            self._idle = trio.Event()
+        self._in_flight += 1
         self._nursery.start_soon(self._run_attempt, attempt)
 
     async def _run_attempt(self, attempt: Attempt) -> None:
@@ -437,10 +441,10 @@ class Dispatcher:
             "worker_id": worker.worker_id,
             "started": now_rfc3339(),
         }
-        write = await self._store.submit(lambda conn, w: self._write_dispatched(conn, w, task, worker), isolated=False)
+        # queued before the settle's write, so committed before it: nothing waits for it
+        await self._store.submit(lambda conn, w: self._write_dispatched(conn, w, task, worker), isolated=False)
         with attempt.scope:
             await worker.conn.send_json(frame)
-            await write.wait()
             await trio.sleep_forever()
         outcome = attempt.outcome or attempt.expired()
         await self._settle(attempt, outcome, history)
@@ -500,6 +504,7 @@ class Dispatcher:
     async def _settle(self, attempt: Attempt, outcome: Outcome, history: dict[str, Any]) -> None:
         task, worker, spec = attempt.task, attempt.worker, attempt.task.spec
         worker.in_flight.pop(spec.task_id, None)
+        self._in_flight -= 1
         task.attempt = None
         self._wake.set()
         if self.draining and isinstance(outcome, Failure) and outcome.kind == "worker_lost":
@@ -570,7 +575,7 @@ class Dispatcher:
             self._enqueue(task)
         else:
             self._end(task, result, error)
-        if not any(w.in_flight for w in self.workers.values()):
+        if not self._in_flight:
             self._idle.set()
 
     async def _requeue_after(self, task: TaskState, delay: float) -> None:
@@ -780,13 +785,13 @@ class Dispatcher:
     async def drain(self, wait_s: float) -> None:
         """Dispatch nothing new; let attempts in flight end for ``wait_s``; hand the rest back."""
         self.draining = True
-        if any(w.in_flight for w in self.workers.values()):
+        if self._in_flight:
             with trio.move_on_after(wait_s):
                 await self._idle.wait()
         for worker in list(self.workers.values()):
             for attempt in list(worker.in_flight.values()):
                 attempt.finish(HandedBack())
-        if any(w.in_flight for w in self.workers.values()):
+        if self._in_flight:
             await self._idle.wait()  # set by the last _settle
 
 

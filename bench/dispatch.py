@@ -26,6 +26,10 @@ For each worker count W, in the same run:
   the driver submits N ``delay()`` then ``get()``s each result; sequential
   ``delay().get()`` for latency.
 
+Also prints the CPU time per round trip, the whole machine's for both (the
+broker's included for Celery) and, for aivad, by process (daemon, workers,
+driver): on a 2-core machine that is what bounds the rate.
+
 Prints both and the ratio (goal: aivad >= 5x Celery, aivad p99 < 20 ms at half
 peak). The machine is shared and noisy (2 cores here): compare within one run.
 """
@@ -47,7 +51,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import ChildServer, free_port, machine, percentile, python_argv
+from bench._common import (
+    ChildServer,
+    cpu_seconds,
+    free_port,
+    machine,
+    machine_busy_seconds,
+    percentile,
+    python_argv,
+    self_cpu_seconds,
+)
 
 HOST = "127.0.0.1"
 TASK_TYPE = "bench.noop"
@@ -144,7 +157,9 @@ def wait_workers(sock: Path, n: int, timeout_s: float = 30.0) -> None:
     raise TimeoutError(f"{n} workers did not connect within {timeout_s} s")
 
 
-def run_aivad_driver(url: str, tasks: int, latency_tasks: int, sequential: int) -> dict[str, float]:
+def run_aivad_driver(
+    url: str, tasks: int, latency_tasks: int, sequential: int, daemon_pid: int, worker_pids: list[int]
+) -> dict[str, float]:
     import trio
 
     import aivad.client
@@ -190,7 +205,9 @@ def run_aivad_driver(url: str, tasks: int, latency_tasks: int, sequential: int) 
                     await all_done.wait()
                     return n / (max(arrived.values()) - start)
 
+                cpu_before = _cpu_snapshot(daemon_pid, worker_pids)
                 peak = throughput_value = await throughput(tasks)
+                cpu = _cpu_per_round_trip(cpu_before, _cpu_snapshot(daemon_pid, worker_pids), tasks)
 
                 # latency at half the peak, open loop
                 arrived.clear()
@@ -221,10 +238,24 @@ def run_aivad_driver(url: str, tasks: int, latency_tasks: int, sequential: int) 
                     seq.append((time.perf_counter() - t) * 1000)
                 seq.sort()
                 nursery.cancel_scope.cancel()
-        return {"rate": throughput_value, "half_rate": achieved, "p50": percentile(latencies, 50),
+        return {**cpu, "rate": throughput_value, "half_rate": achieved, "p50": percentile(latencies, 50),
                 "p99": percentile(latencies, 99), "seq_p50": percentile(seq, 50), "seq_p99": percentile(seq, 99)}
 
     return trio.run(main)
+
+
+def _cpu_snapshot(daemon_pid: int, worker_pids: list[int]) -> dict[str, float]:
+    return {
+        "machine": machine_busy_seconds(),
+        "daemon": cpu_seconds(daemon_pid),
+        "workers": sum(cpu_seconds(p) for p in worker_pids),
+        "driver": self_cpu_seconds(),
+    }
+
+
+def _cpu_per_round_trip(before: dict[str, float], after: dict[str, float], n: int) -> dict[str, float]:
+    """CPU milliseconds per round trip: the whole machine's, and by aivad process."""
+    return {f"cpu_{k}_ms": (after[k] - before[k]) / n * 1000 for k in before}
 
 
 def bench_aivad(tmp: Path, workers: int, kind: str, args: argparse.Namespace) -> dict[str, float]:
@@ -233,7 +264,9 @@ def bench_aivad(tmp: Path, workers: int, kind: str, args: argparse.Namespace) ->
     try:
         procs = start_workers(url, workers, kind, tmp / f"aivad-workers-{workers}.log")
         wait_workers(sock, workers)
-        return run_aivad_driver(url, args.tasks, args.latency_tasks, args.sequential)
+        return run_aivad_driver(
+            url, args.tasks, args.latency_tasks, args.sequential, child.pid, [p.pid for p in procs]
+        )
     finally:
         stop_procs(procs)
         child.stop()
@@ -275,11 +308,13 @@ def bench_celery(tmp: Path, workers: int, amqp_url: str, args: argparse.Namespac
         noop.delay().get(timeout=120)  # the worker is up
         for _ in range(50):
             noop.delay().get(timeout=30)
+        busy_before = machine_busy_seconds()
         start = time.perf_counter()
         results = [noop.delay() for _ in range(args.tasks)]
         for r in results:
             r.get(timeout=120)
         rate = args.tasks / (time.perf_counter() - start)
+        cpu_machine_ms = (machine_busy_seconds() - busy_before) / args.tasks * 1000
         seq = []
         for _ in range(args.sequential):
             t = time.perf_counter()
@@ -287,7 +322,8 @@ def bench_celery(tmp: Path, workers: int, amqp_url: str, args: argparse.Namespac
             seq.append((time.perf_counter() - t) * 1000)
         seq.sort()
         celery_noop.app.close()
-        return {"rate": rate, "seq_p50": percentile(seq, 50), "seq_p99": percentile(seq, 99)}
+        return {"rate": rate, "cpu_machine_ms": cpu_machine_ms, "seq_p50": percentile(seq, 50),
+                "seq_p99": percentile(seq, 99)}
     finally:
         sys.path.remove(str(home))
         proc.terminate()
@@ -341,12 +377,16 @@ def main() -> None:
                 print(f"aivad  W={w}: {a['rate']:8.0f} round trips/s; at half peak ({a['half_rate']:.0f}/s) "
                       f"p50 {a['p50']:.1f} ms p99 {a['p99']:.1f} ms; sequential request p50 {a['seq_p50']:.1f} ms "
                       f"p99 {a['seq_p99']:.1f} ms", flush=True)
+                print(f"         CPU per round trip: {a['cpu_machine_ms']:.2f} ms on the machine (daemon "
+                      f"{a['cpu_daemon_ms']:.2f}, workers {a['cpu_workers_ms']:.2f}, driver {a['cpu_driver_ms']:.2f})",
+                      flush=True)
                 c = None
                 if not args.no_celery:
                     assert amqp_url is not None
                     c = bench_celery(tmp, w, amqp_url, args)
                     print(f"celery W={w}: {c['rate']:8.0f} round trips/s; sequential delay().get() "
-                          f"p50 {c['seq_p50']:.1f} ms p99 {c['seq_p99']:.1f} ms", flush=True)
+                          f"p50 {c['seq_p50']:.1f} ms p99 {c['seq_p99']:.1f} ms; CPU per round trip "
+                          f"{c['cpu_machine_ms']:.2f} ms on the machine (broker, worker, client)", flush=True)
                 rows.append((w, a, c))
             print()
             print(f"{'workers':>7} {'aivad rt/s':>11} {'celery rt/s':>12} {'ratio':>6} {'p50@half':>9} "
