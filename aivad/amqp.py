@@ -55,8 +55,9 @@ Guarantees
 * RPC: a task whose delivery had ``reply_to`` keeps it (and ``correlation_id``)
   in its stored spec; when it ends, ``{"task_id", "state", "result"|"error"}``
   goes to the default exchange with routing key ``reply_to`` and that
-  ``correlation_id``, through the outbox. A dead task is also copied to the
-  dead-letter exchange with ``x-aivad-reason``.
+  ``correlation_id``, through the outbox; its row is written inside the write
+  that ends the task (the dispatcher's ``end_writes`` hook). A dead task is also
+  copied to the dead-letter exchange with ``x-aivad-reason``.
 * Own events and the outbox live in the store, so a restart loses nothing
   waiting: the ``task.*``, ``group.*`` and ``system.*`` messages after the
   cursor ``meta.amqp_forwarded_seq`` are read in seq order, published with
@@ -171,6 +172,7 @@ class TaskSink(Protocol):
     cfg: TasksConfig  # the task defaults; a reload replaces it
     draining: bool
     on_end: list[Callable[[TaskView], None]]
+    end_writes: list[Callable[[sqlite3.Connection, TaskView], None]]
 
     async def submit_many(self, specs: list[TaskSpec]) -> Write: ...
 
@@ -485,8 +487,8 @@ def _confirmed(conn: sqlite3.Connection, _: Write, last_row: int | None, cursor:
     _set_cursor(conn, cursor)
 
 
-def _insert_rows(conn: sqlite3.Connection, _: Write,
-                 items: list[tuple[str, str, bytes, spec.Basic.Properties]], bound: int) -> int:
+def _insert_rows(conn: sqlite3.Connection, items: list[tuple[str, str, bytes, spec.Basic.Properties]],
+                 bound: int) -> int:
     """Queue RPC replies / dead-task copies; past ``bound`` rows the oldest go. Returns how many went."""
     conn.executemany("INSERT INTO amqp_outbox (exchange, routing_key, properties, body) VALUES (?, ?, ?, ?)",
                      [(e, k, _props_to_json(p), b) for e, k, b, p in items])
@@ -674,8 +676,8 @@ class AmqpBridge:
         self._ingesting: set[str] = set()
         # the outbox lives in the store (see _read_pending); here: RPC replies and dead-task
         # copies not yet written to it, the cursor, and what is known to wait
-        self._rows_to_store: list[_Outgoing] = []
-        self._rows_event = trio.Event()
+        #: outbox rows dropped (over ``outbox_max``) by writes that ended tasks, not yet counted
+        self._dropped_in_writes: list[int] = []
         self._outbox_event = trio.Event()  # set when there may be something to publish
         self._cursor = 0  # own events up to here are published (or were never to be)
         self._persisted_cursor = 0
@@ -715,7 +717,7 @@ class AmqpBridge:
             skipped_own=self._skipped_own,
             batches=self._batches,
             published=self._published,
-            outbox_depth=self._events_waiting + self._rows_waiting + len(self._rows_to_store),
+            outbox_depth=self._events_waiting + self._rows_waiting,
             outbox_dropped=self._outbox_dropped,
             tasks_submitted=self._tasks_submitted,
             tasks_duplicates=self._tasks_duplicates,
@@ -791,39 +793,40 @@ class AmqpBridge:
             log.warning("amqp: outbox full (%d), %d entries dropped so far", self._cfg.outbox_max,
                         self._outbox_dropped)
 
-    def _put(self, exchange: str, routing_key: str, body: bytes, props: spec.Basic.Properties) -> None:
-        """Queue a row for the store's outbox (written by :meth:`_row_writer`, in order); never blocks."""
-        if len(self._rows_to_store) >= self._cfg.outbox_max:  # the store is stuck: keep the bound here too
-            del self._rows_to_store[0]
-            self._dropped(1)
-        self._rows_to_store.append((exchange, routing_key, body, props))
-        self._rows_event.set()
-
     async def _store_rows(self, items: list[_Outgoing]) -> None:
         """One store write: the rows go into ``amqp_outbox``; past ``outbox_max`` the oldest go."""
         bound = self._cfg.outbox_max
-        write = await self._store.submit(lambda conn, w: _insert_rows(conn, w, items, bound))
+        write = await self._store.submit(lambda conn, _: _insert_rows(conn, items, bound))
         dropped: int = await write.wait()
         self._rows_waiting = min(self._rows_waiting + len(items), bound)
         self._dropped(dropped)
         self._outbox_event.set()
 
-    async def _row_writer(self) -> NoReturn:
-        """Move what ``on_end`` queued into the store, in order, one write per batch."""
-        while True:
-            while not self._rows_to_store:
-                self._rows_event = trio.Event()
-                await self._rows_event.wait()
-            items = self._rows_to_store[:500]
-            try:
-                await self._store_rows(items)
-            except StoreClosed:
-                log.warning("amqp: store closed, %d replies not queued", len(self._rows_to_store))
-                await trio.sleep_forever()
-            del self._rows_to_store[:len(items)]
+    def _write_end_rows(self, conn: sqlite3.Connection, view: TaskView) -> None:
+        """The dispatcher's ``end_writes`` hook, in the write that ends the task: its outbox rows
+        commit with its end, so a crash cannot end a task and lose its RPC reply."""
+        rows = self._end_rows(view)
+        if rows:
+            self._dropped_in_writes.append(_insert_rows(conn, rows, self._cfg.outbox_max))
 
     def _task_ended(self, view: TaskView) -> None:
-        """The dispatcher's on_end hook: the RPC reply, and a dead task's copy on the dead-letter exchange."""
+        """The dispatcher's ``on_end`` hook, after that commit: count the rows, wake the outbox."""
+        rows = 0
+        if view.spec.get("reply_to"):
+            self._replies += 1
+            rows += 1
+        if view.state == "dead":
+            self._dead_tasks += 1
+            rows += 1
+        if rows:
+            self._rows_waiting = min(self._rows_waiting + rows, self._cfg.outbox_max)
+            while self._dropped_in_writes:
+                self._dropped(self._dropped_in_writes.pop())
+            self._outbox_event.set()
+
+    def _end_rows(self, view: TaskView) -> list[_Outgoing]:
+        """The RPC reply, and a dead task's copy for the dead-letter exchange."""
+        rows: list[_Outgoing] = []
         task_spec = view.spec
         reply_to = task_spec.get("reply_to")
         correlation_id = task_spec.get("correlation_id")
@@ -841,8 +844,7 @@ class AmqpBridge:
                 app_id="aivad",
                 headers={ORIGIN_HEADER: self.node_id},
             )
-            self._put("", reply_to, _dumps(reply), props)
-            self._replies += 1
+            rows.append(("", reply_to, _dumps(reply), props))
         if view.state == "dead":
             reason = _dead_task_reason(view)
             body = {"task_id": view.task_id, "type": view.type, "state": view.state, "attempts": view.attempts,
@@ -858,8 +860,8 @@ class AmqpBridge:
                 app_id="aivad",
                 headers={ORIGIN_HEADER: self.node_id, REASON_HEADER: reason[:1000], "x-aivad-task-id": view.task_id},
             )
-            self._put(self._cfg.dead_letter_exchange, view.type, _dumps(body), props)
-            self._dead_tasks += 1
+            rows.append((self._cfg.dead_letter_exchange, view.type, _dumps(body), props))
+        return rows
 
     # ---- supervisor (trio) ------------------------------------------------------
 
@@ -1290,13 +1292,13 @@ async def serve_amqp(
     await bridge._load_outbox()
     bridge._thread.start()
     if dispatcher is not None:
+        dispatcher.end_writes.append(bridge._write_end_rows)
         dispatcher.on_end.append(bridge._task_ended)
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(bridge._row_writer)
-            task_status.started(bridge)
-            await bridge._supervise()
+        task_status.started(bridge)
+        await bridge._supervise()
     finally:
         if dispatcher is not None:
+            dispatcher.end_writes.remove(bridge._write_end_rows)
             dispatcher.on_end.remove(bridge._task_ended)
         await bridge._thread.stop(cfg.grace_s)

@@ -252,6 +252,9 @@ class Dispatcher:
         self._completed = 0
         #: called with (task view) when a task ends (completed or dead), after commit
         self.on_end: list[Callable[[TaskView], None]] = []
+        #: called inside the write that ends a task, in the store's writer thread: rows that
+        #: must commit with the end or not at all (the AMQP bridge's RPC reply)
+        self.end_writes: list[Callable[[sqlite3.Connection, TaskView], None]] = []
 
     # ---- submitting --------------------------------------------------------------------
 
@@ -547,6 +550,7 @@ class Dispatcher:
         task.history.append(history)
         error = outcome.error if isinstance(outcome, Failure) else None
         result = outcome.result if isinstance(outcome, Success) else None
+        ended = self._ended_view(task, state, result, error) if state in ("completed", "dead") else None
 
         def write(conn: sqlite3.Connection, w: Write) -> None:
             _update(
@@ -565,6 +569,8 @@ class Dispatcher:
                     {"task_id": spec.task_id, "attempts": task.history, "error": error},
                 )
             insert_envelopes(conn, w, events)
+            if ended is not None:
+                self._write_end(conn, ended)
 
         await (await self._store.submit(write)).wait()
         task.state = state
@@ -574,7 +580,8 @@ class Dispatcher:
         elif state == "queued":
             self._enqueue(task)
         else:
-            self._end(task, result, error)
+            assert ended is not None
+            self._end(task, ended)
         if not self._in_flight:
             self._idle.set()
 
@@ -583,7 +590,25 @@ class Dispatcher:
         if task.state == "retrying" and task.spec.task_id in self.tasks:
             self._enqueue(task)
 
-    def _end(self, task: TaskState, result: Any, error: Any) -> None:
+    def _ended_view(self, task: TaskState, state: str, result: Any, error: Any) -> TaskView:
+        return TaskView(
+            task.spec.task_id,
+            task.spec.type,
+            state,
+            task.attempts,
+            result,
+            error,
+            task.spec.group_id,
+            task.history,
+            task.spec.to_json_dict(),
+        )
+
+    def _write_end(self, conn: sqlite3.Connection, view: TaskView) -> None:
+        for write_rows in self.end_writes:
+            write_rows(conn, view)
+
+    def _end(self, task: TaskState, view: TaskView) -> None:
+        """After the commit that ended ``task``: forget it, count it, tell ``on_end``."""
         self.tasks.pop(task.spec.task_id, None)
         if task.spec.group_id is not None:
             self.groups_running[task.spec.group_id] -= 1
@@ -593,17 +618,6 @@ class Dispatcher:
             self._completed += 1
         else:
             self._dead += 1
-        view = TaskView(
-            task.spec.task_id,
-            task.spec.type,
-            task.state,
-            task.attempts,
-            result,
-            error,
-            task.spec.group_id,
-            task.history,
-            task.spec.to_json_dict(),
-        )
         for callback in self.on_end:
             callback(view)
 
@@ -621,6 +635,7 @@ class Dispatcher:
         task.history.append({"outcome": "abandoned", "error": reason, "ended": now_rfc3339()})
         spec = task.spec
         events = [_event("task.dead_lettered", spec, "dead", task.attempts, error=reason, reason="abandoned")]
+        ended = self._ended_view(task, "dead", None, reason)
 
         def write(conn: sqlite3.Connection, w: Write) -> None:
             _update(conn, task, error=json.dumps(reason))
@@ -632,9 +647,10 @@ class Dispatcher:
                 {"task_id": spec.task_id, "attempts": task.history, "error": reason},
             )
             insert_envelopes(conn, w, events)
+            self._write_end(conn, ended)
 
         await (await self._store.submit(write)).wait()
-        self._end(task, None, reason)
+        self._end(task, ended)
 
     # ---- queries ----------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -27,10 +28,13 @@ import pika  # type: ignore[import-untyped]
 import pytest
 import trio
 
-from aivad.amqp import ORIGIN_HEADER, REASON_HEADER, task_spec_from_amqp
-from aivad.config import AmqpConfig, TasksConfig, parse_config
+from aivad.amqp import ORIGIN_HEADER, REASON_HEADER, serve_amqp, task_spec_from_amqp
+from aivad.config import AmqpConfig, StoreConfig, TasksConfig, parse_config
 from aivad.daemon import run_daemon
+from aivad.dispatcher import serve_dispatcher
 from aivad.envelope import BadMessage
+from aivad.store import serve_store
+from aivad.tasks import TaskSpec
 from tests.brokers import RabbitMQ
 from tests.conftest import test_config
 from tests.test_amqp import get_all, make_cfg, pika_channel, publish
@@ -597,6 +601,32 @@ async def test_broker_down_at_start_shows_in_readyz_and_status(tmp_dir: Path) ->
         async with connect(endpoints.ws_url) as client:  # the embedded path works meanwhile
             assert (await client.publish("a.b", 1))["seq"] >= 1
         nursery.cancel_scope.cancel()
+
+
+async def test_rpc_reply_and_dead_copy_commit_with_the_task_end(tmp_dir: Path) -> None:
+    """The outbox rows of an ending task are in the same write as its end: when ``on_end``
+    runs (right after that commit) they are already in the store, so no crash between the
+    two can end an RPC task without its reply. The broker is down: nothing leaves the outbox."""
+    from tests.brokers import free_port
+
+    db = tmp_dir / "aivad.db"
+    cfg = make_cfg(f"amqp://guest:guest@127.0.0.1:{free_port()}/", connect_timeout_s=1.0)
+    seen_at_end: list[list[tuple[str, str]]] = []
+
+    def outbox_rows(_: Any) -> None:
+        with sqlite3.connect(db) as reader:  # another connection: sees only what is committed
+            seen_at_end.append(reader.execute("SELECT exchange, routing_key FROM amqp_outbox ORDER BY id").fetchall())
+
+    async with trio.open_nursery() as nursery:
+        store = await nursery.start(serve_store, StoreConfig(path=str(db)))
+        dispatcher = await nursery.start(serve_dispatcher, TasksConfig(), store)
+        await nursery.start(partial(serve_amqp, cfg, store, dispatcher=dispatcher))
+        dispatcher.on_end.append(outbox_rows)  # after the bridge's own hook
+        spec = TaskSpec("rpc-1", "job", None, 4, 3, 1.0, 10.0, 30.0, None, None, None, "reply-q", "corr-1")
+        await dispatcher.submit(spec)
+        await dispatcher.abandon("rpc-1", "nobody waits")  # ends it dead: a reply (the error) and a dead copy
+        nursery.cancel_scope.cancel()
+    assert seen_at_end == [[("", "reply-q"), (cfg.dead_letter_exchange, "job")]]
 
 
 def fill_tasks(url: str, cfg: AmqpConfig, ids: list[str]) -> None:
