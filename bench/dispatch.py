@@ -30,6 +30,11 @@ Also prints the CPU time per round trip, the whole machine's for both (the
 broker's included for Celery) and, for aivad, by process (daemon, workers,
 driver): on a 2-core machine that is what bounds the rate.
 
+And the **ceiling** (``--no-ceiling`` skips it): an empty relay on
+trio-websocket serving the same frames to the same workers and driver, with
+nothing stored or checked (:func:`serve_relay`) — how far any daemon built on
+this WebSocket library could go on this machine.
+
 Prints both and the ratio (goal: aivad >= 5x Celery, aivad p99 < 20 ms at half
 peak). The machine is shared and noisy (2 cores here): compare within one run.
 """
@@ -97,6 +102,91 @@ def serve_raw_worker(url: str, name: str, concurrency: int) -> None:
                     await ws.send_message(f'{{"op":"task.result","task_id":"{task_id}","result":null}}')
 
     trio.run(main)
+
+
+# ---- the ceiling: an empty relay -----------------------------------------------------------------
+
+
+def serve_relay(port: int, workers: int) -> None:
+    """The least any daemon on trio-websocket can do per task: the same frames, nothing else.
+
+    A trio-websocket server (the daemon's own WebSocket library, used plainly)
+    speaking just the frames of this benchmark — ``worker.hello``, ``dispatch``,
+    ``task.result``, ``subscribe`` and the ``task.completed`` push — to the same
+    workers and driver. Nothing is validated, stored, retried or timed: its rate
+    is a ceiling for aivad on this machine, measured in the same run. It hands
+    out tasks only once ``workers`` workers said hello.
+    """
+    import collections
+
+    import trio
+    from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+
+    slots: collections.deque[WebSocketConnection] = collections.deque()
+    queue: collections.deque[tuple[str, WebSocketConnection]] = collections.deque()
+    subscribers: list[WebSocketConnection] = []
+    seq = 0
+    joined = 0
+
+    async def pump() -> None:
+        while slots and queue and joined >= workers:
+            worker = slots.popleft()
+            task_id, _ = queue.popleft()
+            await worker.send_message(json.dumps({"op": "task", "task": {
+                "task_id": task_id, "type": TASK_TYPE, "payload": None, "attempt": 1,
+                "deadline": "2999-01-01T00:00:00.000Z"}}))
+
+    async def handler(request: WebSocketRequest) -> None:
+        nonlocal seq, joined
+        ws = await request.accept()
+        try:
+            while True:
+                frame = json.loads(await ws.get_message())
+                op, ref = frame.get("op"), frame.get("ref")
+                if op == "dispatch":
+                    task_id = uuid.uuid4().hex
+                    queue.append((task_id, ws))
+                    await ws.send_message(json.dumps({"op": "ok", "ref": ref, "task_id": task_id}))
+                elif op == "task.result":
+                    slots.append(ws)
+                    seq += 1
+                    push = json.dumps({"op": "message", "pattern": "task.completed", "msg": {
+                        "message_id": f"aivad:{frame['task_id']}:task.completed:1", "timestamp": "2026-01-01T00:00:00Z",
+                        "type": "task.completed", "payload": {"task_id": frame["task_id"], "type": TASK_TYPE,
+                                                              "state": "completed", "attempt": 1, "result": None},
+                        "metadata": {"source": "aivad"}, "seq": seq}})
+                    for sub in subscribers:
+                        await sub.send_message(push)
+                elif op == "worker.hello":
+                    slots.extend([ws] * int(frame.get("concurrency", 1)))
+                    joined += 1
+                    await ws.send_message(json.dumps({"op": "ok", "ref": ref, "worker_id": f"w{joined}"}))
+                elif op == "subscribe":
+                    subscribers.append(ws)
+                    await ws.send_message(json.dumps({"op": "ok", "ref": ref, "pattern": frame.get("pattern"),
+                                                      "last_seq": seq, "recovered": True}))
+                await pump()
+        except ConnectionClosed:
+            pass
+
+    async def main() -> None:
+        await serve_websocket(handler, HOST, port, ssl_context=None)
+
+    trio.run(main)
+
+
+def bench_relay(tmp: Path, workers: int, kind: str, args: argparse.Namespace) -> dict[str, float]:
+    port = free_port()
+    child = ChildServer("relay", python_argv(__file__, "--serve-relay", str(port), "--relay-workers", str(workers)),
+                        port, tmp / f"relay-w{workers}.log").start()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        url = f"ws://{HOST}:{port}/"
+        procs = start_workers(url, workers, kind, tmp / f"relay-workers-{workers}.log")
+        return run_aivad_driver(url, args.tasks, args.latency_tasks, 0, child.pid, [p.pid for p in procs])
+    finally:
+        stop_procs(procs)
+        child.stop()
 
 
 # ---- aivad --------------------------------------------------------------------------------------
@@ -231,7 +321,7 @@ def run_aivad_driver(
                 latencies = sorted((arrived[t] - s) * 1000 for t, s in sent.items())
                 achieved = latency_tasks / (max(arrived.values()) - start)
 
-                seq = []
+                seq: list[float] = []
                 for _ in range(sequential):
                     t = time.perf_counter()
                     await client.request_response(TASK_TYPE, None, timeout=10)
@@ -348,10 +438,16 @@ def main() -> None:
                    help="aivad worker processes: aivad.client.Worker, or a lean raw protocol loop")
     p.add_argument("--no-celery", action="store_true")
     p.add_argument("--quick", action="store_true", help="a smoke run: few tasks")
+    p.add_argument("--no-ceiling", action="store_true", help="skip the empty-relay ceiling")
     p.add_argument("--serve-worker", choices=("client", "raw"), help=argparse.SUPPRESS)
+    p.add_argument("--serve-relay", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--relay-workers", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
     p.add_argument("--name", default="w", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.serve_relay:
+        serve_relay(args.serve_relay, args.relay_workers)
+        return
     if args.serve_worker:
         (serve_client_worker if args.serve_worker == "client" else serve_raw_worker)(args.url, args.name, 1)
         return
@@ -387,15 +483,25 @@ def main() -> None:
                     print(f"celery W={w}: {c['rate']:8.0f} round trips/s; sequential delay().get() "
                           f"p50 {c['seq_p50']:.1f} ms p99 {c['seq_p99']:.1f} ms; CPU per round trip "
                           f"{c['cpu_machine_ms']:.2f} ms on the machine (broker, worker, client)", flush=True)
-                rows.append((w, a, c))
+                r = None
+                if not args.no_ceiling:
+                    r = bench_relay(tmp, w, args.worker_kind, args)
+                    print(f"relay  W={w}: {r['rate']:8.0f} round trips/s (the ceiling: an empty trio-websocket relay, "
+                          f"same workers and driver); CPU per round trip {r['cpu_machine_ms']:.2f} ms (relay "
+                          f"{r['cpu_daemon_ms']:.2f}, workers {r['cpu_workers_ms']:.2f}, driver "
+                          f"{r['cpu_driver_ms']:.2f})", flush=True)
+                rows.append((w, a, c, r))
+            nan = float("nan")
             print()
-            print(f"{'workers':>7} {'aivad rt/s':>11} {'celery rt/s':>12} {'ratio':>6} {'p50@half':>9} "
-                  f"{'p99@half':>9} {'goal':>14}")
-            for w, a, c in rows:
-                ratio = a["rate"] / c["rate"] if c else float("nan")
+            print(f"{'workers':>7} {'aivad rt/s':>11} {'celery rt/s':>12} {'ratio':>6} {'ceiling rt/s':>13} "
+                  f"{'ceiling/celery':>15} {'p50@half':>9} {'p99@half':>9} {'goal':>14}")
+            for w, a, c, r in rows:
+                ratio = a["rate"] / c["rate"] if c else nan
+                ceiling = r["rate"] if r else nan
                 ok = "met" if ratio >= 5 and a["p99"] < 20 else "NOT met"
-                print(f"{w:>7} {a['rate']:>11.0f} {c['rate'] if c else float('nan'):>12.0f} {ratio:>5.1f}x "
-                      f"{a['p50']:>7.1f}ms {a['p99']:>7.1f}ms {('≥5x, p99<20ms ' + ok):>14}")
+                print(f"{w:>7} {a['rate']:>11.0f} {c['rate'] if c else nan:>12.0f} {ratio:>5.1f}x {ceiling:>13.0f} "
+                      f"{ceiling / c['rate'] if c else nan:>14.1f}x {a['p50']:>7.1f}ms {a['p99']:>7.1f}ms "
+                      f"{('≥5x, p99<20ms ' + ok):>14}")
     finally:
         if rabbit is not None:
             rabbit.stop()
