@@ -10,6 +10,7 @@ told apart from the next request).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import grp
 import logging
@@ -138,6 +139,11 @@ class Session:
 
     def overflowed(self) -> None:
         self._slow = True
+
+    def overtaken(self) -> None:
+        self._slow = True
+        with contextlib.suppress(trio.WouldBlock):
+            self._outbox.send_nowait(b"")  # wakes an idle writer, which then reports and closes
 
     async def stream_subscription(self, sub: Subscription, since: int) -> None:
         """Replay and follow ``sub`` until the client closes its end (or reads too slowly)."""

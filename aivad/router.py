@@ -48,6 +48,10 @@ class Sink(Protocol):
     def overflowed(self) -> None:
         """The queue was full for a live message: close as a slow consumer."""
 
+    def overtaken(self) -> None:
+        """Retention deleted messages a replay had not reached yet: close as a slow consumer,
+        so the client resumes from its last seq and is told the exact gap."""
+
 
 class Subscription:
     """One pattern of one connection. ``after``: the newest seq it has been given."""
@@ -141,11 +145,17 @@ class Router:
         it subscribed without one: anything committed since then is replayed
         too, so the first live message follows ``last_seq`` without a gap.
         Replay frames go through ``sink.put`` (the client's reading pace decides);
-        there is no cap on the depth of the replay.
+        there is no cap on the depth of the replay. If retention deletes
+        messages the replay has not reached, the sink is told (``overtaken``)
+        and the subscription ends: going on would skip them without a word.
         """
         sub.after = max(after, self._store.retention_floor)
         while sub.after < self._store.last_seq:
             history = await self._store.history(sub.pattern, sub.after, self.replay_batch)
+            if history.retention_floor > sub.after:
+                log.warning("retention overtook the replay of %r at seq %d", sub.pattern, sub.after)
+                sub.sink.overtaken()
+                return
             for message in history.messages:
                 await sub.sink.put(sub.sink.encode(sub.pattern_json, message.json))
                 sub.after = message.seq

@@ -118,10 +118,13 @@ class History:
 
     ``scanned_through`` is the newest seq the read could see: every matching
     message up to it is in ``messages`` unless ``messages`` hit the limit.
+    ``retention_floor`` is the newest seq retention had deleted, in the same
+    snapshot: a reader that was at or past it missed nothing.
     """
 
     messages: list[StoredMessage]
     scanned_through: int
+    retention_floor: int = 0
 
     def page(self, after: int) -> dict[str, Any]:
         """The fields of a history reply: the envelopes, and ``last_seq`` to ask after next (DESIGN §4.3)."""
@@ -439,11 +442,12 @@ class Store:
 
     @staticmethod
     def _history(conn: sqlite3.Connection, pattern: str, after: int, limit: int) -> History:
-        conn.execute("BEGIN")  # one snapshot: the rows and scanned_through agree
+        conn.execute("BEGIN")  # one snapshot: the rows, scanned_through and the floor agree
         try:
-            newest = conn.execute(
-                "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0)"
-            ).fetchone()[0]
+            newest, floor = conn.execute(
+                "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0), "
+                "coalesce((SELECT value FROM meta WHERE key = 'retention_floor'), 0)"
+            ).fetchone()
             prefix, exact = literal_prefix(pattern)
             if exact:
                 rows = conn.execute(
@@ -451,7 +455,7 @@ class Store:
                     (pattern, after, newest, limit),
                 ).fetchall()
                 messages = [StoredMessage(s, t, _body_with_seq(b, s)) for s, t, b in rows]
-                return History(messages, newest)
+                return History(messages, newest, floor)
             if prefix:
                 where = "(type = ? OR (type >= ? AND type < ?)) AND seq > ? AND seq <= ?"
                 bounds: tuple[Any, ...] = (prefix, prefix + ".", prefix + "/")
@@ -473,7 +477,7 @@ class Store:
                 if len(rows) < _SCAN_CHUNK:
                     break
                 cursor = rows[-1][0]
-            return History(messages, newest)
+            return History(messages, newest, floor)
         finally:
             conn.execute("COMMIT")
 

@@ -15,6 +15,7 @@ to the trio-websocket version in pyproject.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -118,10 +119,18 @@ class Connection:
         await self._outbox.send(frame)
 
     def overflowed(self) -> None:
+        self._close_slow("send buffer full")
+
+    def overtaken(self) -> None:
+        self._close_slow("retention deleted messages its replay had not reached")
+        with contextlib.suppress(trio.WouldBlock):
+            self._outbox.send_nowait(b"")  # wakes an idle sender, which closes before writing anything
+
+    def _close_slow(self, why: str) -> None:
         if not self._slow:
             self._slow = True
             self.service.slow_consumer_closes += 1
-            log.warning("closing %s: slow consumer (send buffer full)", self.ws.remote)
+            log.warning("closing %s: slow consumer (%s)", self.ws.remote, why)
             for sub in self.subscriptions.values():
                 self.service.router.remove(sub)
 

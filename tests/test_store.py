@@ -21,6 +21,7 @@ import trio
 
 from aivad.config import StoreConfig
 from aivad.envelope import Envelope, pattern_matches
+from aivad.router import Router, Subscription
 from aivad.store import Appended, Store, StoreClosed, Write, insert_envelopes, serve_store
 from tests.conftest import start_daemon
 from tests.wsclient import connect, no_more_messages
@@ -283,6 +284,61 @@ async def test_retention_by_count(tmp_dir: Path) -> None:
         async with open_store(cfg) as store:
             assert store.retention_floor == 8 and store.last_seq == 11
             assert store.statistics().stored_messages == 3
+
+
+class GatedSink:
+    """The router's view of a client that reads its replay slowly: ``put`` stops at frame ``hold_at``."""
+
+    encode = staticmethod(lambda pattern_json, msg_json: msg_json.encode())
+
+    def __init__(self, hold_at: int) -> None:
+        self.seqs: list[int] = []
+        self.hold_at = hold_at
+        self.holding = trio.Event()
+        self.release = trio.Event()
+        self.was_overtaken = False
+
+    def offer(self, frame: bytes) -> bool:
+        self.seqs.append(json.loads(frame)["seq"])
+        return True
+
+    async def put(self, frame: bytes) -> None:
+        self.seqs.append(json.loads(frame)["seq"])
+        if len(self.seqs) == self.hold_at:
+            self.holding.set()
+            await self.release.wait()
+
+    def overflowed(self) -> None:
+        raise AssertionError("a replay never overflows: it waits")
+
+    def overtaken(self) -> None:
+        self.was_overtaken = True
+
+
+async def test_retention_overtaking_a_replay_ends_it_instead_of_skipping(tmp_dir: Path) -> None:
+    """A replay paused (a slow reader) while retention deletes past its position must not
+    resume after the hole as if nothing happened: the sink is told, the subscription ends."""
+    with trio.fail_after(20):
+        async with open_store(store_config(tmp_dir)) as store, trio.open_nursery() as nursery:
+            await store.append_many([env("r.x", i) for i in range(50)])
+            router = Router(store, replay_batch=10)
+            sink = GatedSink(hold_at=5)
+            sub = Subscription(sink, "r.#")
+            followed = trio.Event()
+
+            async def follow() -> None:
+                await router.follow(sub, 0)
+                followed.set()
+
+            nursery.start_soon(follow)
+            await sink.holding.wait()  # 5 of the first page of 10 given
+            assert await store.apply_retention(20, 0) == 30  # seqs 1..30 go, 6..10 still in the page
+            sink.release.set()
+            await followed.wait()
+            assert sink.was_overtaken
+            assert sink.seqs == list(range(1, 11)), "nothing after the hole"
+            assert not sub.live
+            nursery.cancel_scope.cancel()
 
 
 async def test_retention_by_age(tmp_dir: Path) -> None:

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
+from functools import partial
+from pathlib import Path
 
 import pytest
 import trio
@@ -14,6 +17,8 @@ import websockets
 import websockets.sync.client as ws_sync
 from trio_websocket import open_websocket_url
 
+from aivad.config import load_config
+from aivad.daemon import run_daemon
 from tests.conftest import InProcessDaemon, start_daemon
 from tests.wsclient import connect, no_more_messages
 
@@ -283,3 +288,74 @@ async def test_a_client_that_stops_reading_then_vanishes_is_released(nursery: tr
                 if json.loads(line)["status"]["websocket"]["connections"] == 0:
                     break
                 await trio.sleep(0.05)
+
+
+async def test_retention_overtaking_a_stalled_replay_closes_4008_and_the_resume_reports_the_gap(
+    nursery: trio.Nursery, tmp_dir: Path
+) -> None:
+    """A client stalls in the middle of a deep replay; retention (turned on by a reload) then
+    deletes past its position. It must not be handed the messages after the hole as if they
+    followed: it is closed 4008, and its resume is told the exact gap."""
+    from tests.test_control import LineClient
+
+    config = tmp_dir / "config.toml"
+
+    def write_config(retention_max_messages: int) -> None:
+        config.write_text(
+            f'[websocket]\nhost = "127.0.0.1"\nport = 0\nsend_buffer_frames = 16\nreplay_batch = 20\n'
+            f'[control]\nsocket = "{tmp_dir / "control.sock"}"\n'
+            f'[store]\npath = "{tmp_dir / "aivad.db"}"\nsynchronous = "NORMAL"\n'
+            f"retention_max_messages = {retention_max_messages}\nretention_interval_s = 0.05\n"
+        )
+
+    write_config(0)  # no retention while the history is written
+    endpoints = await nursery.start(partial(run_daemon, load_config(config), config_path=config, handle_signals=False))
+    total, pad = 400, "z" * 64_000  # 25 MB: far more than the socket buffers hold
+    stalled, go = threading.Event(), threading.Event()
+
+    def stall_in_the_replay() -> tuple[list[int], int]:
+        """On the websockets library in a thread: read one message, stop reading, then read to the close."""
+        with ws_sync.connect(endpoints.ws_url, max_queue=1, max_size=None) as slow:
+            slow.send(json.dumps({"op": "subscribe", "pattern": "bulk", "since": 0, "ref": 1}))
+            assert json.loads(slow.recv())["recovered"] is True
+            seen = [json.loads(slow.recv())["msg"]["seq"]]
+            stalled.set()
+            go.wait(30)
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                while True:  # (bounded: a daemon that skips the hole never closes, the test must still end)
+                    seen.append(json.loads(slow.recv(timeout=10))["msg"]["seq"])
+            assert closed.value.rcvd is not None
+            return seen, closed.value.rcvd.code
+
+    with trio.fail_after(60):
+        async with connect(endpoints.ws_url) as pub:
+            for i in range(total):
+                await pub.publish("bulk", {"i": i, "pad": pad})
+        result: list[tuple[list[int], int]] = []
+
+        async def run_slow_client() -> None:
+            result.append(await trio.to_thread.run_sync(stall_in_the_replay))
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(run_slow_client)
+            await trio.to_thread.run_sync(stalled.wait, 30)
+            await trio.sleep(0.3)  # the replay fills the socket buffers and the outbox, then waits
+            write_config(10)
+            control = await LineClient.open(endpoints.control_path)
+            await control.send({"cmd": "reload"})
+            reply = await control.read_line()
+            await control.aclose()
+            assert reply is not None and "store.retention_max_messages" in reply["applied"], reply
+            async with connect(endpoints.ws_url) as c:
+                while len((await c.ok({"op": "history", "pattern": "bulk", "limit": 11}))["messages"]) > 10:
+                    await trio.sleep(0.05)
+            go.set()
+        seen, code = result[0]
+        assert code == 4008
+        assert seen == list(range(1, len(seen) + 1)), "no message after the hole was handed on"
+        assert len(seen) < total - 10
+        async with connect(endpoints.ws_url) as again:
+            resumed = await again.ok({"op": "subscribe", "pattern": "bulk", "since": seen[-1]})
+            assert resumed["recovered"] is False
+            assert resumed["gap"] == [seen[-1] + 1, total - 10]
+            assert [f["msg"]["seq"] for f in await again.messages(10)] == list(range(total - 9, total + 1))
