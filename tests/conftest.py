@@ -37,7 +37,7 @@ import attrs
 import pytest
 import trio
 
-from aivad.config import Config, parse_config
+from aivad.config import Config, load_config, parse_config
 from aivad.daemon import Endpoints, run_daemon
 
 pytest_plugins = ["tests.broker_fixtures"]
@@ -97,6 +97,26 @@ async def start_daemon(nursery: trio.Nursery, directory: Path, **sections: dict[
     cfg = parse_config(test_config(directory, **sections))
     endpoints = await nursery.start(partial(run_daemon, cfg, handle_signals=False))
     return InProcessDaemon(cfg, endpoints)
+
+
+async def start_daemon_from_file(nursery: trio.Nursery, directory: Path, **sections: dict[str, Any]) -> InProcessDaemon:
+    """An in-process daemon run from ``directory/config.toml``, so :func:`reload_daemon` can change it."""
+    path = directory / "config.toml"
+    path.write_text(to_toml(test_config(directory, **sections)))
+    cfg = load_config(path)
+    endpoints = await nursery.start(partial(run_daemon, cfg, config_path=path, handle_signals=False))
+    return InProcessDaemon(cfg, endpoints)
+
+
+async def reload_daemon(d: InProcessDaemon, directory: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite the config file of :func:`start_daemon_from_file` with ``sections`` and reload; the reply."""
+    (directory / "config.toml").write_text(to_toml(test_config(directory, **sections)))
+    async with await trio.open_unix_socket(d.control_path) as stream:
+        await stream.send_all(b'{"cmd":"reload"}\n')
+        data = b""
+        while not data.endswith(b"\n"):
+            data += await stream.receive_some(65536)
+    return dict(json.loads(data))
 
 
 @pytest.fixture

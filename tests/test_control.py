@@ -23,7 +23,7 @@ import pytest
 import trio
 import trio.lowlevel
 
-from tests.conftest import DaemonProcess, InProcessDaemon, start_daemon
+from tests.conftest import DaemonProcess, InProcessDaemon, reload_daemon, start_daemon, start_daemon_from_file
 from tests.wsclient import connect
 
 #: the installed console script (what users run; it imports only the client side), else ``python -m aivad``
@@ -203,6 +203,37 @@ async def test_tail_replays_then_streams_live_until_the_client_closes(daemon: In
         assert nxt is not None and nxt["msg"]["seq"] == 6
         await tail2.aclose()
         assert (await pub.ok({"cmd": "publish", "type": "t.x"}))["seq"] == 7
+        await pub.aclose()
+
+
+async def test_a_tail_overtaken_by_retention_is_told_and_closed(nursery: trio.Nursery, tmp_dir: Path) -> None:
+    """A tail that stalls mid-replay while retention deletes past it gets the documented
+    error line and EOF, never the messages after the hole as if they followed."""
+    sections: dict[str, dict[str, Any]] = {
+        "control": {"tail_buffer_lines": 16},
+        "websocket": {"replay_batch": 20},
+        "store": {"retention_max_messages": 0, "retention_interval_s": 0.05},
+    }
+    d = await start_daemon_from_file(nursery, tmp_dir, **sections)
+    pad = "p" * 16_000  # 400 lines of 16 KB: far more than a unix socket buffers
+    with trio.fail_after(30):
+        pub = await LineClient.open(d.control_path)
+        for i in range(400):
+            await pub.ok({"cmd": "publish", "type": "bulk", "payload": {"i": i, "pad": pad}})
+        tail = await LineClient.open(d.control_path)
+        assert (await tail.request({"cmd": "tail", "pattern": "bulk", "since": 0}))["recovered"] is True
+        seen = [(await tail.read_line() or {})["msg"]["seq"]]
+        await trio.sleep(0.3)  # not reading: the replay fills the socket and the tail buffer, then waits
+        sections["store"]["retention_max_messages"] = 10
+        assert "store.retention_max_messages" in (await reload_daemon(d, tmp_dir, **sections))["applied"]
+        while len((await pub.ok({"cmd": "history", "pattern": "bulk", "limit": 11}))["messages"]) > 10:
+            await trio.sleep(0.05)
+        while (line := await tail.read_line()) is not None and "msg" in line:
+            seen.append(line["msg"]["seq"])
+        assert line == {"ok": False, "error": {"code": "overloaded", "message": "tail fell behind; resume with since"}}
+        assert await tail.read_line() is None
+        assert seen == list(range(1, len(seen) + 1)) and len(seen) < 390
+        await tail.aclose()
         await pub.aclose()
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -17,9 +17,7 @@ import websockets
 import websockets.sync.client as ws_sync
 from trio_websocket import open_websocket_url
 
-from aivad.config import load_config
-from aivad.daemon import run_daemon
-from tests.conftest import InProcessDaemon, start_daemon
+from tests.conftest import InProcessDaemon, reload_daemon, start_daemon, start_daemon_from_file
 from tests.wsclient import connect, no_more_messages
 
 
@@ -296,26 +294,17 @@ async def test_retention_overtaking_a_stalled_replay_closes_4008_and_the_resume_
     """A client stalls in the middle of a deep replay; retention (turned on by a reload) then
     deletes past its position. It must not be handed the messages after the hole as if they
     followed: it is closed 4008, and its resume is told the exact gap."""
-    from tests.test_control import LineClient
-
-    config = tmp_dir / "config.toml"
-
-    def write_config(retention_max_messages: int) -> None:
-        config.write_text(
-            f'[websocket]\nhost = "127.0.0.1"\nport = 0\nsend_buffer_frames = 16\nreplay_batch = 20\n'
-            f'[control]\nsocket = "{tmp_dir / "control.sock"}"\n'
-            f'[store]\npath = "{tmp_dir / "aivad.db"}"\nsynchronous = "NORMAL"\n'
-            f"retention_max_messages = {retention_max_messages}\nretention_interval_s = 0.05\n"
-        )
-
-    write_config(0)  # no retention while the history is written
-    endpoints = await nursery.start(partial(run_daemon, load_config(config), config_path=config, handle_signals=False))
+    sections: dict[str, dict[str, Any]] = {
+        "websocket": {"send_buffer_frames": 16, "replay_batch": 20},
+        "store": {"retention_max_messages": 0, "retention_interval_s": 0.05},  # none while history is written
+    }
+    d = await start_daemon_from_file(nursery, tmp_dir, **sections)
     total, pad = 400, "z" * 64_000  # 25 MB: far more than the socket buffers hold
     stalled, go = threading.Event(), threading.Event()
 
     def stall_in_the_replay() -> tuple[list[int], int]:
         """On the websockets library in a thread: read one message, stop reading, then read to the close."""
-        with ws_sync.connect(endpoints.ws_url, max_queue=1, max_size=None) as slow:
+        with ws_sync.connect(d.ws_url, max_queue=1, max_size=None) as slow:
             slow.send(json.dumps({"op": "subscribe", "pattern": "bulk", "since": 0, "ref": 1}))
             assert json.loads(slow.recv())["recovered"] is True
             seen = [json.loads(slow.recv())["msg"]["seq"]]
@@ -328,7 +317,7 @@ async def test_retention_overtaking_a_stalled_replay_closes_4008_and_the_resume_
             return seen, closed.value.rcvd.code
 
     with trio.fail_after(60):
-        async with connect(endpoints.ws_url) as pub:
+        async with connect(d.ws_url) as pub:
             for i in range(total):
                 await pub.publish("bulk", {"i": i, "pad": pad})
         result: list[tuple[list[int], int]] = []
@@ -340,13 +329,10 @@ async def test_retention_overtaking_a_stalled_replay_closes_4008_and_the_resume_
             inner.start_soon(run_slow_client)
             await trio.to_thread.run_sync(stalled.wait, 30)
             await trio.sleep(0.3)  # the replay fills the socket buffers and the outbox, then waits
-            write_config(10)
-            control = await LineClient.open(endpoints.control_path)
-            await control.send({"cmd": "reload"})
-            reply = await control.read_line()
-            await control.aclose()
-            assert reply is not None and "store.retention_max_messages" in reply["applied"], reply
-            async with connect(endpoints.ws_url) as c:
+            sections["store"]["retention_max_messages"] = 10
+            reply = await reload_daemon(d, tmp_dir, **sections)
+            assert "store.retention_max_messages" in reply["applied"], reply
+            async with connect(d.ws_url) as c:
                 while len((await c.ok({"op": "history", "pattern": "bulk", "limit": 11}))["messages"]) > 10:
                     await trio.sleep(0.05)
             go.set()
@@ -354,7 +340,7 @@ async def test_retention_overtaking_a_stalled_replay_closes_4008_and_the_resume_
         assert code == 4008
         assert seen == list(range(1, len(seen) + 1)), "no message after the hole was handed on"
         assert len(seen) < total - 10
-        async with connect(endpoints.ws_url) as again:
+        async with connect(d.ws_url) as again:
             resumed = await again.ok({"op": "subscribe", "pattern": "bulk", "since": seen[-1]})
             assert resumed["recovered"] is False
             assert resumed["gap"] == [seen[-1] + 1, total - 10]
