@@ -19,6 +19,7 @@ Test policy for this module:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import threading
@@ -50,7 +51,7 @@ from aivad.client import (
     Envelope,
     Gap,
 )
-from aivad.client._ws import WebSocketClosed, connect_websocket, parse_ws_url
+from aivad.client._ws import HandshakeRejected, WebSocketClosed, connect_websocket, parse_ws_url
 from aivad.envelope import BadMessage
 from tests.conftest import DaemonProcess, InProcessDaemon, start_daemon
 
@@ -175,6 +176,67 @@ async def test_transport_connection_lost_is_1006() -> None:
             assert caught.value.code == 1006
             with pytest.raises(WebSocketClosed):
                 await conn.send("too late")
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        (b"\x81\x82abcd\x00\x00", 1002),  # a masked frame from a server
+        (b"\xc1\x01x", 1002),  # RSV1: compression nobody agreed to
+        (b"\x83\x01x", 1002),  # a reserved opcode
+        (b"\x81\x02\xff\xfe", 1007),  # text that is not UTF-8
+        (b"\x89\x7e\x00\x80" + b"p" * 128, 1002),  # a ping over 125 bytes
+    ],
+)
+async def test_transport_protocol_violations_close_with_their_code(raw: bytes, code: int) -> None:
+    """A hostile server's frame ends the connection with RFC 6455's close code, on both sides."""
+    sent_back: list[int] = []
+
+    async def script(stream: trio.SocketStream, ws: WSConnection) -> None:
+        await stream.send_all(raw)
+        with contextlib.suppress(Exception):  # wsproto may refuse to parse what it gets back after that
+            for event in await next_events(stream, ws):
+                if isinstance(event, CloseConnection):
+                    sent_back.append(event.code)
+
+    with trio.fail_after(10):
+        async with scripted_server(script) as url:
+            conn = await connect_websocket(url)
+            with pytest.raises(WebSocketClosed) as caught:
+                await conn.receive()
+            assert caught.value.code == code
+            await trio.sleep(0.1)
+    assert sent_back == [code]
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        (b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 5\r\n\r\nbusy!", "rejected with HTTP 503"),
+        (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+         b"Sec-WebSocket-Accept: bm90IHRoZSByaWdodCBrZXk=\r\n\r\n", "Sec-WebSocket-Accept"),
+        (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n", "websocket"),
+        (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", "bad WebSocket handshake response"),
+        (b"", "closed during the WebSocket handshake"),
+    ],
+)
+async def test_handshake_answers_that_are_not_websocket_fail_clearly(answer: bytes, error: str) -> None:
+    async def handle(stream: trio.SocketStream) -> None:
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += await stream.receive_some(65536)
+        await stream.send_all(answer)
+        await stream.aclose()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+            port = listeners[0].socket.getsockname()[1]
+            with pytest.raises((OSError, HandshakeRejected), match=error) as caught:
+                await connect_websocket(f"ws://127.0.0.1:{port}/")
+            if isinstance(caught.value, HandshakeRejected):
+                assert (caught.value.status, caught.value.body) == (503, b"busy!")
+            nursery.cancel_scope.cancel()
 
 
 async def test_connect_refused_is_a_connection_error(tmp_dir: Path) -> None:
