@@ -674,8 +674,8 @@ class AmqpBridge:
         self._draining = False
         #: message_ids of AMQP deliveries being committed now: not forwarded back to the broker
         self._ingesting: set[str] = set()
-        # the outbox lives in the store (see _read_pending); here: RPC replies and dead-task
-        # copies not yet written to it, the cursor, and what is known to wait
+        # the outbox lives in the store (see _read_pending); here: the cursor and what is
+        # known to wait. RPC replies and dead-task copies go in with the task's end (end_writes)
         #: outbox rows dropped (over ``outbox_max``) by writes that ended tasks, not yet counted
         self._dropped_in_writes: list[int] = []
         self._outbox_event = trio.Event()  # set when there may be something to publish
