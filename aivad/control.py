@@ -208,8 +208,7 @@ async def _cmd_tail(session: Session, request: dict[str, Any]) -> None:
     if request.get("ref") is not None:
         reply["ref"] = request["ref"]
     await session.send_line(reply)
-    since = resume.last_seq if parsed.since is None else parsed.since
-    await session.stream_subscription(Subscription(session, parsed.pattern), since)
+    await session.stream_subscription(Subscription(session, parsed.pattern), resume.replay_after)
 
 
 async def _cmd_drain(session: Session, request: dict[str, Any]) -> dict[str, Any]:

@@ -73,6 +73,9 @@ class Resume:
     last_seq: int
     recovered: bool
     gap: tuple[int, int] | None
+    #: where the replay starts (its first message has a greater seq): after the gap the
+    #: client was told of, so a later deletion shows up as one, never as a silent skip
+    replay_after: int
 
     def reply_fields(self, pattern: str) -> dict[str, Any]:
         """The fields of a subscribe (or tail) reply, DESIGN §4.3."""
@@ -132,24 +135,25 @@ class Router:
         """Where a subscription starting now begins, and what retention lost of its range."""
         last_seq = self._store.last_seq
         if since is None:
-            return Resume(last_seq, True, None)
+            return Resume(last_seq, True, None, last_seq)
         floor = self._store.retention_floor
         if since < floor:
-            return Resume(last_seq, False, (since + 1, floor))
-        return Resume(last_seq, True, None)
+            return Resume(last_seq, False, (since + 1, floor), floor)
+        return Resume(last_seq, True, None, since)
 
     async def follow(self, sub: Subscription, after: int) -> None:
         """Replay what ``sub`` missed after seq ``after``, then make it live.
 
-        ``after`` is the client's ``since``, or the ``last_seq`` it was told when
-        it subscribed without one: anything committed since then is replayed
-        too, so the first live message follows ``last_seq`` without a gap.
+        ``after`` is :attr:`Resume.replay_after` of the reply the client got: its
+        ``since``, the end of the gap it was told of, or the ``last_seq`` it was
+        told when it subscribed without one (anything committed since then is
+        replayed too, so the first live message follows ``last_seq`` without a gap).
         Replay frames go through ``sink.put`` (the client's reading pace decides);
         there is no cap on the depth of the replay. If retention deletes
         messages the replay has not reached, the sink is told (``overtaken``)
         and the subscription ends: going on would skip them without a word.
         """
-        sub.after = max(after, self._store.retention_floor)
+        sub.after = after
         while sub.after < self._store.last_seq:
             history = await self._store.history(sub.pattern, sub.after, self.replay_batch)
             if history.retention_floor > sub.after:

@@ -391,7 +391,7 @@ async def _op_subscribe(conn: Connection, frame: dict[str, Any]) -> dict[str, An
     await conn.put(_frame({"op": "ok", "ref": frame.get("ref"), **resume.reply_fields(pattern)}))
     sub = Subscription(conn, pattern)
     conn.subscriptions[pattern] = sub
-    await router.follow(sub, resume.last_seq if since is None else since)
+    await router.follow(sub, resume.replay_after)
     return None
 
 

@@ -341,6 +341,26 @@ async def test_retention_overtaking_a_replay_ends_it_instead_of_skipping(tmp_dir
             nursery.cancel_scope.cancel()
 
 
+async def test_retention_between_the_subscribe_reply_and_the_replay_is_not_skipped(tmp_dir: Path) -> None:
+    """The reply said "no gap"; retention then runs before the replay starts: the replay
+    starts where the reply said, so it sees the deletion and ends, rather than starting
+    at the new floor as if the client had been told."""
+    with trio.fail_after(20):
+        async with open_store(store_config(tmp_dir)) as store:
+            await store.append_many([env("r.x", i) for i in range(50)])
+            router = Router(store, replay_batch=10)
+            resume = router.resume_point(0)
+            assert (resume.recovered, resume.replay_after) == (True, 0)
+            assert await store.apply_retention(20, 0) == 30
+            sink = GatedSink(hold_at=1000)
+            sub = Subscription(sink, "r.#")
+            await router.follow(sub, resume.replay_after)
+            assert sink.was_overtaken and sink.seqs == []
+            # a resume now is told the gap, and its replay starts after it
+            again = router.resume_point(0)
+            assert (again.recovered, again.gap, again.replay_after) == (False, (1, 30), 30)
+
+
 async def test_retention_by_age(tmp_dir: Path) -> None:
     with trio.fail_after(20):
         async with open_store(store_config(tmp_dir)) as store:
