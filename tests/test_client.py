@@ -19,7 +19,9 @@ Test policy for this module:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import json
 import signal
 import threading
@@ -216,6 +218,7 @@ async def test_transport_protocol_violations_close_with_their_code(raw: bytes, c
         (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
          b"Sec-WebSocket-Accept: bm90IHRoZSByaWdodCBrZXk=\r\n\r\n", "Sec-WebSocket-Accept"),
         (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n", "websocket"),
+        (b"HTTP/1.1 403 Forbidden\r\nConnection: close\r\n\r\nnope", "rejected with HTTP 403"),
         (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", "bad WebSocket handshake response"),
         (b"", "closed during the WebSocket handshake"),
     ],
@@ -234,8 +237,8 @@ async def test_handshake_answers_that_are_not_websocket_fail_clearly(answer: byt
             port = listeners[0].socket.getsockname()[1]
             with pytest.raises((OSError, HandshakeRejected), match=error) as caught:
                 await connect_websocket(f"ws://127.0.0.1:{port}/")
-            if isinstance(caught.value, HandshakeRejected):
-                assert (caught.value.status, caught.value.body) == (503, b"busy!")
+            if isinstance(caught.value, HandshakeRejected):  # with its body, however it ended
+                assert (caught.value.status, caught.value.body) in ((503, b"busy!"), (403, b"nope"))
             nursery.cancel_scope.cancel()
 
 
@@ -593,3 +596,41 @@ async def test_silent_connection_is_replaced_by_keepalive() -> None:
             assert sub.statistics().reconnects == 1
     assert "since" not in subscribes[0]
     assert subscribes[1]["since"] == 7  # resumed from the daemon's last_seq of the first subscribe
+
+
+async def test_a_101_without_connection_upgrade_is_not_a_websocket() -> None:
+    """RFC 6455 §4.1: the client fails a 101 that lacks ``Connection: Upgrade``, even with the right accept."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += await stream.receive_some(65536)
+        key = next(line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
+                   if line.lower().startswith(b"sec-websocket-key:"))
+        accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+        await stream.send_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                              b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        await stream.aclose()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+            port = listeners[0].socket.getsockname()[1]
+            with pytest.raises(OSError, match="does not upgrade to websocket"):
+                await connect_websocket(f"ws://127.0.0.1:{port}/")
+            nursery.cancel_scope.cancel()
+
+
+async def test_nothing_after_the_peers_close_frame_is_delivered() -> None:
+    async def script(stream: trio.SocketStream, ws: WSConnection) -> None:
+        await stream.send_all(b"\x81\x05first" + b"\x88\x02\x03\xe8" + b"\x81\x0bafter-close")  # one chunk
+        with contextlib.suppress(Exception):
+            await next_events(stream, ws)
+
+    with trio.fail_after(10):
+        async with scripted_server(script) as url:
+            conn = await connect_websocket(url)
+            assert await conn.receive() == "first"
+            with pytest.raises(WebSocketClosed) as caught:
+                await conn.receive()
+            assert caught.value.code == 1000

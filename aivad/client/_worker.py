@@ -518,7 +518,10 @@ class Worker:
 
     async def _take_slot(self) -> None:
         """A free slot without a trip through the event loop (the usual case: the
-        daemon never sends more tasks than ``concurrency``); else wait for one."""
+        daemon never sends more tasks than ``concurrency``); else wait for one.
+        A handler whose scope is already cancelled (connection lost, deadline
+        passed) does not start: that checks without yielding."""
+        await anyio.lowlevel.checkpoint_if_cancelled()
         try:
             self._slots.acquire_nowait()
         except anyio.WouldBlock:

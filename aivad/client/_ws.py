@@ -190,6 +190,7 @@ class WebSocketConnection:
                 await self.aclose(exc.code, exc.reason)
                 return
             self._set_closed(code, reason)
+            self._events.clear()  # nothing after a close frame counts (RFC 6455 §5.5.1)
             if not self._close_sent:  # answer the close with its code (RFC 6455 §5.5.1)
                 self._close_sent = True
                 answer = close_payload(code) if code != 1005 else b""
@@ -273,10 +274,13 @@ async def _handshake(stream: anyio.abc.ByteStream, url: str, host_header: str, t
             try:
                 http.receive_data(await stream.receive(_RECEIVE_CHUNK))
             except anyio.EndOfStream:
-                raise OSError(f"{url}: connection closed during the WebSocket handshake") from None
+                if not reject_status:
+                    raise OSError(f"{url}: connection closed during the WebSocket handshake") from None
+                http.receive_data(b"")  # a rejection's body may end with the connection
         elif isinstance(event, h11.InformationalResponse) and event.status_code == 101:
             headers = {name: value for name, value in event.headers}
-            if headers.get(b"upgrade", b"").lower() != b"websocket":
+            connection = {token.strip() for token in headers.get(b"connection", b"").lower().split(b",")}
+            if headers.get(b"upgrade", b"").lower() != b"websocket" or b"upgrade" not in connection:
                 raise OSError(f"{url}: the 101 response does not upgrade to websocket")
             if headers.get(b"sec-websocket-accept") != _accept_token(key):
                 raise OSError(f"{url}: bad Sec-WebSocket-Accept in the handshake response")
