@@ -171,6 +171,13 @@ class FrameReader:
                         raise FrameError(CLOSE_PROTOCOL_ERROR, "fragmented or oversized control frame")
                 elif opcode not in _DATA_OPCODES:
                     raise FrameError(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode:#x}")
+                elif (opcode == OP_CONTINUATION) != (self._opcode is not None):
+                    raise FrameError(
+                        CLOSE_PROTOCOL_ERROR,
+                        "continuation frame with no message to continue"
+                        if self._opcode is None
+                        else "new message before the previous one was finished",
+                    )
                 elif self._size + n > self.max_message_bytes:
                     raise FrameError(CLOSE_TOO_BIG, f"message over {self.max_message_bytes} bytes")
                 if self.masked:
@@ -198,12 +205,9 @@ class FrameReader:
 
     def _message(self, opcode: int, fin: bool, payload: bytes) -> tuple[int, str | bytes] | None:
         """Reassemble data frames; the whole message once its final frame is in."""
-        if opcode == OP_CONTINUATION:
-            if self._opcode is None:
-                raise FrameError(CLOSE_PROTOCOL_ERROR, "continuation frame with no message to continue")
+        if opcode == OP_CONTINUATION:  # (the order of data frames was checked with the header)
+            assert self._opcode is not None
             opcode = self._opcode
-        elif self._opcode is not None:
-            raise FrameError(CLOSE_PROTOCOL_ERROR, "new message before the previous one was finished")
         if not fin or self._parts:
             self._parts.append(payload)
             self._size += len(payload)

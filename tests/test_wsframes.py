@@ -82,6 +82,7 @@ def test_fragments_reassembled_with_a_ping_between() -> None:
         (raw_frame(0x09, b"p", mask=True), 1002),  # fragmented control frame
         (raw_frame(0x80, b"x", mask=True), 1002),  # continuation with nothing to continue
         (raw_frame(0x01, b"a", mask=True) + raw_frame(0x81, b"b", mask=True), 1002),  # new message mid-message
+        (raw_frame(0x01, b"a", mask=True) + raw_frame(0x81, b"b" * 120, mask=True), 1002),  # ... even a big one
         (raw_frame(0x81, b"\xff\xfe", mask=True), 1007),  # text that is not UTF-8
         (raw_frame(0x81, b"", mask=True, declared=1 << 40), 1009),  # a lying header: refused before any payload
         (raw_frame(0x01, b"a" * 60, mask=True) + raw_frame(0x80, b"b" * 60, mask=True), 1009),  # too big reassembled
