@@ -49,7 +49,7 @@ import trio
 from aivad.amqp import AmqpBridge, serve_amqp
 from aivad.config import AmqpConfig, StoreConfig
 from aivad.store import serve_store
-from tests.brokers import free_port
+from tests.brokers import declare_events_topology, free_port
 
 BODY_BYTES = 200
 
@@ -87,20 +87,6 @@ def declare_raw(url: str, queue: str) -> None:
     conn = pika.BlockingConnection(pika.URLParameters(url))
     try:
         conn.channel().queue_declare(queue, durable=True)
-    finally:
-        conn.close()
-
-
-def declare_aivad(url: str, cfg: AmqpConfig) -> None:
-    """The bridge's topology, so the queue can be filled before the bridge starts."""
-    conn = pika.BlockingConnection(pika.URLParameters(url))
-    try:
-        ch = conn.channel()
-        ch.exchange_declare(cfg.events_exchange, "topic", durable=True)
-        ch.exchange_declare(cfg.dead_letter_exchange, "fanout", durable=True)
-        ch.queue_declare(cfg.events_queue, durable=True,
-                         arguments={"x-dead-letter-exchange": cfg.dead_letter_exchange})
-        ch.queue_bind(cfg.events_queue, cfg.events_exchange, cfg.events_binding_key)
     finally:
         conn.close()
 
@@ -255,7 +241,7 @@ def one_run(url: str, n: int, prefetch: int, synchronous: str,
         tasks_exchange=f"bench-t-{sfx}", tasks_queue=f"bench-tq-{sfx}",
         dead_letter_exchange=f"bench-dlx-{sfx}", dead_letter_queue=f"bench-dead-{sfx}",
     )
-    declare_aivad(url, cfg)
+    declare_events_topology(url, cfg)
     fill(url, cfg.events_exchange, "bench.ingest.msg", cfg.events_queue, n)
     with tempfile.TemporaryDirectory(prefix="aivad-bench-") as tmp:
         store_cfg = StoreConfig(path=str(Path(tmp) / "aivad.db"), synchronous=synchronous)  # type: ignore[arg-type]

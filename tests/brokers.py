@@ -26,6 +26,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from aivad.config import AmqpConfig
 
 __all__ = [
     "RabbitMQ",
@@ -319,6 +323,23 @@ class Redis:
             self._proc = None
         if remove:
             shutil.rmtree(self.base, ignore_errors=True)
+
+
+def declare_events_topology(url: str, cfg: AmqpConfig) -> None:
+    """Declare the events exchange, queue and dead-letter exchange as the bridge does (with
+    pika, a client sharing no code with aivad), so the queue can be filled before it starts."""
+    import pika  # type: ignore[import-untyped]  # a test/bench dependency, not the daemon's
+
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        ch = conn.channel()
+        ch.exchange_declare(cfg.events_exchange, "topic", durable=True)
+        ch.exchange_declare(cfg.dead_letter_exchange, "fanout", durable=True)
+        ch.queue_declare(cfg.events_queue, durable=True,
+                         arguments={"x-dead-letter-exchange": cfg.dead_letter_exchange})
+        ch.queue_bind(cfg.events_queue, cfg.events_exchange, cfg.events_binding_key)
+    finally:
+        conn.close()
 
 
 def start_rabbitmq() -> RabbitMQ:

@@ -37,7 +37,7 @@ from aivad.amqp import (
 from aivad.config import AmqpConfig, StoreConfig
 from aivad.envelope import BadMessage, Envelope
 from aivad.store import Store, serve_store
-from tests.brokers import RabbitMQ
+from tests.brokers import RabbitMQ, declare_events_topology
 
 # ---- mapping, no broker ------------------------------------------------------------
 
@@ -142,18 +142,6 @@ def make_cfg(url: str, **overrides: Any) -> AmqpConfig:
 def pika_channel(url: str) -> tuple[pika.BlockingConnection, Any]:
     conn = pika.BlockingConnection(pika.URLParameters(url))
     return conn, conn.channel()
-
-
-def declare_like_the_bridge(url: str, cfg: AmqpConfig) -> None:
-    conn, ch = pika_channel(url)
-    try:
-        ch.exchange_declare(cfg.events_exchange, "topic", durable=True)
-        ch.exchange_declare(cfg.dead_letter_exchange, "fanout", durable=True)
-        ch.queue_declare(cfg.events_queue, durable=True,
-                         arguments={"x-dead-letter-exchange": cfg.dead_letter_exchange})
-        ch.queue_bind(cfg.events_queue, cfg.events_exchange, cfg.events_binding_key)
-    finally:
-        conn.close()
 
 
 def publish(url: str, exchange: str, messages: list[tuple[str, bytes, pika.BasicProperties]]) -> None:
@@ -350,7 +338,7 @@ async def test_own_events_published_with_confirms_and_not_reingested(rabbitmq: R
 
 async def test_cancel_returns_unacked_deliveries_to_the_queue(rabbitmq: RabbitMQ, tmp_path: Path) -> None:
     cfg = make_cfg(rabbitmq.url, prefetch=50)
-    await trio.to_thread.run_sync(declare_like_the_bridge, rabbitmq.url, cfg)
+    await trio.to_thread.run_sync(declare_events_topology, rabbitmq.url, cfg)
     ids = [f"u-{i}" for i in range(200)]
     await trio.to_thread.run_sync(fill_fast, rabbitmq.url, cfg.events_exchange, "a.b", cfg.events_queue, ids)
     stuck: list[StuckSink] = []
@@ -406,7 +394,7 @@ async def test_consumer_cancelled_by_broker_is_noticed_and_resumed(rabbitmq: Rab
 async def test_broker_restart_mid_stream_no_loss_no_duplicates(rabbitmq: RabbitMQ, tmp_path: Path) -> None:
     cfg = make_cfg(rabbitmq.url, prefetch=100, batch_max=100)
     side = f"side-{uuid.uuid4().hex[:8]}"
-    await trio.to_thread.run_sync(declare_like_the_bridge, rabbitmq.url, cfg)
+    await trio.to_thread.run_sync(declare_events_topology, rabbitmq.url, cfg)
     conn, ch = pika_channel(rabbitmq.url)
     ch.queue_declare(side, durable=True)
     ch.queue_bind(side, cfg.events_exchange, "task.#")
@@ -516,7 +504,7 @@ def test_sigterm_with_unacked_deliveries(rabbitmq: RabbitMQ, tmp_dir: Path) -> N
     from tests.conftest import DaemonProcess
 
     cfg = make_cfg(rabbitmq.url, prefetch=500)
-    declare_like_the_bridge(rabbitmq.url, cfg)
+    declare_events_topology(rabbitmq.url, cfg)
     ids = [f"term-{i}" for i in range(30_000)]
     fill_fast(rabbitmq.url, cfg.events_exchange, "load.term", cfg.events_queue, ids)
     proc = DaemonProcess(tmp_dir, amqp={**_amqp_section(cfg), "prefetch": 500})
