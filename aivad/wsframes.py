@@ -37,6 +37,7 @@ __all__ = [
     "FrameReader",
     "close_payload",
     "encode_frame",
+    "parse_close",
 ]
 
 OP_CONTINUATION: Final = 0x0
