@@ -19,6 +19,17 @@ from pathlib import Path
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def control(path: str | Path, request: dict[str, object]) -> dict[str, object]:
+    """One request on aivad's control socket (JSON line out, JSON line back)."""
+    import json
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(path))
+        s.sendall(json.dumps(request).encode() + b"\n")
+        return dict(json.loads(s.makefile("rb").readline()))
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago (the usual small race is accepted)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -31,7 +31,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,7 @@ import trio
 from aivad.amqp import AmqpBridge, serve_amqp
 from aivad.config import AmqpConfig, StoreConfig
 from aivad.store import serve_store
+from bench._common import control as control_request
 from tests.brokers import declare_events_topology, free_port
 
 BODY_BYTES = 200
@@ -164,14 +164,6 @@ with connect(url, max_size=None) as ws:
 """
 
 
-def _control(path: str, request: dict[str, object]) -> dict[str, object]:
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(10)
-        s.connect(path)
-        s.sendall(json.dumps(request).encode() + b"\n")
-        return dict(json.loads(s.makefile("rb").readline()))
-
-
 def aivad_to_websocket(cfg: AmqpConfig, n: int, synchronous: str) -> float | None:
     """The real ``aivad serve`` (AMQP on) → a ``#`` subscriber in another process.
 
@@ -207,7 +199,7 @@ def aivad_to_websocket(cfg: AmqpConfig, n: int, synchronous: str) -> float | Non
                 if daemon.poll() is not None:
                     raise RuntimeError((Path(tmp) / "daemon.log").read_text())
                 try:
-                    status = _control(control, {"cmd": "status"})
+                    status = control_request(control, {"cmd": "status"})
                     break
                 except (OSError, ValueError):
                     if time.monotonic() > deadline:

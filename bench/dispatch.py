@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -52,12 +51,12 @@ import textwrap
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import (
     ChildServer,
+    control,
     cpu_seconds,
     free_port,
     machine,
@@ -190,14 +189,6 @@ def bench_relay(tmp: Path, workers: int, kind: str, args: argparse.Namespace) ->
 
 
 # ---- aivad --------------------------------------------------------------------------------------
-
-
-def control(path: Path, request: dict[str, Any]) -> dict[str, Any]:
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(10)
-        s.connect(str(path))
-        s.sendall(json.dumps(request).encode() + b"\n")
-        return dict(json.loads(s.makefile("rb").readline()))
 
 
 def start_aivad(tmp: Path, name: str) -> tuple[ChildServer, str, Path]:

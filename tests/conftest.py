@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -111,8 +111,13 @@ async def start_daemon_from_file(nursery: trio.Nursery, directory: Path, **secti
 async def reload_daemon(d: InProcessDaemon, directory: Path, **sections: dict[str, Any]) -> dict[str, Any]:
     """Rewrite the config file of :func:`start_daemon_from_file` with ``sections`` and reload; the reply."""
     (directory / "config.toml").write_text(to_toml(test_config(directory, **sections)))
-    async with await trio.open_unix_socket(d.control_path) as stream:
-        await stream.send_all(b'{"cmd":"reload"}\n')
+    return await control_async(d.control_path, {"cmd": "reload"})
+
+
+async def control_async(path: str, request: dict[str, Any]) -> dict[str, Any]:
+    """One request on the control socket from trio (no aivad code): its reply line."""
+    async with await trio.open_unix_socket(path) as stream:
+        await stream.send_all(json.dumps(request).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
             data += await stream.receive_some(65536)
@@ -126,6 +131,15 @@ async def daemon(nursery: trio.Nursery, tmp_dir: Path) -> InProcessDaemon:
 
 
 # ---- the real subprocess ---------------------------------------------------------
+
+
+def control_request(path: str, request: dict[str, Any], timeout_s: float = 10.0) -> dict[str, Any]:
+    """One request on the control socket, blocking, with a plain socket (no aivad code)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout_s)
+        s.connect(path)
+        s.sendall(json.dumps(request).encode() + b"\n")
+        return dict(json.loads(s.makefile("rb").readline()))
 
 
 class DaemonProcess:
@@ -164,11 +178,21 @@ class DaemonProcess:
         raise RuntimeError(f"aivad serve did not become ready:\n{self.log()}")
 
     def control(self, request: dict[str, Any], timeout_s: float = 10.0) -> dict[str, Any]:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(timeout_s)
-            s.connect(self.control_path)
-            s.sendall(json.dumps(request).encode() + b"\n")
-            return dict(json.loads(s.makefile("rb").readline()))
+        return control_request(self.control_path, request, timeout_s)
+
+    def sigterm_mid_intake(self, progress: Callable[[], int], at_least: int) -> None:
+        """Start, wait until ``progress()`` reaches ``at_least``, SIGTERM: it must exit 0 within the grace."""
+        self.start()
+        try:
+            deadline = time.monotonic() + 30
+            while progress() < at_least:
+                if time.monotonic() >= deadline:
+                    pytest.fail(self.log())
+                time.sleep(0.01)
+            self.signal(signal.SIGTERM)
+            assert self.wait(5.0 + 2) == 0, self.log()  # within shutdown.grace_s of the test config
+        finally:
+            self.stop()
 
     def cli(self, *args: str, input: str | None = None, timeout_s: float = 20.0) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -38,6 +38,7 @@ from aivad.config import AmqpConfig, StoreConfig
 from aivad.envelope import BadMessage, Envelope
 from aivad.store import Store, serve_store
 from tests.brokers import RabbitMQ, declare_events_topology
+from tests.conftest import control_request
 
 # ---- mapping, no broker ------------------------------------------------------------
 
@@ -443,14 +444,7 @@ async def test_broker_restart_mid_stream_no_loss_no_duplicates(rabbitmq: RabbitM
 
 
 def _daemon_amqp_status(control_path: str) -> dict[str, Any]:
-    import socket as socket_
-
-    with socket_.socket(socket_.AF_UNIX) as s:
-        s.settimeout(10)
-        s.connect(control_path)
-        s.sendall(b'{"cmd": "status"}\n')
-        reply = json.loads(s.makefile("rb").readline())
-    amqp = reply["status"]["amqp"]
+    amqp = control_request(control_path, {"cmd": "status"})["status"]["amqp"]
     assert "consuming" in amqp, f"status shows no running AMQP bridge: {amqp}"
     return dict(amqp)
 
@@ -498,7 +492,6 @@ async def test_deepsoc_flow_through_the_daemon(rabbitmq: RabbitMQ, nursery: trio
 
 def test_sigterm_with_unacked_deliveries(rabbitmq: RabbitMQ, tmp_dir: Path) -> None:
     """SIGTERM mid-stream: exit 0 within the grace; every message is stored or back in the queue."""
-    import signal as signal_
     import sqlite3
 
     from tests.conftest import DaemonProcess
@@ -508,17 +501,7 @@ def test_sigterm_with_unacked_deliveries(rabbitmq: RabbitMQ, tmp_dir: Path) -> N
     ids = [f"term-{i}" for i in range(30_000)]
     fill_fast(rabbitmq.url, cfg.events_exchange, "load.term", cfg.events_queue, ids)
     proc = DaemonProcess(tmp_dir, amqp={**_amqp_section(cfg), "prefetch": 500})
-    proc.start()
-    try:
-        deadline = time.monotonic() + 30
-        while _daemon_amqp_status(proc.control_path)["stored"] < 2000:
-            if time.monotonic() >= deadline:
-                pytest.fail(proc.log())
-            time.sleep(0.01)
-        proc.signal(signal_.SIGTERM)
-        assert proc.wait(5.0 + 2) == 0, proc.log()  # within shutdown.grace_s of the test config
-    finally:
-        proc.stop()
+    proc.sigterm_mid_intake(lambda: int(_daemon_amqp_status(proc.control_path)["stored"]), 2000)
     with sqlite3.connect(proc.db_path) as db:
         stored = {row[0] for row in db.execute("SELECT message_id FROM messages")}
     ready, unacked = rabbitmq.queue_counts()[cfg.events_queue]

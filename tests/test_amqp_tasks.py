@@ -14,7 +14,6 @@ with explicit bounds; counting is by task_id / message_id.
 from __future__ import annotations
 
 import json
-import socket
 import sqlite3
 import time
 import uuid
@@ -36,7 +35,7 @@ from aivad.envelope import BadMessage
 from aivad.store import serve_store
 from aivad.tasks import TaskSpec
 from tests.brokers import RabbitMQ
-from tests.conftest import test_config
+from tests.conftest import control_request, test_config
 from tests.test_amqp import get_all, make_cfg, pika_channel, publish
 from tests.wsclient import TestClient, connect
 
@@ -169,14 +168,6 @@ def fib(n: int) -> int:
     return a
 
 
-def control(path: str, request: dict[str, Any]) -> dict[str, Any]:
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(10)
-        s.connect(path)
-        s.sendall(json.dumps(request).encode() + b"\n")
-        return dict(json.loads(s.makefile("rb").readline()))
-
-
 def amqp_section(cfg: AmqpConfig, **extra: Any) -> dict[str, Any]:
     keys = ("enabled", "url", "events_exchange", "events_queue", "tasks_exchange", "tasks_queue",
             "dead_letter_exchange", "dead_letter_queue", "reconnect_initial_s", "reconnect_max_s", "grace_s",
@@ -191,7 +182,7 @@ class Daemon:
         self.ws_url, self.control_path, self.http_port, self.cfg = ws_url, control_path, http_port, cfg
 
     async def control(self, request: dict[str, Any]) -> dict[str, Any]:
-        return await trio.to_thread.run_sync(control, self.control_path, request)
+        return await trio.to_thread.run_sync(control_request, self.control_path, request)
 
     async def amqp(self) -> dict[str, Any]:
         return dict((await self.control({"cmd": "status"}))["status"]["amqp"])
@@ -685,7 +676,6 @@ async def test_broker_restart_while_tasks_arrive_no_loss_no_duplicates(rabbitmq:
 
 def test_sigterm_while_tasks_arrive(rabbitmq: RabbitMQ, tmp_dir: Path) -> None:
     """SIGTERM mid-intake: exit 0; every task is in the store or back in the queue, none unacked."""
-    import signal as signal_
     import sqlite3
 
     from tests.conftest import DaemonProcess
@@ -694,17 +684,7 @@ def test_sigterm_while_tasks_arrive(rabbitmq: RabbitMQ, tmp_dir: Path) -> None:
     ids = [f"term-{i}" for i in range(6000)]
     fill_tasks(rabbitmq.url, cfg, ids)
     proc = DaemonProcess(tmp_dir, amqp=amqp_section(cfg, prefetch=500))
-    proc.start()
-    try:
-        deadline = time.monotonic() + 30
-        while proc.control({"cmd": "status"})["status"]["amqp"]["tasks_submitted"] < 300:
-            if time.monotonic() >= deadline:
-                pytest.fail(proc.log())
-            time.sleep(0.01)
-        proc.signal(signal_.SIGTERM)
-        assert proc.wait(5.0 + 2) == 0, proc.log()  # within shutdown.grace_s of the test config
-    finally:
-        proc.stop()
+    proc.sigterm_mid_intake(lambda: int(proc.control({"cmd": "status"})["status"]["amqp"]["tasks_submitted"]), 300)
     with sqlite3.connect(proc.db_path) as db:
         stored = {row[0] for row in db.execute("SELECT task_id FROM tasks")}
         created = db.execute("SELECT count(*) FROM messages WHERE type = 'task.created'").fetchone()[0]

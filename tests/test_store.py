@@ -23,7 +23,7 @@ from aivad.config import StoreConfig
 from aivad.envelope import Envelope, pattern_matches
 from aivad.router import Router, Subscription
 from aivad.store import Appended, Store, StoreClosed, Write, insert_envelopes, serve_store
-from tests.conftest import start_daemon
+from tests.conftest import control_async, start_daemon
 from tests.wsclient import connect, no_more_messages
 
 
@@ -420,13 +420,7 @@ async def test_subscribe_since_after_retention_reports_the_exact_gap(nursery: tr
 
 
 async def control_status(path: str) -> dict[str, Any]:
-    stream = await trio.open_unix_socket(path)
-    async with stream:
-        await stream.send_all(b'{"cmd":"status"}\n')
-        data = b""
-        while not data.endswith(b"\n"):
-            data += await stream.receive_some(65536)
-    reply = json.loads(data)
+    reply = await control_async(path, {"cmd": "status"})
     assert reply["ok"], reply
     return dict(reply["status"])
 

@@ -16,7 +16,7 @@ import trio
 
 from aivad.config import TasksConfig
 from aivad.tasks import TaskSpec, backoff_s, parse_priority
-from tests.conftest import InProcessDaemon, start_daemon
+from tests.conftest import InProcessDaemon, control_async, start_daemon
 from tests.wsclient import TestClient, connect
 
 
@@ -384,14 +384,7 @@ def test_daemon_restart_mid_task_retries_it(tmp_dir: Path, kill: bool) -> None:
         proc.stop()
 
 
-async def control(path: str, request: dict[str, Any]) -> dict[str, Any]:
-    stream = await trio.open_unix_socket(path)
-    async with stream:
-        await stream.send_all(json.dumps(request).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            data += await stream.receive_some(65536)
-    return dict(json.loads(data))
+control = control_async
 
 
 async def test_dlq_list_show_replay_purge_over_control(daemon: InProcessDaemon) -> None:
