@@ -104,6 +104,15 @@ class LimitsConfig:
 
 
 @attrs.frozen
+class SystemConfig:
+    """The daemon's own events: system.health_check and system.alert (DESIGN §2)."""
+
+    health_interval_s: float = _positive(30.0)
+    alert_interval_s: float = _field(10.0, lambda v: v >= 0, "must be >= 0 (0 = no rate limit)")
+    alert_queue: int = _at_least(100, 1)
+
+
+@attrs.frozen
 class ShutdownConfig:
     grace_s: float = _positive(10.0)
 
@@ -191,6 +200,7 @@ class Config:
     redis: RedisConfig = attrs.field(factory=RedisConfig)
     tasks: TasksConfig = attrs.field(factory=TasksConfig)
     limits: LimitsConfig = attrs.field(factory=LimitsConfig)
+    system: SystemConfig = attrs.field(factory=SystemConfig)
 
 
 def _strict(kind: type, accepts: tuple[type, ...]) -> Callable[[Any, type], Any]:
