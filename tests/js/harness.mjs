@@ -200,13 +200,13 @@ export class Daemon {
   }
 
   /** Every stored message matching `pattern`, paging through history on the control socket. */
-  async allHistory(pattern) {
+  async allHistory(pattern, { limit = 1000 } = {}) {
     const messages = [];
     let after = 0;
     for (;;) {
-      const reply = await this.control({ cmd: "history", pattern, after, limit: 1000 });
+      const reply = await this.control({ cmd: "history", pattern, after, limit });
       messages.push(...reply.messages);
-      if (reply.messages.length < 1000) return messages;
+      if (reply.messages.length < limit) return messages;
       after = reply.last_seq;
     }
   }
