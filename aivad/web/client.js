@@ -120,7 +120,7 @@
 /**
  * Options of {@link connect}. Every queue has a bound here; times are in ms.
  * @typedef {object} ConnectOptions
- * @property {TokenSource} [token]  Without one no `auth` frame is sent.
+ * @property {TokenSource} [token]  Without one (or with "") no `auth` frame is sent.
  * @property {WebSocketConstructor} [WebSocket]  For environments without a global WebSocket.
  * @property {number} [maxQueued=1000]  Calls not yet answered (waiting for a connection, a
  *   reply or a retry); one more is rejected with `overloaded` at once.
@@ -641,6 +641,7 @@ export function connect(url, options = {}) {
  */
 export class Client {
   #url;
+  /** @type {typeof DEFAULTS & ConnectOptions} */
   #opts;
   #WebSocket;
   /** @type {Link | null} */
@@ -689,8 +690,9 @@ export class Client {
     if (token != null && typeof token !== "string" && typeof token !== "function") {
       throw new AivadError("bad_request", "token must be a string or a function returning one");
     }
-    this.#opts = { ...DEFAULTS, ...defined({ ...options }) };
-    this.#connectOnce();
+    this.#opts = { ...DEFAULTS, ...defined({ ...options, token: token === "" ? undefined : token }) };
+    // after connect() returned: callbacks may then use the variable the client is assigned to
+    queueMicrotask(() => this.#connectOnce());
   }
 
   /** The connection's state: connecting, open, disconnected (waiting to retry) or closed. */
@@ -854,8 +856,8 @@ export class Client {
     return this.#call("task.status", { task_id: taskId }, {
       idempotent: true,
       timeoutMs: options.timeoutMs,
-      decode: (reply) => defined({ taskId: reply.task_id, type: reply.type, state: reply.state,
-        attempts: reply.attempts, result: reply.result, error: reply.error }),
+      decode: (reply) => /** @type {TaskStatus} */ (defined({ taskId: reply.task_id, type: reply.type,
+        state: reply.state, attempts: reply.attempts, result: reply.result, error: reply.error })),
     });
   }
 
@@ -908,6 +910,7 @@ export class Client {
 
   /** Get a token if there is one, open a socket, and wire its events to this client. */
   async #connectOnce() {
+    if (this.#state === "closed") return;
     this.#setState("connecting", { attempt: this.#attempt });
     /** @type {string | null} */
     let token = null;
@@ -920,7 +923,7 @@ export class Client {
         this.#scheduleReconnect(undefined, "no token");
         return;
       }
-      if (this.#state === "closed") return;
+      if (this.#isClosed()) return; // closed while the token function ran
     }
     let ws;
     try {
@@ -1041,7 +1044,11 @@ export class Client {
     this.#link = null;
     link.stopTimers();
     clearTimeout(this.#refreshTimer);
-    if (code === 4001) this.#token = null; // expired or never accepted: ask for a fresh one
+    if (code === 4001) {
+      this.#token = null; // expired or never accepted: ask for a fresh one
+      const why = this.#opts.token == null ? "the daemon requires a token" : "the token expired or was not accepted in time";
+      this.#report(new AivadError("unauthorized", `closed with 4001: ${why}`));
+    }
     const tooLarge = code === 1009 ? largestCall(link) : null;
     for (const waiter of link.pending.values()) {
       const call = waiter.call;
@@ -1070,6 +1077,7 @@ export class Client {
    * @param {string} reason
    */
   #scheduleReconnect(code, reason) {
+    if (this.#isClosed()) return;
     const delay = backoffDelay(this.#attempt++, this.#opts.reconnectInitialMs, this.#opts.reconnectMaxMs);
     this.#setState("disconnected", { code, reason, retryInMs: Math.round(delay) });
     this.#reconnectTimer = setTimeout(() => {
@@ -1091,6 +1099,10 @@ export class Client {
     }
     link.pingOutstanding = true;
     this.#sendInternal(link, { op: "ping" }, () => {});
+  }
+
+  #isClosed() {
+    return this.#state === "closed";
   }
 
   /**
