@@ -123,6 +123,20 @@ test("errors carry the daemon's codes; bad input fails at once", async (t) => {
   assert.throws(() => connect("ftp://x/"), (error) => error.code === "bad_request");
 });
 
+test("a frame over the daemon's limit (close 1009) fails that call with too_large; the others are sent again", async (t) => {
+  const daemon = await daemonFor(t, { websocket: { max_frame_bytes: 1024 } });
+  const states = [];
+  const client = clientFor(t, daemon.url, { onStateChange: (state, detail) => states.push({ state, ...detail }) });
+  await client.ping();
+  const big = client.publish("big.x", "x".repeat(2000)).catch((e) => e);
+  const small = client.publish("big.x", "small");
+  assert.equal((await big).code, "too_large");
+  assert.ok((await small).seq > 0);
+  assert.ok(states.some((s) => s.state === "disconnected" && s.code === 1009), JSON.stringify(states));
+  const stored = await daemon.allHistory("big.#");
+  assert.deepEqual(stored.map((m) => m.payload), ["small"]);
+});
+
 test("a subscribe answered with `overloaded` is tried again until it succeeds", async (t) => {
   const daemon = await daemonFor(t, { websocket: { max_subscriptions: 1 } });
   const client = clientFor(t, daemon.url);

@@ -125,3 +125,27 @@ test("a since that retention overtook reports recovered:false with the gap, then
   assert.deepEqual(rec.seqs, kept.map((m) => m.seq));
   assert.ok(rec.seqs[0] > floor);
 });
+
+test("a frozen daemon (SIGSTOP): keepalive gives the silent connection up, the client resumes after SIGCONT", async (t) => {
+  const daemon = await daemonFor(t);
+  const log = stateLog();
+  const client = clientFor(t, daemon.url, { keepaliveMs: 200, connectTimeoutMs: 500, onStateChange: log.onStateChange });
+  const rec = new Recorder();
+  await client.subscribe("frozen.#", { since: 0, onStatus: rec.onStatus }, rec.onMessage).ready;
+  await daemon.publish("frozen.x", 1);
+  await rec.until(1);
+
+  daemon.proc.kill("SIGSTOP");
+  defer(t, () => daemon.proc.kill("SIGCONT")); // whatever happens, let the cleanup's SIGTERM work
+  await waitFor(() => log.states.some((s) => s.reason === "no answer to a keepalive ping"), { what: "the keepalive to give up" });
+  const timedOut = await client.publish("frozen.x", 2, { messageId: "during-freeze", timeoutMs: 300 }).catch((e) => e);
+  assert.equal(timedOut.code, "timeout");
+  assert.equal(client.statistics().unanswered, 0, "a timed-out call is forgotten");
+
+  daemon.proc.kill("SIGCONT");
+  await waitFor(() => client.state === "open", { what: "the client to reconnect" });
+  await client.publish("frozen.x", 3);
+  const stored = await daemon.allHistory("frozen.#");
+  await rec.until(stored.length);
+  assert.deepEqual(rec.seqs, stored.map((m) => m.seq));
+});
