@@ -1192,6 +1192,7 @@ export class Client {
     const error = errorFromFrame(reply);
     if (error.code === "unknown_op") {
       // A daemon without authentication: it grants every client every right, so there is nothing to prove.
+      this.#token = token; // nothing refused it: reconnects reuse it as they would an accepted one
       if (!this.#warnedNoAuth) {
         this.#warnedNoAuth = true;
         this.#report(new AivadError("unknown_op", "the daemon does not know the auth op; continuing without authentication"));
@@ -1254,7 +1255,12 @@ export class Client {
       return Promise.reject(new AivadError("overloaded",
         `${this.#calls.size} calls are waiting already (maxQueued): ${op} refused`));
     }
-    const body = JSON.stringify({ op, ...fields });
+    let body;
+    try {
+      body = JSON.stringify({ op, ...fields });
+    } catch (error) {
+      return Promise.reject(new AivadError("bad_request", `${op}: not JSON-serializable: ${error}`, { cause: error }));
+    }
     if (exceedsBytes(body, this.#opts.maxFrameBytes - REF_OVERHEAD_BYTES)) {
       return Promise.reject(new AivadError("too_large", `the ${op} frame exceeds maxFrameBytes=${this.#opts.maxFrameBytes}`));
     }

@@ -111,6 +111,10 @@ test("errors carry the daemon's codes; bad input fails at once", async (t) => {
   assert.equal((await rejection(client.history("a.#", { after: -1 }))).code, "bad_request");
   assert.throws(() => client.subscribe("a.#", { since: -1 }, () => {}), /since/);
   assert.throws(() => client.subscribe("a b", () => {}), (error) => error.code === "bad_request");
+  const cyclic = {};
+  cyclic.self = cyclic;
+  assert.equal((await rejection(client.publish("a.b", cyclic))).code, "bad_request");
+  assert.equal((await rejection(client.publish("a.b", 10n))).code, "bad_request");
   // too large for maxFrameBytes: refused before sending, the connection stays up
   assert.equal((await rejection(client.publish("a.b", "x".repeat(5000)))).code, "too_large");
   // the daemon's own checks come back with its codes
@@ -217,4 +221,48 @@ test("a throwing onMessage is reported and does not stop the subscription", asyn
   await waitFor(() => seen.length === 2, { what: "both messages" });
   assert.deepEqual(seen, [1, 2]);
   assert.deepEqual(errors.map((e) => e.message), ["handler bug"]);
+});
+
+test("tokens: a failing token function is reported and asked again; auth is the first frame of every connection", async (t) => {
+  const daemon = await daemonFor(t);
+  const sockets = [];
+  class RecordingWebSocket extends WebSocket {
+    constructor(url) {
+      super(url);
+      this.sent = [];
+      sockets.push(this);
+    }
+    send(data) {
+      this.sent.push(JSON.parse(data));
+      super.send(data);
+    }
+  }
+  const { errors, onError } = errorLog();
+  let asked = 0;
+  const client = clientFor(t, daemon.url, {
+    WebSocket: RecordingWebSocket,
+    reconnectInitialMs: 20,
+    onError,
+    token: () => {
+      asked++;
+      if (asked === 1) throw new Error("login service down");
+      return Promise.resolve(`token-${asked}`);
+    },
+  });
+  const rec = new Recorder();
+  await client.subscribe("tok.#", { since: 0, onStatus: rec.onStatus }, rec.onMessage).ready;
+  assert.equal(errors[0].code, "unauthorized");
+  assert.match(errors[0].message, /login service down/);
+  assert.equal(sockets.length, 1, "no socket is opened without a token");
+
+  await client.publish("tok.a", 1);
+  await daemon.stop();
+  await daemon.start();
+  await client.publish("tok.b", 2);
+  await rec.until(2);
+  assert.ok(sockets.length >= 2);
+  for (const ws of sockets) {
+    if (ws.sent.length) assert.deepEqual(ws.sent[0], { op: "auth", token: "token-2", ref: ws.sent[0].ref });
+  }
+  assert.equal(asked, 2, "the token is reused across reconnects until it expires or is refused");
 });
