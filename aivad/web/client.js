@@ -1393,15 +1393,9 @@ export class Client {
     // `since` above the newest seq: the history we knew is gone (a re-created store)
     const changed = reply.epoch_changed === true || (since !== null && lastSeq !== null && since > lastSeq);
     if (changed) {
+      // the daemon replays this history from its oldest message (recovered: false)
       sub.historyChanged = true;
       sub.floor = 0; // every seq of the new history is new to us
-      if (reply.recovered !== false) {
-        // A daemon from before epochs (DESIGN §4.3) would skip everything up to `since`:
-        // subscribe again from the start of its history.
-        this.#sendInternal(link, { op: "unsubscribe", pattern: sub.pattern }, () => {});
-        this.#sendSubscribe(link, sub);
-        return;
-      }
     }
     if (sub.floor === null) sub.floor = lastSeq ?? 0;
     sub.phase = "live";

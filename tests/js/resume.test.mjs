@@ -99,6 +99,7 @@ test("a re-created store (another history) is reported as epochChanged, and its 
   assert.equal(changed.recovered, false);
   assert.equal(changed.epochChanged, true);
   assert.equal(changed.lastSeq, 0, "the client starts over with the new history");
+  assert.equal(sub.statistics().subscribes, 2, "the daemon replays the new history: no second subscribe");
 
   for (const n of range(3, 100)) await daemon.publish("epoch.item", { n });
   await rec.until(13);
