@@ -51,6 +51,14 @@ Guarantees
   or different and the call raises :class:`EpochChanged` — nothing is ever
   appended into a log that lost its epoch. The caller adopts the new log with
   ``reopen()``.
+* **a log that went back in time** (same epoch, counter below a seq a node
+  has seen: Redis lost acknowledged writes but not the log — an OS crash under
+  ``appendfsync everysec``, a failover to a lagging replica, an older snapshot
+  restored) would hand out seqs a second time. Every append carries the newest
+  seq its node saw and the script refuses below it; a tail checks the counter
+  against its position: both raise :class:`LogRewound` (an
+  :class:`EpochChanged`), and ``reopen()`` gives that log a new epoch, keeps
+  its entries and moves the counter up.
 * **seq after a loss**: a new epoch starts an empty log whose counter and floor
   begin at the highest seq the reopening node had seen (``seq_floor``; any later
   node bumps the counter further up to what it saw). So a seq is not handed out
@@ -114,6 +122,7 @@ __all__ = [
     "IngressEntry",
     "LogHistory",
     "LogInfo",
+    "LogRewound",
     "LogTail",
     "NodeInfo",
     "RedisIngress",
@@ -138,6 +147,8 @@ T = TypeVar("T")
 
 #: the error reply prefix of the scripts when the epoch is not the expected one
 _EPOCH_ERROR = "AIVADEPOCH"
+#: … when the counter is below a seq the caller saw (the log went back in time)
+_REWOUND_ERROR = "AIVADREWOUND"
 #: first words of error replies that pass (try again later), not bugs; coredis turns some of these
 #: into classes of their own (and drops the word), see _TRANSIENT_ERRORS
 _TRANSIENT_REPLIES = frozenset({"LOADING", "OOM", "READONLY", "MISCONF", "BUSY", "TRYAGAIN", "CLUSTERDOWN",
@@ -167,6 +178,24 @@ class EpochChanged(RedisLogError):
         super().__init__(f"the Redis log changed epoch: expected {expected!r}, found {current!r}")
         self.expected = expected
         self.current = current
+
+
+class LogRewound(EpochChanged):
+    """The log has the same epoch but went back in time: its counter is below a seq this node saw.
+
+    Redis lost acknowledged writes without losing the log (an OS crash with
+    ``appendfsync everysec``, a failover to a replica that lagged, a restore of
+    an older snapshot). Handled as an epoch change: :meth:`RedisLog.reopen`
+    gives the log a new epoch, keeps its entries and moves the counter above
+    every seq this node saw, so no seq is handed out twice.
+    """
+
+    def __init__(self, expected: str, counter: int, seen: int) -> None:
+        super().__init__(expected, expected)
+        self.args = (f"the Redis log went back from seq {seen} to {counter} (epoch {expected!r}): "
+                     "acknowledged entries were lost",)
+        self.counter = counter
+        self.seen = seen
 
 
 # ---- settings and results ---------------------------------------------------------------
@@ -336,7 +365,8 @@ local function now_ms()
 end
 """
 
-#: KEYS meta, stream, ids. ARGV expected epoch, then (message_id, type, envelope JSON) per message.
+#: KEYS meta, stream, ids. ARGV expected epoch, the newest seq the caller has seen, then
+#: (message_id, type, envelope JSON) per message.
 #: Returns per message its seq, negated when it is a duplicate (the original's seq).
 APPEND_LUA = """#!lua
 local meta, stream, ids = KEYS[1], KEYS[2], KEYS[3]
@@ -344,7 +374,11 @@ local epoch = redis.call('HGET', meta, 'epoch')
 if epoch ~= ARGV[1] then
   return redis.error_reply('AIVADEPOCH ' .. (epoch or ''))
 end
-if (#ARGV - 1) % 3 ~= 0 then
+local counter = tonumber(redis.call('HGET', meta, 'seq') or '0')
+if counter < tonumber(ARGV[2]) then
+  return redis.error_reply('AIVADREWOUND ' .. string.format('%d', counter))
+end
+if (#ARGV - 2) % 3 ~= 0 then
   return redis.error_reply('ERR aivad append: arguments must come in threes')
 end
 local tm = redis.call('TIME')
@@ -354,7 +388,7 @@ if t < last_t then t = last_t end
 local ts = string.format('%d', t)
 local out = {}
 local stored = 0
-for i = 2, #ARGV, 3 do
+for i = 3, #ARGV, 3 do
   local mid = ARGV[i]
   local known = redis.call('ZSCORE', ids, mid)
   if known then
@@ -373,7 +407,8 @@ end
 return out
 """
 
-#: KEYS meta, stream, ids. ARGV a new epoch, the seq floor. Returns {epoch, created (0/1)}.
+#: KEYS meta, stream, ids. ARGV a new epoch, the seq floor, the epoch the caller knew ('' = none).
+#: Returns {epoch, 0 adopted / 1 created / 2 re-based (same log, went back: new epoch, entries kept)}.
 OPEN_LUA = "#!lua\n" + _SEQ_OF + """
 local meta, stream, ids = KEYS[1], KEYS[2], KEYS[3]
 local hint = tonumber(ARGV[2])
@@ -382,6 +417,12 @@ local seq = tonumber(redis.call('HGET', meta, 'seq') or '0')
 if epoch then
   if hint > seq then
     redis.call('HSET', meta, 'seq', string.format('%d', hint))
+    if epoch == ARGV[3] then
+      -- the log this caller knew went back in time: same entries, but seqs it saw are free
+      -- again; a new epoch tells every client, the counter moves above what it saw
+      redis.call('HSET', meta, 'epoch', ARGV[1])
+      return {ARGV[1], 2}
+    end
   end
   return {epoch, 0}
 end
@@ -535,6 +576,8 @@ def _translate(exc: BaseException, what: str) -> RedisLogError | None:
         word, _, rest = text.partition(" ")
         if word == _EPOCH_ERROR:  # raised by the scripts; the caller fills in what it expected
             return EpochChanged("", rest or None)
+        if word == _REWOUND_ERROR:
+            return LogRewound("", int(rest), 0)
         if word in _TRANSIENT_REPLIES:
             return RedisUnavailable(f"{what}: {text}")
         return RedisLogError(f"{what}: {text}")
@@ -544,14 +587,16 @@ def _translate(exc: BaseException, what: str) -> RedisLogError | None:
 
 
 @contextlib.contextmanager
-def _errors(what: str, epoch: str = "") -> Iterator[None]:
+def _errors(what: str, epoch: str = "", seen: int = 0) -> Iterator[None]:
     """Turn the client's exceptions into :class:`RedisUnavailable` / :class:`EpochChanged` / :class:`RedisLogError`."""
     try:
         yield
     except _CLIENT_ERRORS as exc:
         translated = _translate(exc, what)
         assert translated is not None
-        if isinstance(translated, EpochChanged):
+        if isinstance(translated, LogRewound):
+            translated = LogRewound(epoch, translated.counter, seen)
+        elif isinstance(translated, EpochChanged):
             translated = EpochChanged(epoch, translated.current)
         raise translated from exc
 
@@ -648,7 +693,7 @@ class RedisLog:
     @contextlib.contextmanager
     def _guard(self, what: str, epoch: str | None = None) -> Iterator[None]:
         try:
-            with _errors(what, self.epoch if epoch is None else epoch):
+            with _errors(what, self.epoch if epoch is None else epoch, self.last_seq):
                 yield
         except RedisLogError as exc:
             self._errors += 1
@@ -662,21 +707,26 @@ class RedisLog:
     # ---- epoch ----------------------------------------------------------------------
 
     async def reopen(self, seq_floor: int = 0) -> bool:
-        """Adopt the log in Redis, creating it (a new epoch) when there is none; True if created.
+        """Adopt the log in Redis, creating it (a new epoch) when there is none; True if the epoch is new.
 
         A new log's counter and floor start at ``max(seq_floor, last_seq)`` (the
         newest seq this handle saw), so seqs are not handed out twice after Redis
-        lost the log. Call at start and after :class:`EpochChanged`.
+        lost the log. The log this handle knew but with its counter below that
+        (:class:`LogRewound`) gets a new epoch, keeps its entries, and its counter
+        moves up. Call at start and after :class:`EpochChanged`.
         """
         with self._guard("open the log"), trio.fail_after(self.settings.op_timeout_s):
-            epoch, created = await _OPEN(self._client, self._log_keys,
-                                         [uuid.uuid4().hex, max(seq_floor, self.last_seq)])
+            epoch, outcome = await _OPEN(self._client, self._log_keys,
+                                         [uuid.uuid4().hex, max(seq_floor, self.last_seq), self.epoch])
         previous, self.epoch = self.epoch, _text(epoch)
-        if created:
+        if outcome == 1:
             log.info("redis log %s created epoch %s (was %s)", self._stream, self.epoch, previous or "none")
+        elif outcome == 2:
+            log.warning("redis log %s went back in time (lost acknowledged entries): new epoch %s (was %s), "
+                        "seqs go on after %d", self._stream, self.epoch, previous, self.last_seq)
         elif previous and previous != self.epoch:
             log.warning("redis log %s: adopted epoch %s (was %s)", self._stream, self.epoch, previous)
-        return bool(created)
+        return bool(outcome)
 
     # ---- append ---------------------------------------------------------------------
 
@@ -758,7 +808,7 @@ class RedisLog:
             count += len(chunk.rows)
             size += chunk.size
         self._pending_messages -= count
-        args: list[str | bytes | int] = [self.epoch]
+        args: list[str | bytes | int] = [self.epoch, self.last_seq]
         for chunk in batch:
             for message_id, topic, body in chunk.rows:
                 args += (message_id, topic, body)
@@ -833,6 +883,8 @@ class RedisLog:
             if _text(raw_epoch) != epoch:
                 raise EpochChanged(epoch, _text(raw_epoch) or None)
             newest, chunk_floor = _int(raw_seq), _int(raw_floor)
+            if newest < self.last_seq:
+                raise LogRewound(epoch, newest, self.last_seq)
             if chunk_floor > floor:
                 floor = chunk_floor
                 if floor > cursor:
@@ -860,22 +912,27 @@ class RedisLog:
         return LogHistory(messages, cursor, floor, newest, epoch, scanned)
 
     def tail(self, after: int, *, count: int | None = None) -> LogTail:
-        """A reader of every message with seq > ``after``, in seq order, as they are committed."""
+        """A reader of every message with seq > ``after``, in seq order, as they are committed.
+
+        ``after`` is a seq of this log (at most its newest: a position above the
+        counter reads as :class:`LogRewound`). A client's ``since`` above the
+        newest seq is the caller's to answer (``recovered: false``), not a tail's.
+        """
         return LogTail(self, after, count or self.settings.tail_count)
 
-    async def _tail_read(self, position: int, count: int) -> tuple[list[StoredMessage], str, int]:
+    async def _tail_read(self, position: int, count: int) -> tuple[list[StoredMessage], str, int, int]:
         block_ms = max(1, round(self.settings.tail_block_s * 1000))
         timeout = self.settings.tail_block_s + self.settings.op_timeout_s
         with self._guard("tail"), trio.fail_after(timeout):
             async with self._client.pipeline(transaction=False, timeout=timeout) as p:
                 read = p.create_request(b"XREAD", b"COUNT", count, b"BLOCK", block_ms, b"STREAMS", self._stream,
                                         f"{position}-0", callback=_raw_reply)
-                meta = p.hmget(self._meta, ["epoch", "floor"])  # runs after XREAD returned
+                meta = p.hmget(self._meta, ["epoch", "floor", "seq"])  # runs after XREAD returned
             found = await read
-            raw_epoch, raw_floor = await meta
+            raw_epoch, raw_floor, raw_seq = await meta
         self._tail_reads += 1
         entries = found.get(self._stream.encode(), ()) if found else ()
-        return [_message(e) for e in entries], _text(raw_epoch), _int(raw_floor)
+        return [_message(e) for e in entries], _text(raw_epoch), _int(raw_floor), _int(raw_seq)
 
     # ---- retention ------------------------------------------------------------------
 
@@ -964,7 +1021,8 @@ class LogTail:
 
     * a gap (entries deleted by retention before this tail read them) comes as
       ``batch.gap``, with the messages after it;
-    * a changed or lost log raises :class:`EpochChanged`;
+    * a changed or lost log raises :class:`EpochChanged`, one that went back
+      below this tail's position :class:`LogRewound` (a kind of it);
     * a lost connection raises :class:`RedisUnavailable`. The tail keeps its
       ``position``: calling ``read()`` again later resumes without a gap or a
       duplicate.
@@ -985,9 +1043,11 @@ class LogTail:
     async def read(self) -> TailBatch:
         while True:
             position = self.position
-            messages, epoch, floor = await self._log._tail_read(position, self._count)
+            messages, epoch, floor, counter = await self._log._tail_read(position, self._count)
             if epoch != self.epoch:
                 raise EpochChanged(self.epoch, epoch or None)
+            if counter < position:
+                raise LogRewound(epoch, counter, position)
             gap = None
             if messages:
                 first = messages[0].seq

@@ -25,6 +25,7 @@ from aivad.envelope import BadMessage, Envelope
 from aivad.redis import (
     EpochChanged,
     Gap,
+    LogRewound,
     LogTail,
     RedisIngress,
     RedisLog,
@@ -356,6 +357,43 @@ async def test_epoch_is_stable_across_reopen_and_changes_after_flushall(redis_se
             assert page.retention_floor == 40 and [m.seq for m in page.messages] == [41, 76]
     finally:
         own.stop()
+
+
+async def test_a_log_that_went_back_in_time_gets_a_new_epoch_and_hands_out_no_seq_twice(
+        redis_server: Redis, producer: redispy.Redis) -> None:
+    cfg = settings_for(redis_server)
+    async with open_redis_log(cfg) as lg, open_redis_log(cfg) as other:
+        await lg.append_many(envs("k", 10))
+        other_tail = other.tail(0)
+        await read_until(other_tail, 10)  # the other node has seen seq 10 through its tail
+        tail = lg.tail(10)
+        old = lg.epoch
+
+        # what an older snapshot restored (or a lagging replica promoted) looks like:
+        # the same epoch, entries 8..10 gone, the counter back at 7
+        meta, stream, ids = (cfg.key(name) for name in ("meta", "stream", "ids"))
+        producer.hset(meta, "seq", 7)
+        producer.xdel(stream, "8-0", "9-0", "10-0")
+        producer.zrem(ids, "k-7", "k-8", "k-9")
+
+        for node in (lg, other):
+            with pytest.raises(LogRewound) as caught:
+                await node.append_many(envs("new", 1))  # it would have been seq 8 a second time
+            assert (caught.value.counter, caught.value.seen) == (7, 10)
+        with pytest.raises(LogRewound), trio.fail_after(WAIT_S):
+            await tail.read()
+        with pytest.raises(LogRewound):
+            await lg.history("#", 0)
+
+        assert await lg.reopen() is True
+        assert lg.epoch != old
+        assert (await lg.append(Envelope.from_fields("after.rewind", 1))).seq == 11
+        page = await lg.history("#", 0)
+        assert [m.seq for m in page.messages] == [1, 2, 3, 4, 5, 6, 7, 11]  # the entries kept, no seq again
+        with pytest.raises(EpochChanged):
+            await other_tail.read()
+        assert await other.reopen() is False  # adopts the new epoch
+        assert other.epoch == lg.epoch
 
 
 async def test_restart_without_persistence_is_an_epoch_change() -> None:
