@@ -65,19 +65,24 @@ Guarantees
   twice as long as one surviving node saw the newest one, and a client without
   the epoch asking ``since`` below that point is told of a gap instead of being
   fed new messages under old numbers.
-* **tail** reads ``XREAD BLOCK`` and, in the same pipeline after it, the epoch
-  and floor: a reader learns a gap (entries retention deleted before it read
-  them) exactly, and notices a lost log within ``tail_block_s`` even when idle.
-* **retention** (:meth:`RedisLog.trim`, :meth:`RedisLog.apply_retention`) deletes by age (binary search over the
-  ``t`` fields, which never decrease, then ``XTRIM MINID``) and by count
-  (``XTRIM MAXLEN``), at most ``trim_max_delete`` entries per call (one script
-  call must not stall Redis), moves ``floor`` and trims ``ids`` to it.
+* **tail** reads ``XREAD BLOCK`` and, in the same pipeline after it, the epoch,
+  the floor and the counter: a reader learns a gap (entries retention deleted
+  before it read them) exactly, and notices a lost or rewound log within
+  ``tail_block_s`` even when idle.
+* **retention** (:meth:`RedisLog.trim`, :meth:`RedisLog.apply_retention`)
+  deletes by age (binary search over the ``t`` fields, which never decrease,
+  then ``XTRIM MINID``) and by count (``XTRIM MAXLEN``), at most
+  ``trim_max_delete`` entries per call (one script call must not stall Redis),
+  moves ``floor`` and trims ``ids`` to it.
 
 Redis must run with ``maxmemory-policy noeviction`` (evicting the stream or
 ``meta`` would lose the log); appends then fail with ``OOM`` as
-:class:`RedisUnavailable`. Durability of an acknowledged append is Redis's:
-``appendonly yes`` with ``appendfsync always`` for "acknowledged means on
-disk", ``everysec`` loses up to about a second on a power loss.
+:class:`RedisUnavailable`. Durability of an acknowledged append is Redis's
+(:meth:`RedisLog.durability` reads it): ``appendonly yes`` with ``appendfsync
+always`` for "acknowledged means on disk"; ``everysec`` survives a crash of
+Redis but loses up to about a second (more if the disk stalls) when the
+machine goes down; replicas are asynchronous, so a failover can lose what the
+old primary acknowledged — both show up here as :class:`LogRewound`.
 
 Errors
 ======
@@ -85,8 +90,11 @@ Errors
 :class:`RedisUnavailable`: the connection failed, a reply did not come within
 ``op_timeout_s``, or Redis refused for a passing reason (``LOADING``, ``OOM``,
 ``READONLY``, ``MISCONF``, ``BUSY``…) — try again later; :func:`run_with_backoff`
-is the caller's supervise loop. :class:`EpochChanged`: the log is not the one
-this handle knew. Anything else (:class:`RedisLogError`) is a bug or a
+is the caller's supervise loop. :class:`RedisOverloaded`: ``max_pending``
+messages already wait for the group commit — answer ``overloaded``.
+:class:`EpochChanged` (and :class:`LogRewound`): the log is not the one this
+handle knew — tell subscribers (``epoch_changed``), ``reopen()``, start the
+tail again. Anything else (:class:`RedisLogError`) is a bug or a
 misconfiguration (a key of the wrong type).
 """
 
@@ -120,6 +128,7 @@ __all__ = [
     "EpochChanged",
     "Gap",
     "IngressEntry",
+    "IngressStatistics",
     "LogHistory",
     "LogInfo",
     "LogRewound",
@@ -344,6 +353,8 @@ class RedisLogStatistics:
     appended: int
     duplicates: int
     append_calls: int
+    #: messages waiting for the group commit now (bounded by ``max_pending``)
+    pending: int
     tail_reads: int
     errors: int
     last_error: str | None
@@ -658,9 +669,10 @@ class RedisLog:
     """The cluster log; made by :func:`open_redis_log`, used from trio tasks.
 
     Public: :meth:`append_many`, :meth:`append`, :meth:`append_rows`,
-    :meth:`history`, :meth:`tail`, :meth:`info`, :meth:`trim`, :meth:`reopen`,
+    :meth:`history`, :meth:`tail`, :meth:`info`, :meth:`trim`,
+    :meth:`apply_retention`, :meth:`reopen`, :meth:`durability`,
     :meth:`heartbeat`, :meth:`live_nodes`, :meth:`forget_node`,
-    :meth:`statistics`; ``epoch`` and ``last_seq``.
+    :meth:`statistics`; ``epoch``, ``last_seq`` and ``settings``.
     """
 
     def __init__(self, client: coredis.Redis[bytes], settings: RedisSettings) -> None:
@@ -1008,7 +1020,7 @@ class RedisLog:
 
     def statistics(self) -> RedisLogStatistics:
         return RedisLogStatistics(self.epoch, self.last_seq, self._appended, self._duplicates, self._append_calls,
-                                  self._tail_reads, self._errors, self._last_error)
+                                  self._pending_messages, self._tail_reads, self._errors, self._last_error)
 
 
 class LogTail:
@@ -1215,6 +1227,17 @@ def _entry_message_id(stream: str, entry_id: str) -> str:
 
 
 @attrs.frozen
+class IngressStatistics:
+    stream: str
+    group: str
+    consumer: str
+    read: int
+    claimed: int
+    acked: int
+    rejected: int
+
+
+@attrs.frozen
 class IngressEntry:
     """One entry of the ingest stream: its id, its fields, and the envelope or why there is none."""
 
@@ -1242,10 +1265,10 @@ class RedisIngress:
     ``XAUTOCLAIM`` takes any entry pending longer than ``claim_idle_s``, this
     consumer's own included: an entry read but neither acknowledged nor
     rejected for that long comes again. Entries are delivered at least once;
-    since the envelope of an entry without
-    ``message_id`` gets the entry's id as one, the log stores each once.
-    After :class:`RedisUnavailable` the next ``read()`` starts again with the
-    own pending entries (what was read but not acknowledged comes back).
+    since the envelope of an entry without ``message_id`` gets the entry's id
+    as one, the log stores each once. After :class:`RedisUnavailable` (in a
+    read, an ack or a reject) the next ``read()`` starts again with the own
+    pending entries: what was read but not acknowledged comes back.
     """
 
     def __init__(self, redis_log: RedisLog, stream: str, *, group: str = "aivad", consumer: str,
@@ -1384,8 +1407,12 @@ class RedisIngress:
         ids = [e if isinstance(e, str) else e.entry_id for e in entries]
         if not ids:
             return 0
-        with _errors(f"ack {self.stream}"), trio.fail_after(self._op_timeout_s):
-            n = await self._client.xack(self.stream, self.group, ids)
+        try:
+            with _errors(f"ack {self.stream}"), trio.fail_after(self._op_timeout_s):
+                n = await self._client.xack(self.stream, self.group, ids)
+        except RedisLogError:
+            self._pending_from = "0"  # what stayed pending comes again with the next read
+            raise
         self.acked += n
         return n
 
@@ -1400,6 +1427,20 @@ class RedisIngress:
         """
         if not entries:
             return
+        try:
+            await self._reject(entries)
+        except RedisLogError:
+            self._pending_from = "0"
+            raise
+        self.rejected += len(entries)
+        for entry, reason in entries:
+            log.warning("redis ingress %s: dead-lettered entry %s: %s", self.stream, entry.entry_id, reason)
+
+    def statistics(self) -> IngressStatistics:
+        return IngressStatistics(self.stream, self.group, self.consumer, self.read_entries, self.claimed, self.acked,
+                                 self.rejected)
+
+    async def _reject(self, entries: Sequence[tuple[IngressEntry, str]]) -> None:
         with _errors(f"dead-letter {self.stream}"), trio.fail_after(self._op_timeout_s):
             async with self._client.pipeline(transaction=False) as p:
                 for entry, reason in entries:
@@ -1408,9 +1449,6 @@ class RedisIngress:
                            trim_strategy=coredis.PureToken.MAXLEN, threshold=self._dead_max,
                            trim_operator=coredis.PureToken.APPROXIMATELY)
                 p.xack(self.stream, self.group, [e.entry_id for e, _ in entries])
-        self.rejected += len(entries)
-        for entry, reason in entries:
-            log.warning("redis ingress %s: dead-lettered entry %s: %s", self.stream, entry.entry_id, reason)
 
 
 # ---- ingress: pub/sub channels (at most once) ----------------------------------------------------

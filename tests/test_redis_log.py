@@ -628,7 +628,8 @@ async def test_ingress_reports_bad_entries_and_dead_letters_them(redis_log: Redi
     assert [d["entry_id"] for _, d in dead] == list(bad)
     assert all(d["stream"] == stream and bad[d["entry_id"]] in d["reason"] for _, d in dead)
     assert json.loads(dead[1][1]["fields"]) == {"type": "ok.one", "paylaod": "1"}
-    assert (ingress.rejected, ingress.acked) == (5, 1)
+    stats = ingress.statistics()
+    assert (stats.read, stats.rejected, stats.acked, stats.claimed) == (6, 5, 1, 0)
 
 
 async def test_ingress_claims_the_pending_entries_of_a_dead_consumer(redis_log: RedisLog,
