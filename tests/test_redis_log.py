@@ -39,7 +39,7 @@ from aivad.redis import (
     open_redis_log,
     run_with_backoff,
 )
-from tests.brokers import Redis
+from tests.brokers import Redis, free_port
 
 WAIT_S = 20.0
 
@@ -82,6 +82,22 @@ async def read_until(tail: LogTail, last_seq: int) -> list[TailBatch]:
         while tail.position < last_seq:
             batches.append(await tail.read())
     return batches
+
+
+# ---- opening ----------------------------------------------------------------------------------------------
+
+
+async def test_open_against_no_redis_is_redis_unavailable() -> None:
+    with trio.fail_after(WAIT_S), pytest.raises(RedisUnavailable):
+        async with open_redis_log(RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0", connect_timeout_s=2.0)):
+            raise AssertionError("opened a log on a port where nothing listens")
+
+
+async def test_an_error_inside_the_context_comes_out_as_itself(redis_server: Redis) -> None:
+    # coredis's pool is a task group: without unwrapping this would be a one-element ExceptionGroup
+    with pytest.raises(RedisUnavailable, match="from the body"):
+        async with open_redis_log(settings_for(redis_server)):
+            raise RedisUnavailable("from the body")
 
 
 # ---- append: seq, de-duplication, order ------------------------------------------------------------
