@@ -47,6 +47,9 @@ def serve(config_path: str | None, log_format: Literal["text", "json"] | None = 
         if isinstance(cause, OSError) and cause.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
             log.error("cannot start: %s", cause)
             return EXIT_USAGE
+        if isinstance(cause, ConfigError):  # what only starting shows: a key or certificate file unusable
+            print(f"aivad: config: {cause}", file=sys.stderr)
+            return EXIT_USAGE
         raise
     return EXIT_OK
 

@@ -22,13 +22,13 @@ AMQP, Redis) turns a bearer token into an :class:`Identity` with
 from __future__ import annotations
 
 import binascii
-import ipaddress
+import fnmatch
 import logging
 import math
 import re
 import stat
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from .config import HMAC_ALGORITHMS, PUBLIC_KEY_ALGORITHMS, AuthConfig, Config, ConfigError
+from .config import HMAC_ALGORITHMS, PUBLIC_KEY_ALGORITHMS, AuthConfig, ConfigError
 from .containment import contains
 from .envelope import BadMessage, check_pattern, compile_pattern
 
@@ -53,10 +53,9 @@ __all__ = [
     "Rights",
     "TokenVerifier",
     "Unauthorized",
-    "anonymous_exposure",
     "contains",
-    "is_loopback",
     "mint_token",
+    "origin_allowed",
     "read_hmac_secret",
 ]
 
@@ -485,33 +484,17 @@ def mint_token(
     return jwt.encode(payload, secret, algorithm=algorithm)
 
 
-# ---- exposure -----------------------------------------------------------------------------
+# ---- browser origins ----------------------------------------------------------------------
+
+#: a longer Origin header cannot be a real one: refused before matching
+MAX_ORIGIN_LENGTH = 1024
 
 
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ``::1`` or ``localhost`` (DESIGN §4.8); anything else, ``0.0.0.0`` and ``""`` included, is not."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
+def origin_allowed(origin: str, globs: Sequence[str], own: Sequence[str]) -> bool:
+    """DESIGN §4.8: a handshake's ``Origin`` must match one of ``[websocket] allowed_origins``
+    (shell-style globs over the whole ``scheme://host[:port]``) or be one of ``own`` (the
+    origins of the daemon's own ``[http]`` server, which serves the console)."""
+    if len(origin) > MAX_ORIGIN_LENGTH:
         return False
-
-
-def anonymous_exposure(cfg: Config) -> list[str]:
-    """Why ``aivad serve`` must exit 2: a non-loopback listener serving anonymous clients with every right.
-
-    One line per listener (``websocket.host``, ``http.host`` when enabled),
-    empty when ``[auth] required = true`` or ``allow_anonymous_remote = true``.
-    """
-    if cfg.auth.required or cfg.auth.allow_anonymous_remote:
-        return []
-    listeners: Iterable[tuple[str, str]] = [("websocket.host", cfg.websocket.host)]
-    if cfg.http.enabled:
-        listeners = [*listeners, ("http.host", cfg.http.host)]
-    return [
-        f"{key}: {host!r} is not loopback and auth.required = false: every client would have every right "
-        "(set auth.required = true, or auth.allow_anonymous_remote = true)"
-        for key, host in listeners
-        if not is_loopback(host)
-    ]
+    origin = origin.lower()
+    return origin in own or any(fnmatch.fnmatchcase(origin, glob.lower()) for glob in globs)

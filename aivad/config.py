@@ -8,6 +8,7 @@ got 0``, so an operator sees at once what to fix.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Callable
@@ -64,6 +65,12 @@ class WebSocketConfig:
     replay_batch: int = _at_least(500, 1)
     handshake_timeout_s: float = _positive(10.0)
     close_timeout_s: float = _positive(5.0)
+    allowed_origins: list[str] = attrs.field(factory=list)
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+
+    def problems(self) -> list[str]:
+        return _tls_problems(self.tls_cert_file, self.tls_key_file)
 
 
 @attrs.frozen
@@ -128,6 +135,20 @@ class HttpConfig:
     enabled: bool = False
     host: str = "127.0.0.1"
     port: int = _port(8766)
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    max_body_bytes: int = _at_least(1_048_576, 1024)
+
+    def problems(self) -> list[str]:
+        return _tls_problems(self.tls_cert_file, self.tls_key_file)
+
+
+def _tls_problems(cert: str, key: str) -> list[str]:
+    """TLS needs both files, readable (checked at load, so ``--check-config`` and reload see it)."""
+    if bool(cert) != bool(key):
+        return ["tls_cert_file: tls_cert_file and tls_key_file go together (both, or neither)"]
+    return [f"{name}: cannot read {path}" for name, path in (("tls_cert_file", cert), ("tls_key_file", key))
+            if path and not os.access(path, os.R_OK)]
 
 
 def _name(default: str) -> Any:
@@ -245,6 +266,39 @@ class Config:
     system: SystemConfig = attrs.field(factory=SystemConfig)
     auth: AuthConfig = attrs.field(factory=AuthConfig)
 
+    def problems(self) -> list[str]:
+        """Safe by default (DESIGN §4.8): no listener beyond loopback serves anonymous clients every right."""
+        return anonymous_exposure(self)
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ``::1`` or ``localhost`` (DESIGN §4.8); anything else, ``0.0.0.0`` and ``""`` included, is not."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def anonymous_exposure(cfg: Config) -> list[str]:
+    """Why ``aivad serve`` must exit 2: a non-loopback listener serving anonymous clients with every right.
+
+    One line per listener (``websocket.host``, ``http.host`` when enabled),
+    empty when ``[auth] required = true`` or ``allow_anonymous_remote = true``.
+    """
+    if cfg.auth.required or cfg.auth.allow_anonymous_remote:
+        return []
+    listeners = [("websocket.host", cfg.websocket.host)]
+    if cfg.http.enabled:
+        listeners.append(("http.host", cfg.http.host))
+    return [
+        f"{key}: {host!r} is not loopback and auth.required = false: every client would have every right "
+        "(set auth.required = true, or auth.allow_anonymous_remote = true)"
+        for key, host in listeners
+        if not is_loopback(host)
+    ]
+
 
 def _strict(kind: type, accepts: tuple[type, ...]) -> Callable[[Any, type], Any]:
     def structure(value: Any, _: type) -> Any:
@@ -295,7 +349,7 @@ def _value_problems(node: Any, path: str) -> list[str]:
         if check is not None and not check(value):
             problems.append(f"{here}: {problem}, got {value!r}")
     if not problems and hasattr(node, "problems"):  # checks across keys, once each key is valid
-        problems += [f"{path}.{line}" for line in node.problems()]
+        problems += [f"{path}.{line}" if path else line for line in node.problems()]
     return problems
 
 

@@ -22,10 +22,11 @@ from typing import Any, NoReturn
 
 import trio
 
+from .auth import EVERYTHING
 from .boundary import Faults
 from .commands import COMMANDS
 from .config import ControlConfig
-from .ops import Caller, Everything, Operations
+from .ops import Caller, Operations
 from .protocol import OpError, decode_request, dumps, field, parse_subscribe, request_ref
 from .router import Subscription
 
@@ -34,7 +35,7 @@ __all__ = ["ControlService", "serve_control"]
 log = logging.getLogger(__name__)
 
 #: the control socket is local and fully trusted (mode 0600; DESIGN §4.8)
-TRUSTED = Caller(Everything(), "control")
+TRUSTED = Caller(EVERYTHING, "control")
 
 
 def encode_line(pattern_json: str, msg_json: str) -> bytes:

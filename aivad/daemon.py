@@ -27,6 +27,7 @@ from . import __version__, control
 from .aggregator import Aggregator, serve_aggregator
 from .alerts import Alerts, serve_system_events
 from .amqp import AmqpBridge, serve_amqp
+from .auth import TokenVerifier
 from .boundary import Faults, describe
 from .config import Config, ConfigError, load_config
 from .dispatcher import Dispatcher, TaskView, serve_dispatcher
@@ -328,6 +329,8 @@ async def run_daemon(
     Returns after a drain; raises if a service crashed (systemd restarts us).
     """
     notifier = Notifier.from_environ() if handle_signals else Notifier.from_environ({})
+    # key files are read once, here, before any service starts: a bad one is a ConfigError (exit 2)
+    verifier = TokenVerifier(cfg.auth) if cfg.auth.hmac_secret_file or cfg.auth.public_key_file else None
     daemon = Daemon(cfg, config_path, notifier)
     async with trio.open_nursery() as root:
         # first: keeps pinging systemd while the store opens in its thread
@@ -359,6 +362,8 @@ async def run_daemon(
             status=daemon.status,
             drain=daemon.request_drain,
             reload=daemon.reload_command,
+            auth=cfg.auth,
+            verifier=verifier,
         )
         slow_consumer = daemon.alerts.listener("warning", "slow_consumer")
         daemon.websocket = await root.start(serve_websocket, cfg.websocket, daemon.ops, daemon.faults, slow_consumer)
@@ -369,6 +374,7 @@ async def run_daemon(
         http_port = None
         if cfg.http.enabled:
             http_port = await root.start(serve_http, cfg.http, daemon.readiness, MetricsRenderer(daemon))
+            daemon.websocket.console = ("https" if cfg.http.tls_cert_file else "http", http_port)
         endpoints = Endpoints(daemon.websocket.port, cfg.control.socket, http_port)
         notifier.ready(daemon.summary())
         log.info("aivad %s ready: ws://%s:%d/, control %s", __version__, cfg.websocket.host,

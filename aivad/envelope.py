@@ -28,6 +28,7 @@ __all__ = [
     "derived_id",
     "literal_prefix",
     "now_rfc3339",
+    "rfc3339",
 ]
 
 MAX_TOPIC_LENGTH = 255
@@ -149,6 +150,11 @@ def literal_prefix(pattern: str) -> tuple[str, bool]:
 
 
 _second_cache: list[Any] = [-1, ""]
+
+
+def rfc3339(unix_s: float) -> str:
+    """A unix time as RFC 3339 UTC, second precision: ``2026-11-23T10:00:00Z``."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix_s))
 
 
 def now_rfc3339() -> str:

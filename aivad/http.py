@@ -99,6 +99,8 @@ def _hypercorn_config(cfg: HttpConfig) -> HypercornConfig:
     config.errorlog = server_log  # a Logger: hypercorn uses it as is, our handler formats it
     config.include_server_header = False
     config.graceful_timeout = 1.0
+    if cfg.tls_cert_file:  # https: the console and the API over TLS
+        config.certfile, config.keyfile = cfg.tls_cert_file, cfg.tls_key_file
     config.keep_alive_timeout = 30.0  # Prometheus keeps its connection between scrapes
     return config
 

@@ -32,7 +32,7 @@ import sys
 import time
 from typing import Any, Literal, TextIO
 
-__all__ = ["JsonFormatter", "TextFormatter", "configure_logging", "set_level"]
+__all__ = ["JsonFormatter", "TextFormatter", "Throttle", "configure_logging", "set_level"]
 
 LogFormat = Literal["text", "json"]
 
@@ -168,6 +168,32 @@ def configure_logging(
     root.setLevel(numeric)
     if capture_warnings:
         logging.captureWarnings(True)
+
+
+class Throttle:
+    """Log lines of one kind at most once per ``interval_s``; the next one says how many were held back.
+
+    For lines a peer can cause at will (refused tokens): a flood must not fill the journal.
+    """
+
+    def __init__(self, logger: logging.Logger, interval_s: float) -> None:
+        self._log = logger
+        self._interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def warning(self, key: str, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self._interval_s:
+            self._held[key] = self._held.get(key, 0) + 1
+            return
+        self._last[key] = now
+        held = self._held.pop(key, 0)
+        if held:
+            msg += " (and %d more like it held back)"
+            args = (*args, held)
+        self._log.warning(msg, *args)
 
 
 def set_level(level: str) -> None:

@@ -93,8 +93,13 @@ class _DaemonCollector(Collector):
                                   value=alerts.dropped)
         yield from _by_label("aivad_connections_refused", "Connections refused before the handshake, by why.",
                              "reason", ws.refused)
+        ops = d.ops.statistics()
         yield from _by_label("aivad_requests_refused", "Requests refused by a rule of the operations layer, by why.",
-                             "reason", d.ops.statistics().refused)
+                             "reason", ops.refused)
+        yield from _by_label("aivad_auth_unauthorized", "Tokens refused, and requests before authentication, by why.",
+                             "reason", ops.unauthorized)
+        yield from _by_label("aivad_auth_forbidden", "Requests outside the caller's grants, by the right needed.",
+                             "right", ops.forbidden)
         yield CounterMetricFamily("aivad_store_failed_commits", "Commits that failed (disk full, I/O error).",
                                   value=store.failed_commits)
         yield CounterMetricFamily("aivad_task_retries", "Attempts that ended in a retry.", value=dispatcher.retries)

@@ -19,60 +19,31 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, TypeVar
 
 import attrs
 
 from .aggregator import Aggregator, CollectResult
-from .config import LimitsConfig, TasksConfig
+from .auth import EVERYTHING, NOTHING, Rights, TokenVerifier, Unauthorized
+from .config import AuthConfig, LimitsConfig, TasksConfig
 from .dispatcher import Dispatcher, TaskView, Worker, WorkerLink, WorkerView
 from .envelope import Envelope
 from .limits import TokenBucket
+from .logs import Throttle
 from .protocol import OpError
 from .router import Resume, Router, Subscription
 from .stats import Ingest
 from .store import Appended, DeadLetter, History, Store, StoreClosed, Write
 from .tasks import TaskSpec
 
-__all__ = ["Caller", "Intake", "Operations", "Pending", "Quota", "Rights"]
+__all__ = ["Caller", "Intake", "Operations", "Pending", "Quota"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-
-class Rights(Protocol):
-    """What a caller may do (aivad.auth decides it from a token; DESIGN §4.8)."""
-
-    @property
-    def admin(self) -> bool: ...
-
-    def may_subscribe(self, pattern: str) -> bool: ...
-
-    def may_publish(self, topic: str) -> bool: ...
-
-    def may_dispatch(self, task_type: str) -> bool: ...
-
-    def may_work(self, task_type: str) -> bool: ...
-
-
-@attrs.frozen
-class Everything:
-    """The rights of a fully trusted caller: the control socket, or anyone when auth is not required."""
-
-    admin: bool = True
-
-    def may_subscribe(self, pattern: str) -> bool:
-        return True
-
-    def may_publish(self, topic: str) -> bool:
-        return True
-
-    def may_dispatch(self, task_type: str) -> bool:
-        return True
-
-    def may_work(self, task_type: str) -> bool:
-        return True
+#: refused tokens are logged at most once per reason this often (a flood must not fill the journal)
+AUDIT_INTERVAL_S = 10.0
 
 
 class Quota:
@@ -85,7 +56,7 @@ class Quota:
 
 @attrs.frozen
 class Caller:
-    """Who asks, through which edge.
+    """Who asks, through which edge, with which rights (DESIGN §4.8).
 
     ``sub`` is the token's subject (None: anonymous or the control socket);
     ``ingress`` names the edge for the ingest counters (websocket, control, http);
@@ -98,6 +69,11 @@ class Caller:
     sub: str | None = None
     peer: str = ""
     quota: Quota | None = None
+    #: False until a token was verified where ``[auth] required = true``: every op but auth/ping
+    #: is then ``unauthorized``
+    authenticated: bool = True
+    #: when the token's rights end (unix seconds; None: never)
+    expires_at: float | None = None
 
 
 class Intake:
@@ -135,6 +111,10 @@ def _sift(
 class OperationsStatistics:
     #: requests refused by a rule of this layer, by why: forbidden, publish_rate, dispatch_rate
     refused: dict[str, int]
+    #: tokens refused (and ops before authentication), by reason (aivad.auth.REASONS, missing, no_key)
+    unauthorized: dict[str, int]
+    #: requests outside the caller's grants, by the right they needed
+    forbidden: dict[str, int]
 
 
 class Pending:
@@ -174,6 +154,8 @@ class Operations:
         status: Callable[[], dict[str, Any]],
         drain: Callable[[str], None],
         reload: Callable[[], Awaitable[dict[str, Any]]],
+        auth: AuthConfig,
+        verifier: TokenVerifier | None = None,
     ) -> None:
         self.store = store
         self.router = router
@@ -187,17 +169,61 @@ class Operations:
         self._drain = drain
         self._reload = reload
         self._refused: Counter[str] = Counter()
+        self.auth = auth
+        self._verifier = verifier
+        self._unauthorized: Counter[str] = Counter()
+        self._forbidden_by_right: Counter[str] = Counter()
+        self._audit = Throttle(log, AUDIT_INTERVAL_S)
 
     def reconfigure(self, limits: LimitsConfig, tasks: TasksConfig) -> None:
         self.limits = limits
         self.tasks = tasks
 
     def statistics(self) -> OperationsStatistics:
-        return OperationsStatistics(dict(self._refused))
+        return OperationsStatistics(dict(self._refused), dict(self._unauthorized), dict(self._forbidden_by_right))
 
-    def _forbidden(self, what: str, name: str) -> OpError:
+    # ---- identity (DESIGN §4.8) ----------------------------------------------------------------
+
+    def caller(self, ingress: str, peer: str = "", quota: Quota | None = None) -> Caller:
+        """Whoever connects, before any token: every right while ``[auth] required = false``, else none."""
+        if self.auth.required:
+            return Caller(NOTHING, ingress, peer=peer, quota=quota, authenticated=False)
+        return Caller(EVERYTHING, ingress, peer=peer, quota=quota)
+
+    def authenticate(self, caller: Caller, token: object) -> Caller:
+        """``caller`` with the identity ``token`` proves: ``unauthorized`` if it proves none (nothing
+        changes), ``forbidden`` if it is another subject's than the one already authenticated."""
+        if self._verifier is None:
+            raise self._unauthorized_for(caller, "no_key", "this daemon is configured to take no tokens")
+        try:
+            identity = self._verifier.verify(token)
+        except Unauthorized as exc:
+            raise self._unauthorized_for(caller, exc.reason, exc.message) from None
+        if caller.sub is not None and identity.sub != caller.sub:
+            raise self._forbidden("sub", "another subject: a refresh keeps the subject of the first token")
+        return attrs.evolve(
+            caller, rights=identity.rights, sub=identity.sub, authenticated=True, expires_at=identity.expires_at
+        )
+
+    def _unauthorized_for(self, caller: Caller, reason: str, message: str) -> OpError:
+        """Count and log (throttled, never the token) a refused authentication."""
+        self._unauthorized[reason] += 1
+        self._audit.warning(f"unauthorized:{reason}", "refused a token from %s (%s): %s",
+                            caller.peer or caller.ingress, reason, message)
+        return OpError("unauthorized", message)
+
+    def require_authenticated(self, caller: Caller) -> None:
+        """Before authentication (``[auth] required = true``), only ``auth`` and ``ping`` are served."""
+        self._gate(caller)
+
+    def _gate(self, caller: Caller) -> None:
+        if not caller.authenticated:
+            raise self._unauthorized_for(caller, "missing", "authenticate first: send auth with a token")
+
+    def _forbidden(self, right: str, name: str) -> OpError:
         self._refused["forbidden"] += 1
-        return OpError("forbidden", f"no {what} grant for {_short(name)}")
+        self._forbidden_by_right[right] += 1
+        return OpError("forbidden", f"no {right} grant for {_short(name)}")
 
     def _refusal(self, caller: Caller, kind: Literal["publish", "dispatch"], name: str) -> OpError | None:
         """Why ``caller`` may not publish to topic ``name`` (or dispatch task type ``name``) now, or None.
@@ -228,6 +254,7 @@ class Operations:
         submit: Callable[[list[T]], Awaitable[Write]],
     ) -> Pending:
         """Sift ``items`` (rights and rate, by topic or task type in ``names``), submit the rest in one write."""
+        self._gate(caller)
         self.intake.require_open()
         allowed, rejected = _sift(items, names, lambda name: self._refusal(caller, kind, name))
         if not allowed:
@@ -253,12 +280,14 @@ class Operations:
 
     async def history(self, caller: Caller, pattern: str, after: int, limit: int) -> History:
         """A page of stored messages matching ``pattern`` after ``after`` — within the client read budget."""
+        self._gate(caller)
         if not caller.rights.may_subscribe(pattern):
             raise self._forbidden("subscribe", pattern)
         return await self.store.history(pattern, after, limit, client=True)
 
     def subscribe(self, caller: Caller, pattern: str, since: int | None, epoch: str | None) -> Resume:
         """Where a subscription of ``pattern`` starting now begins (its reply's fields), if allowed."""
+        self._gate(caller)
         if not caller.rights.may_subscribe(pattern):
             raise self._forbidden("subscribe", pattern)
         return self.router.resume_point(since, epoch)
@@ -290,6 +319,7 @@ class Operations:
 
     async def request(self, caller: Caller, spec: TaskSpec, timeout_s: float) -> dict[str, Any]:
         """Dispatch and wait for the result (request/response)."""
+        self._gate(caller)
         self.intake.require_open()
         refusal = self._refusal(caller, "dispatch", spec.type)
         if refusal is not None:
@@ -298,6 +328,7 @@ class Operations:
 
     async def task(self, caller: Caller, task_id: str) -> TaskView:
         """A task's state, attempts and result: ``not_found`` if unknown, ``forbidden`` if not its type's."""
+        self._gate(caller)
         view = await self.dispatcher.view(task_id)
         if view is None:
             raise OpError("not_found", "no such task")
@@ -314,6 +345,7 @@ class Operations:
         min_results: int | None,
     ) -> CollectResult:
         """Wait for results of many tasks, each of a type ``caller`` may dispatch."""
+        self._gate(caller)
         if not caller.rights.admin:
             views = await self.dispatcher.views(task_ids) if task_ids is not None else await self.dispatcher.views(
                 group_id=group_id
@@ -326,6 +358,7 @@ class Operations:
     # ---- workers -------------------------------------------------------------------------------
 
     def worker_hello(self, caller: Caller, link: WorkerLink, name: str, types: list[str], concurrency: int) -> Worker:
+        self._gate(caller)
         for task_type in types:
             if not caller.rights.may_work(task_type):
                 raise self._forbidden("work", task_type)
@@ -349,9 +382,9 @@ class Operations:
     # ---- administration (control socket, HTTP API with the admin right) --------------------------
 
     def require_admin(self, caller: Caller) -> None:
+        self._gate(caller)
         if not caller.rights.admin:
-            self._refused["forbidden"] += 1
-            raise OpError("forbidden", "this command needs the admin right")
+            raise self._forbidden("admin", "this command (it needs the admin right)")
 
     def status(self, caller: Caller) -> dict[str, Any]:
         self.require_admin(caller)

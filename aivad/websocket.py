@@ -18,6 +18,10 @@ from __future__ import annotations
 import contextlib
 import http
 import logging
+import math
+import ssl
+import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -27,10 +31,12 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
 
+from .auth import origin_allowed
 from .boundary import Faults
-from .config import WebSocketConfig
+from .config import ConfigError, WebSocketConfig
+from .envelope import rfc3339
 from .limits import Admission, PeerGate
-from .ops import Caller, Everything, Operations, Pending, Quota
+from .ops import Caller, Operations, Pending, Quota
 from .protocol import (
     OpError,
     decode_request,
@@ -58,9 +64,9 @@ __all__ = ["WebSocketService", "serve_websocket"]
 
 log = logging.getLogger(__name__)
 
-#: the rights of a caller while authentication is not required (DESIGN §4.8)
-ANYONE = Everything()
 CLOSE_GOING_AWAY = 1001
+#: not authenticated in time, or the token expired (DESIGN §4.3, fixed)
+CLOSE_UNAUTHENTICATED = 4001
 CLOSE_SLOW_CONSUMER = 4008
 #: the sender writes at most this many bytes per send_all
 _MAX_WRITE_BYTES = 1 << 20
@@ -127,6 +133,44 @@ class Connection:
         self._nursery: trio.Nursery | None = None
         self._slow = False
         self.worker: Worker | None = None
+        self._opened = trio.current_time()
+        #: closes the connection with 4001 at its deadline (made when there is one to keep)
+        self._auth_deadline: trio.CancelScope | None = None
+
+    # ---- identity (DESIGN §4.8) ---------------------------------------------
+
+    def set_caller(self, caller: Caller) -> None:
+        """New rights (an ``auth``): subscriptions they no longer allow end with ``unsubscribed``."""
+        self.caller = caller
+        for pattern, sub in list(self.subscriptions.items()):
+            if not self.service.ops.may_keep(caller, pattern):
+                del self.subscriptions[pattern]
+                self.service.ops.unsubscribe(sub)
+                self.offer(_frame({"op": "unsubscribed", "pattern": pattern, "reason": "forbidden"}))
+        self._arm_auth_deadline()
+
+    def _arm_auth_deadline(self) -> None:
+        """Close with 4001 ``auth_timeout_s`` after opening while not authenticated, or when the
+        token expires (its ``exp`` plus the leeway, converted once to trio's clock)."""
+        auth = self.service.ops.auth
+        deadline = math.inf
+        if not self.caller.authenticated:
+            deadline = self._opened + auth.auth_timeout_s
+        elif self.caller.expires_at is not None:
+            deadline = trio.current_time() + (self.caller.expires_at + auth.leeway_s - time.time())
+        if self._auth_deadline is not None:
+            self._auth_deadline.deadline = deadline
+        elif deadline < math.inf and self._nursery is not None:
+            self._auth_deadline = trio.CancelScope(deadline=deadline)
+            self._nursery.start_soon(self._close_at_auth_deadline, self._auth_deadline)
+
+    async def _close_at_auth_deadline(self, scope: trio.CancelScope) -> None:
+        with scope:
+            await trio.sleep_forever()
+        why = "not authenticated in time" if not self.caller.authenticated else "token expired"
+        log.info("closing %s with 4001: %s", self.ws.remote, why)
+        with trio.move_on_after(self.service.cfg.close_timeout_s):
+            await self.ws.aclose(CLOSE_UNAUTHENTICATED, why)
 
     # ---- the Sink protocol of the router -----------------------------------
 
@@ -179,6 +223,7 @@ class Connection:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._send_then_end, nursery.cancel_scope)
+                self._arm_auth_deadline()
                 await self._read_loop(nursery)
                 nursery.cancel_scope.cancel()
         finally:
@@ -300,6 +345,8 @@ class Connection:
             handler = OPS.get(op)
             if handler is None:
                 raise OpError("unknown_op", f"unknown op: {op[:64]}")
+            if op not in OPEN_OPS:
+                self.service.ops.require_authenticated(self.caller)
             if op not in BATCHED_OPS:
                 await self.flush_batch()  # writes stay in the order the client sent them
             if op in WAITING_OPS:  # may wait long: run beside the reader, bounded
@@ -347,6 +394,10 @@ class WebSocketService:
         self.frames_in = 0
         self.errors_sent = 0
         self.faults = faults
+        #: (scheme, port) of the daemon's own HTTP server, whose pages (the console) may connect
+        self.console: tuple[str, int] | None = None
+        #: handshakes refused after they were read, by why (the gate counts those refused before)
+        self.refused: Counter[str] = Counter()
         self.gate = PeerGate(cfg.max_connections, cfg.max_connections_per_address, cfg.max_handshakes)
         self._accepting: trio.CancelScope | None = None
         self._handlers_done = trio.Event()
@@ -365,10 +416,11 @@ class WebSocketService:
         for conn in self.connections:
             conn.ws._max_message_size = cfg.max_frame_bytes
 
-    async def serve_stream(self, stream: trio.SocketStream) -> None:
+    async def serve_stream(self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]) -> None:
         """One accepted TCP connection: admitted by the gate, then handshake and ops behind an error boundary."""
+        socket_stream = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
         try:
-            address = str(stream.socket.getpeername()[0])
+            address = str(socket_stream.socket.getpeername()[0])
         except OSError:  # reset before we looked: nothing to serve
             await stream.aclose()
             return
@@ -381,7 +433,7 @@ class WebSocketService:
         finally:
             self.gate.leave(admission)
 
-    async def _serve_connection(self, stream: trio.SocketStream, admission: Admission) -> None:
+    async def _serve_connection(self, stream: trio.abc.Stream, admission: Admission) -> None:
         """trio-websocket's server side of one connection (``WebSocketServer._handle_connection``),
         with one change: a peer that goes away during the handshake ends it at once, where
         trio-websocket would hold the socket (and a handshake slot) until the handshake timeout.
@@ -419,16 +471,34 @@ class WebSocketService:
                 await trio.aclose_forcefully(stream)  # closed even when cancelled (the daemon stops)
 
     async def _accept(self, request: WebSocketRequest) -> None:
-        """The handshake request is complete: accept it, then serve the connection until it ends."""
+        """The handshake request is complete: check its origin and token, accept it, then serve it."""
         if self.draining:
             await request.reject(503, body=b"aivad: draining, not accepting connections\n")
             return
+        peer = _endpoint(request.remote)
+        headers = {name.lower(): value for name, value in request.headers}
+        origin = headers.get(b"origin")
+        if origin is not None and not self._origin_allowed(origin.decode("latin-1"), request._event.host):
+            self.refused["origin"] += 1
+            await request.reject(403, body=b"aivad: this origin is not allowed (websocket.allowed_origins)\n")
+            return
+        caller = self.ops.caller("websocket", peer, Quota(self.ops.limits))
+        authorization = headers.get(b"authorization")
+        if authorization is not None:
+            scheme, _, token = authorization.decode("latin-1").partition(" ")
+            try:
+                if scheme.lower() != "bearer":
+                    raise OpError("unauthorized", "Authorization must be: Bearer <token>")
+                caller = self.ops.authenticate(caller, token.strip())
+            except OpError as exc:
+                self.refused["unauthorized"] += 1
+                await request.reject(401, body=f"aivad: {exc.message}\n".encode())
+                return
         try:
             ws = await request.accept()
         except ConnectionClosed:
             return  # the peer left during the handshake
         ws._max_message_size = self.cfg.max_frame_bytes
-        caller = Caller(ANYONE, "websocket", peer=str(ws.remote), quota=Quota(self.ops.limits))
         conn = Connection(self, ws, caller)
         self.connections.add(conn)
         try:
@@ -437,6 +507,19 @@ class WebSocketService:
             self.connections.discard(conn)
             if self.draining and not self.connections:
                 self._handlers_done.set()
+
+    def _origin_allowed(self, origin: str, host: str) -> bool:
+        """``allowed_origins``, or the origin of our own console: the host the client reached us by,
+        on the ``[http]`` server's port and scheme."""
+        own = []
+        if self.console is not None:
+            scheme, port = self.console
+            name = host.rpartition(":")[0] if host.count(":") == 1 or host.endswith("]") else host
+            name = name or host
+            own.append(f"{scheme}://{name}:{port}".lower())
+            if (scheme, port) in (("http", 80), ("https", 443)):
+                own.append(f"{scheme}://{name}".lower())
+        return origin_allowed(origin, self.cfg.allowed_origins, own)
 
     async def drain(self) -> None:
         """Stop accepting, close every connection with 1001, wait for their handlers."""
@@ -461,7 +544,7 @@ class WebSocketService:
             errors_sent=self.errors_sent,
             sockets=gate.connections,
             handshakes=gate.handshakes,
-            refused=gate.refused,
+            refused=dict(Counter(gate.refused) + self.refused),
         )
 
 
@@ -471,6 +554,14 @@ class WebSocketService:
 async def _op_ping(conn: Connection, frame: dict[str, Any]) -> dict[str, Any] | None:
     await conn.put(_frame({"op": "pong", "ref": frame.get("ref")}))
     return None
+
+
+async def _op_auth(conn: Connection, frame: dict[str, Any]) -> dict[str, Any] | None:
+    """The first frame of a browser (or a refresh later): the token's identity replaces the connection's."""
+    caller = conn.service.ops.authenticate(conn.caller, frame.get("token"))
+    conn.set_caller(caller)
+    expires_at = None if caller.expires_at is None else rfc3339(caller.expires_at)
+    return {"sub": caller.sub, "expires_at": expires_at}
 
 
 async def _op_subscribe(conn: Connection, frame: dict[str, Any]) -> dict[str, Any] | None:
@@ -589,6 +680,7 @@ async def _op_request(conn: Connection, frame: dict[str, Any]) -> dict[str, Any]
 
 
 OPS: dict[str, OpHandler] = {
+    "auth": _op_auth,
     "subscribe": _op_subscribe,
     "unsubscribe": _op_unsubscribe,
     "publish": _op_publish,
@@ -604,6 +696,8 @@ OPS: dict[str, OpHandler] = {
     "collect": _op_collect,
     "request": _op_request,
 }
+#: ops served before authentication (DESIGN §4.8)
+OPEN_OPS = frozenset({"auth", "ping"})
 #: ops held by Connection.batch: those read ahead together are stored in one write
 BATCHED_OPS = frozenset({"publish", "dispatch"})
 #: worker frames: answered only on error, or when they carry a ref
@@ -632,17 +726,38 @@ async def serve_websocket(
         # under socket activation systemd has bound the port (systemd/aivad.socket); else bind it here
         inherited = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in listen_fds()]
         listeners = inherited or await trio.open_tcp_listeners(cfg.port, host=cfg.host)
+        service.port = listeners[0].socket.getsockname()[1]
+        served: list[trio.abc.Listener[Any]] = list(listeners)
+        if cfg.tls_cert_file:  # wss:// — the TLS handshake counts as part of the opening handshake
+            context = tls_context(cfg.tls_cert_file, cfg.tls_key_file)
+            served = [trio.SSLListener(listener, context, https_compatible=True) for listener in listeners]
         with trio.CancelScope() as accepting:
             service._accepting = accepting
             async with trio.open_nursery() as acceptor:
                 await acceptor.start(
-                    partial(trio.serve_listeners, service.serve_stream, listeners, handler_nursery=handlers)
+                    partial(trio.serve_listeners, service.serve_stream, served, handler_nursery=handlers)
                 )
-                service.port = listeners[0].socket.getsockname()[1]
-                log.info("websocket listening on ws://%s:%d/", cfg.host, service.port)
+                scheme = "wss" if cfg.tls_cert_file else "ws"
+                log.info("websocket listening on %s://%s:%d/", scheme, cfg.host, service.port)
                 task_status.started(service)
         await trio.sleep_forever()  # drained: handlers finish in their own nursery
     raise AssertionError("unreachable")
+
+
+def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """A server TLS context from PEM files; an unusable pair is a ConfigError (``aivad serve`` exits 2)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"websocket.tls_cert_file: cannot use {cert_file} with {key_file}: {exc}") from None
+    return context
+
+
+def _endpoint(endpoint: object) -> str:
+    """``address:port`` of a trio-websocket endpoint, for logs."""
+    address, port = getattr(endpoint, "address", endpoint), getattr(endpoint, "port", "")
+    return f"{address}:{port}" if port else str(address)
 
 
 #: gate refusals: why → (HTTP status, body); written before any byte of the handshake is read
@@ -653,7 +768,7 @@ _REFUSALS = {
 }
 
 
-async def _refuse(stream: trio.SocketStream, status: int, why: str) -> None:
+async def _refuse(stream: trio.abc.Stream, status: int, why: str) -> None:
     """Answer a connection the gate did not admit with a plain HTTP error, then close it."""
     body = f"aivad: {why}\n".encode()
     head = f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: text/plain\r\n"

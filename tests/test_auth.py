@@ -47,12 +47,10 @@ from aivad.auth import (
     Rights,
     TokenVerifier,
     Unauthorized,
-    anonymous_exposure,
-    is_loopback,
     mint_token,
 )
 from aivad.cli import UsageError, parse_ttl
-from aivad.config import AuthConfig, ConfigError, parse_config
+from aivad.config import AuthConfig, ConfigError, anonymous_exposure, is_loopback, parse_config
 from aivad.containment import contains
 from aivad.envelope import check_pattern, pattern_matches
 
@@ -806,10 +804,14 @@ def test_is_loopback(host: str, loopback: bool) -> None:
 
 def test_anonymous_exposure() -> None:
     assert anonymous_exposure(parse_config({})) == []
-    exposed = anonymous_exposure(parse_config({"websocket": {"host": "0.0.0.0"},
-                                               "http": {"enabled": True, "host": "::"}}))
-    assert [line.split(":")[0] for line in exposed] == ["websocket.host", "http.host"]
-    assert "auth.allow_anonymous_remote = true" in exposed[0]
+    exposed_doc = {"websocket": {"host": "0.0.0.0"}, "http": {"enabled": True, "host": "::"}}
+    with pytest.raises(ConfigError) as refused:  # the config itself is refused: aivad serve exits 2
+        parse_config(exposed_doc)
+    exposed = anonymous_exposure(parse_config({**exposed_doc, "auth": {"allow_anonymous_remote": True}}))
+    assert exposed == []
+    lines = str(refused.value).split("; ")
+    assert [line.split(":")[0] for line in lines] == ["websocket.host", "http.host"]
+    assert "auth.allow_anonymous_remote = true" in lines[0]
     assert anonymous_exposure(parse_config({"http": {"host": "0.0.0.0"}})) == []  # http off
     for auth in ({"allow_anonymous_remote": True}, {"required": True, "hmac_secret_file": "s"}):
         assert anonymous_exposure(parse_config({"websocket": {"host": "0.0.0.0"}, "auth": auth})) == []

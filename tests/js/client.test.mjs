@@ -1,9 +1,21 @@
 // The browser client against a real daemon: calls, subscriptions, errors, tokens.
 import assert from "node:assert/strict";
+import { mkdtempSync, rmSync } from "node:fs";
+import os from "node:os";
+import path from "node:path";
 import { test } from "node:test";
 
 import { AivadError, connect } from "../../aivad/web/client.js";
-import { Recorder, daemonFor, defer, errorLog, isStrictlyAscending, waitFor } from "./harness.mjs";
+import {
+  Recorder,
+  authSections,
+  daemonFor,
+  defer,
+  errorLog,
+  isStrictlyAscending,
+  mintToken,
+  waitFor,
+} from "./harness.mjs";
 
 /** A client closed when the test ends. */
 function clientFor(t, url, options = {}) {
@@ -172,8 +184,10 @@ test("close() fails waiting calls with `closed` and ends subscriptions", async (
   assert.throws(() => client.subscribe("z.#", () => {}), (error) => error.code === "closed");
 });
 
-test("without a token no auth frame is sent; a token meets a daemon without auth and carries on", async (t) => {
-  const daemon = await daemonFor(t);
+test("without a token no auth frame is sent; with one, auth is the first frame and the daemon's answer counts", async (t) => {
+  const dir = mkdtempSync(path.join(os.tmpdir(), "tok-"));
+  defer(t, () => rmSync(dir, { recursive: true, force: true }));
+  const daemon = await daemonFor(t, authSections(dir, false));
   /** A real WebSocket that records what it sends: it also shows the `WebSocket` option works. */
   const sent = [];
   class RecordingWebSocket extends WebSocket {
@@ -187,22 +201,24 @@ test("without a token no auth frame is sent; a token meets a daemon without auth
   assert.ok(sent.length > 0 && sent.every((frame) => frame.op !== "auth"), JSON.stringify(sent));
   assert.equal((await daemon.status()).websocket.errors_sent, 0);
 
-  // DESIGN §4.8: the `auth` op. This daemon answers `unknown_op`: nothing to prove, so the client goes on.
+  // DESIGN §4.8: with a token, `auth` goes first and its rights apply (required = false keeps anonymous in)
+  sent.length = 0;
   const { errors, onError } = errorLog();
   let asked = 0;
+  const token = mintToken("ui-1", { subscribe: ["anon.#"], publish: ["anon.*"] });
   const withToken = clientFor(t, daemon.url, {
     WebSocket: RecordingWebSocket,
-    token: async () => `token-${++asked}`,
+    token: async () => (++asked, token),
     onError,
   });
   const rec = new Recorder();
   await withToken.subscribe("anon.#", { since: 0 }, rec.onMessage).ready;
   await withToken.publish("anon.y", 2);
   await rec.until(2);
-  const auths = sent.filter((frame) => frame.op === "auth");
-  assert.deepEqual(auths.map((frame) => frame.token), ["token-1"]);
-  assert.equal(errors.length, 1);
-  assert.equal(errors[0].code, "unknown_op");
+  assert.equal(sent[0].op, "auth");
+  assert.deepEqual(sent.filter((frame) => frame.op === "auth").map((frame) => frame.token), [token]);
+  await assert.rejects(withToken.publish("other.z", 3), (error) => error.code === "forbidden");
+  assert.deepEqual(errors, []);
   assert.equal(withToken.statistics().connections, 1);
 });
 
@@ -224,7 +240,9 @@ test("a throwing onMessage is reported and does not stop the subscription", asyn
 });
 
 test("tokens: a failing token function is reported and asked again; auth is the first frame of every connection", async (t) => {
-  const daemon = await daemonFor(t);
+  const dir = mkdtempSync(path.join(os.tmpdir(), "tok-"));
+  defer(t, () => rmSync(dir, { recursive: true, force: true }));
+  const daemon = await daemonFor(t, authSections(dir, true));
   const sockets = [];
   class RecordingWebSocket extends WebSocket {
     constructor(url) {
@@ -239,6 +257,7 @@ test("tokens: a failing token function is reported and asked again; auth is the 
   }
   const { errors, onError } = errorLog();
   let asked = 0;
+  const token = mintToken("agent-7", { subscribe: ["tok.#"], publish: ["tok.*"] });
   const client = clientFor(t, daemon.url, {
     WebSocket: RecordingWebSocket,
     reconnectInitialMs: 20,
@@ -246,7 +265,7 @@ test("tokens: a failing token function is reported and asked again; auth is the 
     token: () => {
       asked++;
       if (asked === 1) throw new Error("login service down");
-      return Promise.resolve(`token-${asked}`);
+      return Promise.resolve(token);
     },
   });
   const rec = new Recorder();
@@ -262,7 +281,7 @@ test("tokens: a failing token function is reported and asked again; auth is the 
   await rec.until(2);
   assert.ok(sockets.length >= 2);
   for (const ws of sockets) {
-    if (ws.sent.length) assert.deepEqual(ws.sent[0], { op: "auth", token: "token-2", ref: ws.sent[0].ref });
+    if (ws.sent.length) assert.deepEqual(ws.sent[0], { op: "auth", token, ref: ws.sent[0].ref });
   }
   assert.equal(asked, 2, "the token is reused across reconnects until it expires or is refused");
 });

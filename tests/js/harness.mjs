@@ -13,6 +13,7 @@
  */
 
 import { spawn } from "node:child_process";
+import { createHmac, randomBytes } from "node:crypto";
 import { once } from "node:events";
 import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import net from "node:net";
@@ -256,6 +257,33 @@ export async function daemonFor(t, sections = {}) {
     rmSync(daemon.dir, { recursive: true, force: true });
   });
   return daemon;
+}
+
+/** The HS256 secret of `authSections`: tokens minted with it verify on such a daemon. */
+export const SECRET = randomBytes(32).toString("hex");
+
+/**
+ * Config sections for a daemon that takes HS256 tokens signed with SECRET (`required` as given).
+ * @param {string} dir  Where the secret file goes.
+ * @param {boolean} required
+ */
+export function authSections(dir, required) {
+  const secretFile = path.join(dir, "jwt.secret");
+  writeFileSync(secretFile, SECRET, { mode: 0o600 });
+  return { auth: { required, algorithms: ["HS256"], hmac_secret_file: secretFile } };
+}
+
+/**
+ * A real HS256 JWT for `sub` (DESIGN §4.8), signed with SECRET; `rights` is the `aivad` claim.
+ * @param {string} sub
+ * @param {Record<string, unknown>} rights
+ * @param {number} [ttlS]
+ */
+export function mintToken(sub, rights, ttlS = 3600) {
+  const encode = (value) => Buffer.from(JSON.stringify(value)).toString("base64url");
+  const now = Math.floor(Date.now() / 1000);
+  const body = `${encode({ alg: "HS256", typ: "JWT" })}.${encode({ sub, aud: "aivad", iat: now, exp: now + ttlS, aivad: rights })}`;
+  return `${body}.${createHmac("sha256", SECRET).update(body).digest("base64url")}`;
 }
 
 /**
