@@ -148,7 +148,8 @@ class DaemonProcess:
     def __init__(self, directory: Path, **sections: dict[str, Any]) -> None:
         self.directory = directory
         self.ws_port = free_port()
-        doc = test_config(directory, websocket={"port": self.ws_port}, **sections)
+        websocket = {**sections.pop("websocket", {}), "port": self.ws_port}
+        doc = test_config(directory, websocket=websocket, **sections)
         self.config_path = directory / "config.toml"
         self.config_path.write_text(to_toml(doc))
         self.control_path = doc["control"]["socket"]
