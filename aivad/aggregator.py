@@ -14,9 +14,10 @@ from typing import Any, NoReturn
 import attrs
 import trio
 
+from .boundary import Faults
 from .config import TasksConfig
 from .dispatcher import Dispatcher, TaskView
-from .envelope import Envelope
+from .envelope import Envelope, derived_id
 from .protocol import OpError
 from .store import Store
 from .tasks import TaskSpec
@@ -38,11 +39,14 @@ class CollectResult:
 
 
 class Aggregator:
-    def __init__(self, cfg: TasksConfig, dispatcher: Dispatcher, store: Store, nursery: trio.Nursery) -> None:
+    def __init__(
+        self, cfg: TasksConfig, dispatcher: Dispatcher, store: Store, nursery: trio.Nursery, faults: Faults
+    ) -> None:
         self.cfg = cfg
         self._dispatcher = dispatcher
         self._store = store
         self._nursery = nursery
+        self._faults = faults
         self._waiters: dict[str, set[trio.Event]] = {}
         dispatcher.on_end.append(self._task_ended)
 
@@ -50,7 +54,9 @@ class Aggregator:
         for event in self._waiters.pop(view.task_id, ()):
             event.set()
         if view.group_id is not None and not self._dispatcher.groups_running[view.group_id]:
-            self._nursery.start_soon(self._check_group, view.group_id)  # the group's last running task
+            # the group's last running task
+            what = f"group {view.group_id[:64]}"
+            self._faults.start_soon(self._nursery, "aggregator.group_check", what, self._check_group, view.group_id)
 
     async def _check_group(self, group_id: str) -> None:
         """Publish ``group.completed`` once every task of the group has ended."""
@@ -59,11 +65,8 @@ class Aggregator:
             return
         completed = sum(1 for v in views if v.state == "completed")
         payload = {"group_id": group_id, "tasks": len(views), "completed": completed, "dead": len(views) - completed}
-        await self._store.append(
-            Envelope.from_fields(
-                "group.completed", payload, {"source": "aivad"}, f"aivad:group:{group_id}:completed:{len(views)}"
-            )
-        )
+        message_id = derived_id("aivad:group", group_id, "completed", len(views))
+        await self._store.append(Envelope.from_fields("group.completed", payload, {"source": "aivad"}, message_id))
 
     def _watch(self, task_ids: list[str], event: trio.Event) -> list[str]:
         """Register ``event`` on every id still running; returns those ids. Sync: no wakeup is lost."""
@@ -150,11 +153,12 @@ async def serve_aggregator(
     cfg: TasksConfig,
     dispatcher: Dispatcher,
     store: Store,
+    faults: Faults | None = None,
     *,
     task_status: trio.TaskStatus[Aggregator] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
-    """Own the aggregator's background work (group checks) until cancelled."""
+    """Own the aggregator's background work (group checks, each behind an error boundary) until cancelled."""
     async with trio.open_nursery() as nursery:
-        task_status.started(Aggregator(cfg, dispatcher, store, nursery))
+        task_status.started(Aggregator(cfg, dispatcher, store, nursery, faults or Faults()))
         await trio.sleep_forever()
     raise AssertionError("unreachable")

@@ -98,8 +98,9 @@ import attrs
 import trio
 from pamqp import commands as spec
 
+from .boundary import Faults, describe
 from .config import AmqpConfig, TasksConfig
-from .envelope import BadMessage, Envelope
+from .envelope import BadMessage, Envelope, derived_id
 from .protocol import OpError
 from .store import Appended, StoreClosed, StoredMessage, Write, insert_rows
 from .tasks import TaskSpec, parse_task_spec
@@ -146,7 +147,7 @@ _SKIP_HEADER_PREFIXES = ("x-death", "x-first-death-", "x-last-death-", "x-aivad-
 
 
 class AmqpLost(Exception):
-    """The connection, a channel or the consumer went away; the supervisor reconnects."""
+    """The connection, a channel or the consumer went away (or the store failed a write); the supervisor reconnects."""
 
 
 class Counter(Protocol):
@@ -204,6 +205,8 @@ class AmqpStatistics:
     tasks_rejected: int = 0
     replies: int = 0
     dead_tasks: int = 0
+    #: ended by a bug at its error boundary: no reconnecting (see the log)
+    stopped: bool = False
 
 
 # ---- mapping (pure) -------------------------------------------------------------
@@ -565,14 +568,17 @@ class _LoopThread:
 
 
 # Errors after which a new connection may help. Anything else is a bug and crashes the service.
+#: what ends a session and makes the supervisor connect again: the broker or the network went
+#: away, or the store failed a write (the deliveries stay unacked and come back). Not RuntimeError
+#: or a plain OSError: those are bugs, and reconnecting would repeat them forever (they end the
+#: service at its error boundary instead, and /readyz says so).
 _RETRYABLE: tuple[type[BaseException], ...] = (
     AmqpLost,
     aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,  # a RuntimeError: the channel closed under us
     ConnectionError,
-    OSError,
     TimeoutError,
-    asyncio.TimeoutError,
-    RuntimeError,  # aiormq: "<Connection> closed" from a channel() on a closing connection
+    socket.gaierror,
 )
 
 
@@ -685,6 +691,7 @@ class AmqpBridge:
         self._rows_waiting = 0  # outbox rows in the store
         # statistics
         self._connected = False
+        self._stopped = False
         self._reconnects = 0
         self._last_error: str | None = None
         self._stored = 0
@@ -724,6 +731,7 @@ class AmqpBridge:
             tasks_rejected=self._tasks_rejected,
             replies=self._replies,
             dead_tasks=self._dead_tasks,
+            stopped=self._stopped,
         )
 
     async def publish_event(self, env: Envelope) -> None:
@@ -839,7 +847,7 @@ class AmqpBridge:
             props = spec.Basic.Properties(
                 content_type="application/json",
                 correlation_id=correlation_id,
-                message_id=f"aivad:{view.task_id}:reply",
+                message_id=derived_id("aivad", view.task_id, "reply"),
                 message_type=view.type,
                 app_id="aivad",
                 headers={ORIGIN_HEADER: self.node_id},
@@ -855,13 +863,19 @@ class AmqpBridge:
                 delivery_mode=2,
                 correlation_id=correlation_id,
                 reply_to=reply_to,
-                message_id=f"aivad:{view.task_id}:dead",
+                message_id=derived_id("aivad", view.task_id, "dead"),
                 message_type=view.type,
                 app_id="aivad",
                 headers={ORIGIN_HEADER: self.node_id, REASON_HEADER: reason[:1000], "x-aivad-task-id": view.task_id},
             )
             rows.append((self._cfg.dead_letter_exchange, view.type, _dumps(body), props))
         return rows
+
+    def _stopped_by_bug(self) -> None:
+        self._stopped = True
+        self._last_error = "stopped after an internal error (see the log)"
+        for consumer in self._consumers:
+            consumer.consuming = False
 
     # ---- supervisor (trio) ------------------------------------------------------
 
@@ -983,6 +997,8 @@ class AmqpBridge:
                 results: list[Appended] = await write.wait()
             except StoreClosed:
                 await self._idle_until_cancelled(session)
+            except Exception as exc:  # unacked, they come again after the reconnect
+                raise AmqpLost(f"the store failed a batch of {len(rows)}: {describe(exc)}") from exc
             finally:
                 self._ingesting -= ids
             dups = sum(1 for r in results if r.duplicate)
@@ -1040,6 +1056,8 @@ class AmqpBridge:
             except StoreClosed:
                 return False
             except OpError as exc:
+                if exc.code == "internal":
+                    raise AmqpLost(f"the store failed {len(specs)} tasks: {exc.message}") from exc
                 if exc.code != "overloaded":
                     raise
                 if dispatcher.draining:
@@ -1149,7 +1167,7 @@ class AmqpBridge:
         cfg = self._cfg
         conn = session.connection
         async with asyncio.timeout(cfg.connect_timeout_s):
-            publish = await conn.channel(publisher_confirms=True)
+            publish = await _open_channel(conn, publisher_confirms=True)
             await publish.exchange_declare(cfg.events_exchange, exchange_type="topic", durable=True)
             await publish.exchange_declare(cfg.tasks_exchange, exchange_type="topic", durable=True)
             await publish.exchange_declare(cfg.dead_letter_exchange, exchange_type="fanout", durable=True)
@@ -1163,7 +1181,7 @@ class AmqpBridge:
             await publish.queue_bind(cfg.tasks_queue, cfg.tasks_exchange, cfg.tasks_binding_key)
             session.publish_channel = publish
             for consumer in self._consumers:
-                channel = await conn.channel(publisher_confirms=False)
+                channel = await _open_channel(conn, publisher_confirms=False)
                 await channel.basic_qos(prefetch_count=cfg.prefetch)
                 session.channels[consumer.queue] = channel
                 cancelled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -1229,6 +1247,16 @@ class AmqpBridge:
             await session.connection.close()
 
 
+async def _open_channel(conn: aiormq.abc.AbstractConnection, *, publisher_confirms: bool) -> aiormq.abc.AbstractChannel:
+    """``conn.channel()``; aiormq raises a plain RuntimeError when the connection is closing: that is a loss."""
+    try:
+        return await conn.channel(publisher_confirms=publisher_confirms)
+    except RuntimeError as exc:
+        if conn.is_closed:
+            raise AmqpLost(f"connection closed while opening a channel: {exc}") from None
+        raise
+
+
 def _ingest(conn: sqlite3.Connection, write: Write, rows: list[tuple[str, str, str]]) -> list[Appended]:
     """Store deliveries; the own-root ones go into ``amqp_skip`` in the same transaction (never sent back)."""
     results = insert_rows(conn, write, rows)
@@ -1270,6 +1298,7 @@ async def serve_amqp(
     *,
     ingest: Counter | None = None,
     dispatcher: TaskSink | None = None,
+    faults: Faults | None = None,
     task_status: trio.TaskStatus[AmqpBridge] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Run the AMQP bridge until cancelled (DESIGN §4.5).
@@ -1285,8 +1314,11 @@ async def serve_amqp(
     cancellation the connection is closed (unacked deliveries go back to the
     queue) and the thread is joined, both shielded and bounded by ``grace_s``.
 
-    Error handling: broker and network errors are retried; a store error or a
-    bug propagates and takes the daemon down.
+    Error handling: broker and network errors, and store errors on ingest, are
+    retried with backoff. A bug (anything else) ends the bridge at its error
+    boundary — logged, counted, alerted — and it stays stopped: the embedded path
+    serves on, ``statistics().stopped`` and /readyz say why. Without ``faults``
+    (tests of the bridge alone) a bug propagates.
     """
     bridge = AmqpBridge(cfg, store, ingest, dispatcher)
     await bridge._load_outbox()
@@ -1296,7 +1328,11 @@ async def serve_amqp(
         dispatcher.on_end.append(bridge._task_ended)
     try:
         task_status.started(bridge)
-        await bridge._supervise()
+        if faults is None:
+            await bridge._supervise()
+        await faults.isolated("amqp.bridge", _censor(cfg.url), bridge._supervise)
+        bridge._stopped_by_bug()
+        await trio.sleep_forever()
     finally:
         if dispatcher is not None:
             dispatcher.end_writes.remove(bridge._write_end_rows)

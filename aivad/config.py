@@ -58,6 +58,8 @@ class WebSocketConfig:
     max_subscriptions: int = _at_least(4096, 1)
     max_inflight_publishes: int = _at_least(256, 1)
     max_connections: int = _at_least(10_000, 1)
+    max_connections_per_address: int = _at_least(1000, 1)
+    max_handshakes: int = _at_least(256, 1)
     replay_batch: int = _at_least(500, 1)
     handshake_timeout_s: float = _positive(10.0)
     close_timeout_s: float = _positive(5.0)

@@ -307,14 +307,17 @@ class ControlService:
         self._accepting: trio.CancelScope | None = None
 
     async def handle(self, stream: trio.SocketStream) -> None:
+        """One control client, behind its error boundary: a fault ends this session only."""
         self.sessions += 1
         try:
-            await Session(self, stream).run()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+            await self.daemon.faults.isolated("control.session", "a control client", self._run_session, stream)
         finally:
             self.sessions -= 1
-            await stream.aclose()
+            await trio.aclose_forcefully(stream)
+
+    async def _run_session(self, stream: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await Session(self, stream).run()
 
     def drain(self) -> None:
         """Stop accepting new control connections (open sessions may finish)."""

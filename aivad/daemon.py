@@ -26,6 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from . import __version__, control
 from .aggregator import Aggregator, serve_aggregator
 from .amqp import AmqpBridge, serve_amqp
+from .boundary import Faults
 from .config import Config, ConfigError, load_config
 from .dispatcher import Dispatcher, serve_dispatcher
 from .http import serve_http
@@ -45,7 +46,8 @@ log = logging.getLogger(__name__)
 LIVE_KEYS: dict[str, frozenset[str]] = {
     "websocket": frozenset(
         {"max_frame_bytes", "send_buffer_frames", "max_subscriptions", "max_inflight_publishes",
-         "max_connections", "replay_batch", "handshake_timeout_s", "close_timeout_s"}
+         "max_connections", "max_connections_per_address", "max_handshakes", "replay_batch",
+         "handshake_timeout_s", "close_timeout_s"}
     ),
     "log": frozenset({"level"}),
     "shutdown": frozenset({"grace_s"}),
@@ -96,6 +98,7 @@ class Daemon:
         self.notifier = notifier
         self.started_at = time.time()
         self.ingest = Ingest()
+        self.faults = Faults()
         self.store: Store
         self.router: Router
         self.websocket: WebSocketService
@@ -116,6 +119,8 @@ class Daemon:
         reasons = []
         if self.draining:
             reasons.append("draining")
+        if self.store.failure is not None:
+            reasons.append(f"store: commits fail ({self.store.failure})")
         if self.amqp is not None:
             amqp = self.amqp.statistics()
             for queue, consuming in amqp.consuming.items():
@@ -274,11 +279,13 @@ async def run_daemon(
             await root.start(_watch_signals, daemon, root.cancel_scope)
         daemon.store = await root.start(serve_store, cfg.store)
         daemon.router = Router(daemon.store, cfg.websocket.replay_batch)
-        daemon.dispatcher = await root.start(serve_dispatcher, cfg.tasks, daemon.store)
-        daemon.aggregator = await root.start(serve_aggregator, cfg.tasks, daemon.dispatcher, daemon.store)
+        daemon.dispatcher = await root.start(serve_dispatcher, cfg.tasks, daemon.store, daemon.faults)
+        daemon.aggregator = await root.start(
+            serve_aggregator, cfg.tasks, daemon.dispatcher, daemon.store, daemon.faults
+        )
         if cfg.amqp.enabled:  # started() at once: readiness of the embedded path does not wait on the broker
             daemon.amqp = await root.start(partial(serve_amqp, cfg.amqp, daemon.store, ingest=daemon.ingest,
-                                                   dispatcher=daemon.dispatcher))
+                                                   dispatcher=daemon.dispatcher, faults=daemon.faults))
             daemon.store.on_commit(daemon.amqp.forward_committed)  # task.*, group.*, system.* → events exchange
         daemon.websocket = await root.start(serve_websocket, cfg.websocket, daemon)
         daemon.control = await root.start(control.serve_control, cfg.control, daemon, control.COMMANDS)

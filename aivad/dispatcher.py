@@ -36,10 +36,11 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import attrs
 import trio
 
+from .boundary import Faults
 from .config import TasksConfig
-from .envelope import Envelope, now_rfc3339
+from .envelope import Envelope, derived_id, now_rfc3339
 from .protocol import OpError
-from .store import Store, Write, insert_dead_letter, insert_envelopes
+from .store import Store, StoreClosed, Write, insert_dead_letter, insert_envelopes
 from .tasks import ACTIVE_STATES, STATES, TaskSpec, backoff_s
 
 if TYPE_CHECKING:
@@ -125,6 +126,8 @@ class Attempt:
             deadline=min(self.hard_deadline, now + heartbeat) if heartbeat else self.hard_deadline
         )
         self.outcome: Outcome | None = None
+        #: its worker slot is given back (Dispatcher._release)
+        self.released = False
         self.started_wall = time.time()
         self.progressed = False
 
@@ -190,7 +193,7 @@ def _event(kind: str, spec: TaskSpec, state: str, attempt: int, unique: str = ""
     payload = {"task_id": spec.task_id, "type": spec.type, "state": state, "attempt": attempt, **extra}
     if spec.group_id is not None:
         payload["group_id"] = spec.group_id
-    message_id = f"aivad:{spec.task_id}:{kind}:{attempt}{unique}"
+    message_id = derived_id("aivad", spec.task_id, kind, f"{attempt}{unique}")
     # built directly: the topics are the daemon's own, the ids its own making (no producer input to check)
     return Envelope(message_id, now_rfc3339(), kind, payload, {"source": "aivad"})
 
@@ -229,10 +232,11 @@ _VIEW_COLUMNS = "task_id, type, spec, state, attempts, group_id, result, error, 
 
 
 class Dispatcher:
-    def __init__(self, cfg: TasksConfig, store: Store, nursery: trio.Nursery) -> None:
+    def __init__(self, cfg: TasksConfig, store: Store, nursery: trio.Nursery, faults: Faults) -> None:
         self.cfg = cfg
         self._store = store
         self._nursery = nursery
+        self._faults = faults
         self.tasks: dict[str, TaskState] = {}
         #: group_id → its tasks not yet ended (group.completed is due when it reaches 0)
         self.groups_running: Counter[str] = Counter()
@@ -422,7 +426,8 @@ class Dispatcher:
         if not self._in_flight:
             self._idle = trio.Event()
         self._in_flight += 1
-        self._nursery.start_soon(self._run_attempt, attempt)
+        what = f"task {task.spec.task_id[:64]} attempt {attempt.number}"
+        self._faults.start_soon(self._nursery, "dispatcher.attempt", what, self._run_attempt, attempt)
 
     async def _run_attempt(self, attempt: Attempt) -> None:
         task, worker = attempt.task, attempt.worker
@@ -444,13 +449,21 @@ class Dispatcher:
             "worker_id": worker.worker_id,
             "started": now_rfc3339(),
         }
-        # queued before the settle's write, so committed before it: nothing waits for it
-        await self._store.submit(lambda conn, w: self._write_dispatched(conn, w, task, worker), isolated=False)
-        with attempt.scope:
-            await worker.conn.send_json(frame)
-            await trio.sleep_forever()
-        outcome = attempt.outcome or attempt.expired()
-        await self._settle(attempt, outcome, history)
+        try:
+            # queued before the settle's write, so committed before it: nothing waits for it
+            await self._store.submit(lambda conn, w: self._write_dispatched(conn, w, task, worker), isolated=False)
+            with attempt.scope:
+                await worker.conn.send_json(frame)
+                await trio.sleep_forever()
+            outcome = attempt.outcome or attempt.expired()
+            await self._settle(attempt, outcome, history)
+        finally:
+            # however it ended (settled, shutdown — the next start retries it —, or a fault):
+            # it holds no worker slot, and a drain waiting for attempts in flight counts it done
+            self._release(attempt)
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
 
     def _write_dispatched(self, conn: sqlite3.Connection, write: Write, task: TaskState, worker: Worker) -> None:
         _update(conn, task, state="dispatched")
@@ -504,12 +517,19 @@ class Dispatcher:
 
     # ---- the one place that decides -------------------------------------------------------
 
+    def _release(self, attempt: Attempt) -> None:
+        """The attempt holds its worker's slot no more (once, however it ended)."""
+        if attempt.released:
+            return
+        attempt.released = True
+        attempt.worker.in_flight.pop(attempt.task.spec.task_id, None)
+        if attempt.task.attempt is attempt:
+            attempt.task.attempt = None
+        self._wake.set()
+
     async def _settle(self, attempt: Attempt, outcome: Outcome, history: dict[str, Any]) -> None:
         task, worker, spec = attempt.task, attempt.worker, attempt.task.spec
-        worker.in_flight.pop(spec.task_id, None)
-        self._in_flight -= 1
-        task.attempt = None
-        self._wake.set()
+        self._release(attempt)
         if self.draining and isinstance(outcome, Failure) and outcome.kind == "worker_lost":
             outcome = HandedBack()
         history |= {"ended": now_rfc3339()}
@@ -572,18 +592,26 @@ class Dispatcher:
             if ended is not None:
                 self._write_end(conn, ended)
 
-        await (await self._store.submit(write)).wait()
+        try:
+            await (await self._store.submit(write)).wait()
+        except StoreClosed:
+            return  # stopping: the store still holds the attempt as begun, and the next start retries it
+        except OpError as exc:  # the store failed (internal): run the task again rather than lose its end
+            log.error("task %s: its end could not be stored (%s); it runs again", spec.task_id[:64], exc.message)
+            state, delay = "retrying", backoff_s(spec, max(task.attempts, 1))
         task.state = state
         if state == "retrying":
             self._retries += 1
-            self._nursery.start_soon(self._requeue_after, task, delay)
+            self._retry_after(task, delay)
         elif state == "queued":
             self._enqueue(task)
         else:
             assert ended is not None
             self._end(task, ended)
-        if not self._in_flight:
-            self._idle.set()
+
+    def _retry_after(self, task: TaskState, delay: float) -> None:
+        what = f"task {task.spec.task_id[:64]} retry"
+        self._faults.start_soon(self._nursery, "dispatcher.retry", what, self._requeue_after, task, delay)
 
     async def _requeue_after(self, task: TaskState, delay: float) -> None:
         await trio.sleep(delay)
@@ -808,7 +836,7 @@ class Dispatcher:
             for attempt in list(worker.in_flight.values()):
                 attempt.finish(HandedBack())
         if self._in_flight:
-            await self._idle.wait()  # set by the last _settle
+            await self._idle.wait()  # set when the last attempt's settle is done
 
 
 def _hash(text: str) -> int:
@@ -816,16 +844,22 @@ def _hash(text: str) -> int:
 
 
 async def serve_dispatcher(
-    cfg: TasksConfig, store: Store, *, task_status: trio.TaskStatus[Dispatcher] = trio.TASK_STATUS_IGNORED
+    cfg: TasksConfig,
+    store: Store,
+    faults: Faults | None = None,
+    *,
+    task_status: trio.TaskStatus[Dispatcher] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Recover unfinished tasks, then dispatch until cancelled.
 
     Returns: never. Resource handling: attempts live in this service's nursery;
     cancelling it ends them unsettled — their tasks stay in the store and are
-    retried by the next start. Error handling: none caught: a bug here stops the daemon.
+    retried by the next start. Error handling: each attempt and retry timer has its own
+    error boundary (a fault releases its worker slot; a failed store write runs the task
+    again after backoff); a bug in the pump itself stops the daemon.
     """
     async with trio.open_nursery() as nursery:
-        dispatcher = Dispatcher(cfg, store, nursery)
+        dispatcher = Dispatcher(cfg, store, nursery, faults or Faults())
         await dispatcher.recover()
         nursery.start_soon(dispatcher._pump)
         task_status.started(dispatcher)

@@ -7,6 +7,7 @@ valid message and every producer gets the same error text.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -24,6 +25,7 @@ __all__ = [
     "check_pattern",
     "check_topic",
     "compile_pattern",
+    "derived_id",
     "literal_prefix",
     "now_rfc3339",
 ]
@@ -35,6 +37,24 @@ MAX_MESSAGE_ID_LENGTH = 255
 
 class BadMessage(ValueError):
     """Input that breaks the envelope rules; ``str()`` says which rule, for the producer."""
+
+
+def derived_id(*parts: object) -> str:
+    """A message id the daemon builds from parts, some of them a peer's (a group id, a task id).
+
+    Joined with ``:``; when that is longer than a message id may be, the tail is
+    replaced by a digest of the whole — still deterministic (the id is an
+    idempotency key: the same event built twice must get the same id) and never
+    over the limit, whatever a peer sent. The limit is counted in UTF-8 bytes,
+    so the id also fits an AMQP ``message_id`` (a short string of 255 bytes).
+    """
+    text = ":".join(str(p) for p in parts)
+    encoded = text.encode()
+    if len(encoded) <= MAX_MESSAGE_ID_LENGTH:
+        return text
+    digest = hashlib.blake2b(encoded, digest_size=16).hexdigest()
+    head = encoded[: MAX_MESSAGE_ID_LENGTH - len(digest) - 1].decode(errors="ignore")
+    return f"{head}~{digest}"
 
 
 def check_topic(topic: object, what: str = "type") -> str:

@@ -31,8 +31,10 @@ import attrs
 import outcome
 import trio
 
+from .boundary import describe
 from .config import StoreConfig
 from .envelope import Envelope, compile_pattern, literal_prefix
+from .protocol import OpError
 
 __all__ = ["Appended", "History", "Store", "StoreClosed", "StoredMessage", "Write", "insert_envelopes", "serve_store"]
 
@@ -93,6 +95,11 @@ COMMIT_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 
 class StoreClosed(Exception):
     """The store is draining or stopped and takes no more writes."""
+
+
+def _failed_write(exc: BaseException) -> OpError:
+    """What a write waiting on a failed commit raises: ``internal``, with the cause in one line."""
+    return OpError("internal", f"the store could not commit: {describe(exc, 120)}")
 
 
 @attrs.frozen
@@ -156,6 +163,9 @@ class StoreStatistics:
     last_commit_seconds: float
     #: cumulative (upper bound in seconds, commits) pairs, the last bound +inf
     commit_seconds_buckets: tuple[tuple[float, int], ...]
+    #: commits that failed (disk full, I/O error), and why the last one did while it still does
+    failed_commits: int = 0
+    failure: str | None = None
 
 
 def _body_with_seq(body: str, seq: int) -> str:
@@ -246,6 +256,10 @@ class Store:
         self._readers: list[sqlite3.Connection] = []
         self._reader_limit = trio.CapacityLimiter(cfg.read_connections)
         self._on_commit: list[Callable[[list[StoredMessage]], None]] = []
+        self._on_failure: list[Callable[[str | None], None]] = []
+        #: why the last commit (or retention round) failed; None once one succeeds again (/readyz)
+        self.failure: str | None = None
+        self._failures = 0
         self._closed = False
         self._writer_done = trio.Event()
         self._commits = 0
@@ -265,6 +279,27 @@ class Store:
     def on_commit(self, callback: Callable[[list[StoredMessage]], None]) -> None:
         """Call ``callback(messages)`` after every commit, in seq order. It must not block."""
         self._on_commit.append(callback)
+
+    def on_failure(self, callback: Callable[[str | None], None]) -> None:
+        """Call ``callback(why)`` when writing starts failing, ``callback(None)`` when it works again."""
+        self._on_failure.append(callback)
+
+    def _set_failure(self, exc: BaseException | None) -> None:
+        """Record a failed commit (``exc``) or a good one (None); listeners hear of each change."""
+        if exc is None:
+            if self.failure is None:
+                return
+            self.failure = None
+            log.warning("store: commits work again")
+        else:
+            self._failures += 1
+            was_ok = self.failure is None
+            self.failure = describe(exc, 300)
+            log.error("store: a commit failed: %s", self.failure)
+            if not was_ok:
+                return
+        for callback in self._on_failure:
+            callback(self.failure)
 
     async def submit(
         self,
@@ -323,7 +358,8 @@ class Store:
                 conn.execute("RELEASE w")
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # SQLite may have rolled back already (disk full, I/O error)
+                conn.execute("ROLLBACK")
             raise
         return time.perf_counter() - started
 
@@ -347,13 +383,17 @@ class Store:
                         break
                 try:
                     seconds = await self._thread.call(self._commit_batch, batch)
-                except sqlite3.Error as exc:
-                    log.error("commit of %d writes failed: %s", len(batch), exc)
+                except Exception as exc:  # noqa: BLE001 - disk full, I/O error, a bad write: fail these, go on
+                    self._set_failure(exc)
+                    failed = _failed_write(exc)
                     for write in batch:
-                        write.error = exc
+                        write.error = failed
+                        write.messages = []
                         write.done.set()
                     continue
                 self._after_commit(batch, seconds)
+                if self.failure is not None:
+                    self._set_failure(None)
 
     def _after_commit(self, batch: list[Write], seconds: float) -> None:
         messages = [m for write in batch for m in write.messages]
@@ -519,6 +559,8 @@ class Store:
             commit_seconds_buckets=tuple(
                 zip(COMMIT_BUCKETS_S, itertools.accumulate(self._commit_buckets), strict=True)
             ),
+            failed_commits=self._failures,
+            failure=self.failure,
         )
 
     def close_readers(self) -> None:
@@ -583,8 +625,10 @@ async def serve_store(cfg: StoreConfig, *, task_status: trio.TaskStatus[Store] =
 
     Returns: never. Resource handling: the connections close on exit; a write
     cancelled mid-commit still finishes in its thread (SQLite is not interrupted).
-    Error handling: a failed commit fails that batch's writes and the writer goes on;
-    an unreadable database raises at start, before ``started()``.
+    Error handling: a failed commit (disk full, I/O error) fails that batch's writes
+    with ``internal`` and the writer goes on (``failure`` and the listeners of
+    :meth:`Store.on_failure` say so until a commit works again); an unreadable
+    database raises at start, before ``started()``.
     """
     thread = _WriterThread()
     try:
@@ -618,7 +662,10 @@ async def _serve_checkpoints(cfg: StoreConfig) -> NoReturn:
     try:
         while True:
             await trio.sleep(_CHECKPOINT_INTERVAL_S)
-            await trio.to_thread.run_sync(conn.execute, "PRAGMA wal_checkpoint(PASSIVE)")
+            try:
+                await trio.to_thread.run_sync(conn.execute, "PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error as exc:  # e.g. an I/O error: the WAL grows until it works again
+                log.warning("WAL checkpoint failed: %s", exc)
     finally:
         conn.close()
 
@@ -637,3 +684,5 @@ async def _serve_retention(store: Store) -> None:
             await store.apply_retention(cfg.retention_max_messages, cfg.retention_max_age_s)
         except StoreClosed:
             return
+        except OpError as exc:  # the store failed (store.failure says so); the next round tries again
+            log.warning("retention round failed: %s", exc.message)

@@ -16,16 +16,21 @@ to the trio-websocket version in pyproject.
 from __future__ import annotations
 
 import contextlib
+import http
 import logging
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, WebSocketServer
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+from wsproto import ConnectionType, WSConnection
 
+from .boundary import Faults
 from .config import WebSocketConfig
 from .envelope import BadMessage, check_topic
+from .limits import Admission, PeerGate
 from .protocol import (
     OpError,
     decode_request,
@@ -77,6 +82,10 @@ class WebSocketStatistics:
     slow_consumer_closes: int
     frames_in: int
     errors_sent: int
+    #: TCP connections open, handshakes among them, and those refused before a handshake, by why
+    sockets: int = 0
+    handshakes: int = 0
+    refused: dict[str, int] = attrs.field(factory=dict)
 
 
 #: a held batch: the refs to answer, its write, and how one result becomes an ok reply
@@ -314,7 +323,8 @@ class WebSocketService:
         self.slow_consumer_closes = 0
         self.frames_in = 0
         self.errors_sent = 0
-        self._server: WebSocketServer | None = None
+        self.faults: Faults = daemon.faults
+        self.gate = PeerGate(cfg.max_connections, cfg.max_connections_per_address, cfg.max_handshakes)
         self._accepting: trio.CancelScope | None = None
         self._handlers_done = trio.Event()
 
@@ -326,18 +336,73 @@ class WebSocketService:
         """Apply live-changeable limits: new connections and new frames use them."""
         self.cfg = cfg
         self.router.replay_batch = cfg.replay_batch
-        if self._server is not None:
-            self._server._max_message_size = cfg.max_frame_bytes
-            self._server._connect_timeout = cfg.handshake_timeout_s
-            self._server._disconnect_timeout = cfg.close_timeout_s
+        self.gate.max_connections = cfg.max_connections
+        self.gate.max_per_address = cfg.max_connections_per_address
+        self.gate.max_handshakes = cfg.max_handshakes
         for conn in self.connections:
             conn.ws._max_message_size = cfg.max_frame_bytes
 
-    async def handle(self, request: WebSocketRequest) -> None:
-        if self.draining or len(self.connections) >= self.cfg.max_connections:
-            await request.reject(503, body=b"aivad: not accepting connections\n")
+    async def serve_stream(self, stream: trio.SocketStream) -> None:
+        """One accepted TCP connection: admitted by the gate, then handshake and ops behind an error boundary."""
+        try:
+            address = str(stream.socket.getpeername()[0])
+        except OSError:  # reset before we looked: nothing to serve
+            await stream.aclose()
             return
-        ws = await request.accept()
+        admission = self.gate.enter(address)
+        if isinstance(admission, str):
+            await _refuse(stream, *_REFUSALS[admission])
+            return
+        try:
+            await self.faults.isolated("websocket.connection", address, self._serve_connection, stream, admission)
+        finally:
+            self.gate.leave(admission)
+
+    async def _serve_connection(self, stream: trio.SocketStream, admission: Admission) -> None:
+        """trio-websocket's server side of one connection (``WebSocketServer._handle_connection``),
+        with one change: a peer that goes away during the handshake ends it at once, where
+        trio-websocket would hold the socket (and a handshake slot) until the handshake timeout.
+
+        Uses the connection's private ``_reader_task`` and ``_get_request``, pinned by
+        tests/test_websocket_internals.py.
+        """
+        cfg = self.cfg
+        connection = WebSocketConnection(
+            stream,
+            WSConnection(ConnectionType.SERVER),
+            message_queue_size=cfg.receive_buffer_frames,
+            max_message_size=cfg.max_frame_bytes,
+        )
+        async with trio.open_nursery() as nursery:
+            handshake = trio.CancelScope(deadline=trio.current_time() + cfg.handshake_timeout_s)
+
+            async def read() -> None:
+                await connection._reader_task()
+                handshake.cancel()  # EOF, reset or a protocol error: no request will come
+
+            nursery.start_soon(read)
+            with handshake:
+                request = await connection._get_request()
+            if handshake.cancelled_caught:
+                nursery.cancel_scope.cancel()
+                await trio.aclose_forcefully(stream)
+                return
+            self.gate.handshake_done(admission)
+            try:
+                await self._accept(request)
+            finally:
+                with trio.move_on_after(cfg.close_timeout_s):
+                    await connection.aclose()
+
+    async def _accept(self, request: WebSocketRequest) -> None:
+        """The handshake request is complete: accept it, then serve the connection until it ends."""
+        if self.draining:
+            await request.reject(503, body=b"aivad: draining, not accepting connections\n")
+            return
+        try:
+            ws = await request.accept()
+        except ConnectionClosed:
+            return  # the peer left during the handshake
         ws._max_message_size = self.cfg.max_frame_bytes
         conn = Connection(self, ws)
         self.connections.add(conn)
@@ -362,12 +427,16 @@ class WebSocketService:
             await self._handlers_done.wait()
 
     def statistics(self) -> WebSocketStatistics:
+        gate = self.gate.statistics()
         return WebSocketStatistics(
             connections=len(self.connections),
             subscriptions=sum(len(c.subscriptions) for c in self.connections),
             slow_consumer_closes=self.slow_consumer_closes,
             frames_in=self.frames_in,
             errors_sent=self.errors_sent,
+            sockets=gate.connections,
+            handshakes=gate.handshakes,
+            refused=gate.refused,
         )
 
 
@@ -571,22 +640,33 @@ async def serve_websocket(
         # under socket activation systemd has bound the port (systemd/aivad.socket); else bind it here
         inherited = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in listen_fds()]
         listeners = inherited or await trio.open_tcp_listeners(cfg.port, host=cfg.host)
-        server = WebSocketServer(
-            service.handle,
-            listeners,
-            handler_nursery=handlers,
-            message_queue_size=cfg.receive_buffer_frames,
-            max_message_size=cfg.max_frame_bytes,
-            connect_timeout=cfg.handshake_timeout_s,
-            disconnect_timeout=cfg.close_timeout_s,
-        )
-        service._server = server
         with trio.CancelScope() as accepting:
             service._accepting = accepting
             async with trio.open_nursery() as acceptor:
-                await acceptor.start(server.run)
-                service.port = server.port
+                await acceptor.start(
+                    partial(trio.serve_listeners, service.serve_stream, listeners, handler_nursery=handlers)
+                )
+                service.port = listeners[0].socket.getsockname()[1]
                 log.info("websocket listening on ws://%s:%d/", cfg.host, service.port)
                 task_status.started(service)
         await trio.sleep_forever()  # drained: handlers finish in their own nursery
     raise AssertionError("unreachable")
+
+
+#: gate refusals: why → (HTTP status, body); written before any byte of the handshake is read
+_REFUSALS = {
+    "connections": (503, "too many connections"),
+    "handshakes": (503, "too many handshakes in progress"),
+    "per_address": (429, "too many connections from your address"),
+}
+
+
+async def _refuse(stream: trio.SocketStream, status: int, why: str) -> None:
+    """Answer a connection the gate did not admit with a plain HTTP error, then close it."""
+    body = f"aivad: {why}\n".encode()
+    head = f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: text/plain\r\n"
+    response = head.encode() + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body
+    with trio.move_on_after(1.0):
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(response)
+    await trio.aclose_forcefully(stream)

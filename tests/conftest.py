@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -148,8 +149,8 @@ class DaemonProcess:
     def __init__(self, directory: Path, **sections: dict[str, Any]) -> None:
         self.directory = directory
         self.ws_port = free_port()
-        websocket = {**sections.pop("websocket", {}), "port": self.ws_port}
-        doc = test_config(directory, websocket=websocket, **sections)
+        sections["websocket"] = {**sections.get("websocket", {}), "port": self.ws_port}
+        doc = test_config(directory, **sections)
         self.config_path = directory / "config.toml"
         self.config_path.write_text(to_toml(doc))
         self.control_path = doc["control"]["socket"]
@@ -161,11 +162,22 @@ class DaemonProcess:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.ws_port}/"
 
-    def start(self, env: dict[str, str] | None = None, timeout_s: float = 20.0) -> None:
+    def start(
+        self, env: dict[str, str] | None = None, timeout_s: float = 20.0, rlimits: dict[int, int] | None = None
+    ) -> None:
+        """Start and wait until the control socket answers; ``rlimits`` (resource.RLIMIT_* → soft
+        limit) apply to the daemon alone, e.g. a file size limit that makes its disk "full". The hard
+        limit stays, so a test can lift the soft one again with ``resource.prlimit``."""
+
+        def limit() -> None:
+            for which, value in (rlimits or {}).items():
+                resource.setrlimit(which, (value, resource.getrlimit(which)[1]))
+
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "aivad", "serve", "--config", str(self.config_path)],
             stdout=log, stderr=log, env={**os.environ, **(env or {})}, cwd=self.directory,
+            preexec_fn=limit if rlimits else None,
         )
         log.close()
         deadline = time.monotonic() + timeout_s

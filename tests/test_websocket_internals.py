@@ -3,16 +3,19 @@
 The sender writes pre-built frames with one ``send_all`` under trio-websocket's
 own write lock (checking ``_close_reason`` inside it, so no data frame follows a
 close frame); the reader takes frames already read ahead from ``_recv_channel``;
-reload sets ``_max_message_size`` and the server's timeouts. If an upgrade
-renames any of these, this fails before anything subtle breaks.
+reload sets ``_max_message_size``; the server side of a connection is built
+from ``WebSocketConnection(stream, WSConnection(SERVER), …)``, its
+``_reader_task`` and ``_get_request`` (``WebSocketService._serve_connection``).
+If an upgrade renames any of these, this fails before anything subtle breaks.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 
 import trio
-from trio_websocket import WebSocketServer, open_websocket_url
+from trio_websocket import WebSocketConnection, open_websocket_url
 
 from tests.conftest import InProcessDaemon
 
@@ -30,9 +33,7 @@ async def test_connection_and_server_attributes_exist(daemon: InProcessDaemon) -
             assert isinstance(ws._stream_lock, trio.StrictFIFOLock)
             assert hasattr(ws._recv_channel, "receive_nowait")
             await ws.aclose()
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    server = WebSocketServer(lambda request: None, listeners)  # type: ignore[arg-type, return-value]
-    for listener in listeners:
-        await listener.aclose()
-    for name in ("_max_message_size", "_connect_timeout", "_disconnect_timeout", "_message_queue_size"):
-        assert hasattr(server, name), name
+    for name in ("_reader_task", "_get_request"):
+        assert callable(getattr(WebSocketConnection, name, None)), name
+    params = inspect.signature(WebSocketConnection).parameters
+    assert {"stream", "ws_connection", "message_queue_size", "max_message_size"} <= set(params), params

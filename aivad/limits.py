@@ -1,0 +1,109 @@
+"""What one peer may cost the others: token buckets and per-address admission — sync, no I/O.
+
+DESIGN §3 and §4.8: every bound comes from config, and exceeding one is an
+explicit ``overloaded`` (or a refused handshake, or a documented close), never
+a stall of other clients. The edges own the objects (a bucket per connection,
+one gate per listener); the numbers come from ``[limits]`` and ``[websocket]``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import attrs
+import trio
+
+__all__ = ["Admission", "GateStatistics", "PeerGate", "TokenBucket"]
+
+
+class TokenBucket:
+    """``rate_per_s`` tokens a second, at most ``burst`` saved up; 0 means no limit.
+
+    Time is trio's clock, so tests drive it with ``MockClock``.
+    """
+
+    __slots__ = ("_burst", "_rate", "_stamp", "_tokens")
+
+    def __init__(self, rate_per_s: float, burst: float) -> None:
+        self._rate = rate_per_s
+        self._burst = max(burst, 1.0)
+        self._tokens = self._burst
+        self._stamp = trio.current_time() if rate_per_s else 0.0
+
+    def take(self, n: int = 1) -> bool:
+        """Take ``n`` tokens if there are that many (then True); else take none (False)."""
+        if not self._rate:
+            return True
+        now = trio.current_time()
+        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
+        self._stamp = now
+        if self._tokens < n:
+            return False
+        self._tokens -= n
+        return True
+
+
+@attrs.define(eq=False)
+class Admission:
+    """One accepted TCP connection, from accept to close: its address and whether it is still handshaking."""
+
+    address: str
+    handshaking: bool = True
+
+
+@attrs.frozen
+class GateStatistics:
+    connections: int
+    handshakes: int
+    addresses: int
+    refused: dict[str, int]
+
+
+class PeerGate:
+    """Admits TCP connections before any byte is read: totals, per address, handshakes in progress.
+
+    A flood of half-open handshakes from one address can then hold at most
+    ``max_per_address`` sockets, and all the floods together at most
+    ``max_handshakes``; a well-behaved client from another address still gets in.
+    """
+
+    def __init__(self, max_connections: int, max_per_address: int, max_handshakes: int) -> None:
+        self.max_connections = max_connections
+        self.max_per_address = max_per_address
+        self.max_handshakes = max_handshakes
+        self._per_address: Counter[str] = Counter()
+        self._total = 0
+        self._handshakes = 0
+        self._refused: Counter[str] = Counter()
+
+    def enter(self, address: str) -> Admission | str:
+        """Admit a connection from ``address``: an :class:`Admission` to give back with :meth:`leave`,
+        or why not (``connections``, ``per_address``, ``handshakes``: also a metric label)."""
+        if self._total >= self.max_connections:
+            why = "connections"
+        elif self._per_address[address] >= self.max_per_address:
+            why = "per_address"
+        elif self._handshakes >= self.max_handshakes:
+            why = "handshakes"
+        else:
+            self._total += 1
+            self._per_address[address] += 1
+            self._handshakes += 1
+            return Admission(address)
+        self._refused[why] += 1
+        return why
+
+    def handshake_done(self, admission: Admission) -> None:
+        if admission.handshaking:
+            admission.handshaking = False
+            self._handshakes -= 1
+
+    def leave(self, admission: Admission) -> None:
+        self.handshake_done(admission)
+        self._total -= 1
+        self._per_address[admission.address] -= 1
+        if not self._per_address[admission.address]:
+            del self._per_address[admission.address]
+
+    def statistics(self) -> GateStatistics:
+        return GateStatistics(self._total, self._handshakes, len(self._per_address), dict(self._refused))
