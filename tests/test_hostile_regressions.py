@@ -1,0 +1,152 @@
+"""Minimal reproductions of what the protocol fuzzer (tests/fuzz.py) found, against a real ``aivad serve``.
+
+Test policy for this module: each test is the smallest input that showed the
+fault — a real subprocess, raw sockets (tests/hostile.py), real resets — and
+ends by showing the daemon still serves. The docstring of each says what the
+daemon did wrong when it was found.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from typing import Any
+
+import pytest
+
+from tests.conftest import DaemonProcess
+from tests.hostile import OP_CLOSE, OP_TEXT, RawClient, encode_frame, reset
+
+#: a JSON string holding a lone surrogate: valid JSON, but no UTF-8 encoder can write it back
+SURROGATE = "\\ud800"
+
+
+def replies(client: RawClient, n: int, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+    """The next ``n`` text frames as JSON; fewer if the daemon closes the connection first."""
+    out: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout_s
+    while len(out) < n and time.monotonic() < deadline and client.closed is None and not client.eof:
+        out += [json.loads(payload) for opcode, payload in client.receive(0.2) if opcode == OP_TEXT]
+    return out
+
+
+def ask(client: RawClient, text: str) -> dict[str, Any]:
+    """Send one raw text frame, return the one reply (fails if the connection ends instead)."""
+    client.send_text(text.encode())
+    got = replies(client, 1)
+    assert got, f"no reply to {text[:100]!r}; the daemon closed with {client.closed} (eof {client.eof})"
+    return got[0]
+
+
+def assert_serves(daemon: DaemonProcess) -> None:
+    assert daemon.proc is not None and daemon.proc.poll() is None, daemon.log()[-3000:]
+    client = RawClient.connect("127.0.0.1", daemon.ws_port)
+    try:
+        assert ask(client, '{"op":"ping","ref":"alive"}') == {"op": "pong", "ref": "alive"}
+        assert ask(client, '{"op":"publish","type":"probe.alive","payload":1,"ref":2}')["op"] == "ok"
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(
+    "request_head", [b"not http\r\n\r\n", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"], ids=["garbage", "get-no-upgrade"]
+)
+def test_a_refused_handshake_whose_peer_resets_does_not_stop_the_daemon(
+    daemon_proc: DaemonProcess, request_head: bytes
+) -> None:
+    """Found before the error boundaries landed: trio-websocket answers a request it cannot
+    upgrade with an HTTP error; when the peer has already reset, that write raised
+    ConnectionClosed out of the server's own reader task and the daemon exited 1.
+    A different path from a reset after a complete upgrade (test_hardening.py)."""
+    for _ in range(5):
+        with socket.create_connection(("127.0.0.1", daemon_proc.ws_port), timeout=5) as sock:
+            sock.sendall(request_head)
+            reset(sock)
+    time.sleep(0.3)
+    assert_serves(daemon_proc)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [f'{{"op":"ping","ref":"{SURROGATE}"}}', f'{{"op":"subscribe","pattern":"#","ref":"{SURROGATE}"}}',
+     f'{{"op":"{SURROGATE}","ref":1}}'],
+    ids=["ref-of-ping", "ref-of-subscribe", "op"],
+)
+def test_a_lone_surrogate_in_ref_or_op_gets_an_answer_and_the_connection_stays_open(
+    daemon_proc: DaemonProcess, frame: str
+) -> None:
+    """The reply echoes the ref (or the op, in unknown_op's message); encoding it as UTF-8
+    raised, the error frame for that raised again, and the connection's error boundary
+    closed it with 1000: no reply, and a bad frame ended the connection (DESIGN §4.3:
+    "a bad frame gets an error and the connection stays open")."""
+    client = RawClient.connect("127.0.0.1", daemon_proc.ws_port)
+    try:
+        reply = ask(client, frame)
+        assert reply["op"] in ("error", "pong", "ok"), reply
+        assert ask(client, '{"op":"ping","ref":"next"}') == {"op": "pong", "ref": "next"}
+    finally:
+        client.close()
+    assert_serves(daemon_proc)
+
+
+def test_a_publish_with_a_lone_surrogate_does_not_fail_another_clients_publishes(daemon_proc: DaemonProcess) -> None:
+    """The store's commit raised UnicodeEncodeError for the whole group commit: every publish
+    of other clients that shared the batch was answered ``internal`` (and the store was
+    reported failing). The bad publish must be refused (``bad_request``) or stored, alone."""
+    good = RawClient.connect("127.0.0.1", daemon_proc.ws_port)
+    bad = RawClient.connect("127.0.0.1", daemon_proc.ws_port)
+    try:
+        frames = [encode_frame(OP_TEXT, json.dumps({"op": "publish", "type": "ok.t", "payload": i, "ref": i}).encode())
+                  for i in range(200)]
+        good.send(b"".join(frames[:100]))
+        bad.send_text(f'{{"op":"publish","type":"bad.t","payload":"{SURROGATE}","ref":"bad"}}'.encode())
+        good.send(b"".join(frames[100:]))
+        answers = replies(good, 200)
+        assert [a["op"] for a in answers] == ["ok"] * 200, [a for a in answers if a["op"] != "ok"][:3]
+        (answer,) = replies(bad, 1)
+        assert answer["op"] == "ok" or answer["code"] == "bad_request", answer
+    finally:
+        good.close()
+        bad.close()
+    assert daemon_proc.control({"cmd": "status"})["status"]["ready"] is True
+    assert_serves(daemon_proc)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        f'{{"op":"publish","type":"a","payload":1,"message_id":"{SURROGATE}","ref":1}}',
+        f'{{"op":"publish","type":"a","payload":1,"metadata":{{"{SURROGATE}":1}},"ref":1}}',
+        f'{{"op":"dispatch","type":"a","payload":1,"group_id":"{SURROGATE}","ref":1}}',
+        f'{{"op":"task.status","task_id":"{SURROGATE}","ref":1}}',
+        f'{{"op":"collect","task_ids":["{SURROGATE}"],"timeout":0.1,"ref":1}}',
+        f'{{"op":"collect","group_id":"{SURROGATE}","timeout":0.1,"ref":1}}',
+        '{"op":"history","pattern":"#","after":1208925819614629174706176,"ref":1}',
+        '{"op":"history","pattern":"a.#","after":9223372036854775808,"ref":1}',
+    ],
+    ids=["publish-message-id", "publish-metadata-key", "dispatch-group-id", "task-status-task-id",
+         "collect-task-ids", "collect-group-id", "history-after-2**80", "history-after-2**63"],
+)
+def test_a_field_no_store_can_hold_is_a_bad_request_not_internal(daemon_proc: DaemonProcess, frame: str) -> None:
+    """Each was answered ``internal`` (an exception the daemon did not expect: the store could
+    not encode a lone surrogate, SQLite could not bind an integer over 2**63). A field the
+    daemon cannot take is the peer's ``bad_request`` (or ``not_found`` for an id it cannot
+    know, or a plain ``ok``): ``internal`` is reserved for the daemon's own faults and is
+    what operators are paged for."""
+    client = RawClient.connect("127.0.0.1", daemon_proc.ws_port)
+    try:
+        reply = ask(client, frame)
+        assert reply["op"] == "ok" or reply["code"] in ("bad_request", "not_found"), reply
+    finally:
+        client.close()
+    assert_serves(daemon_proc)
+
+
+def test_the_daemon_answers_a_close_frame(daemon_proc: DaemonProcess) -> None:
+    """A sanity check of the raw client these reproductions use: the closing handshake is answered."""
+    client = RawClient.connect("127.0.0.1", daemon_proc.ws_port)
+    client.send(encode_frame(OP_CLOSE, b"\x03\xe8"))
+    replies(client, 1)
+    assert client.closed is not None and client.closed.code == 1000
+    client.close()
