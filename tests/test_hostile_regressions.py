@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import DaemonProcess
-from tests.hostile import OP_CLOSE, OP_TEXT, RawClient, encode_frame, reset
+from tests.hostile import OP_CLOSE, OP_TEXT, RawClient, encode_frame, handshake_request, read_http_head, reset
 
 #: a JSON string holding a lone surrogate: valid JSON, but no UTF-8 encoder can write it back
 SURROGATE = "\\ud800"
@@ -150,3 +151,35 @@ def test_the_daemon_answers_a_close_frame(daemon_proc: DaemonProcess) -> None:
     replies(client, 1)
     assert client.closed is not None and client.closed.code == 1000
     client.close()
+
+
+def test_a_subscriber_that_never_reads_and_never_closes_is_closed_and_released(tmp_dir: Path) -> None:
+    """The daemon marked such a subscriber a slow consumer (its outbox overflowed) but kept the
+    connection for ever: its sender stays blocked in ``send_all`` on a peer whose receive window
+    is shut, so the 4008 close it would write is never reached. Each such peer holds a
+    descriptor and its buffers until it goes away — under ``ulimit -n`` a few hundred of them
+    stop the daemon from accepting anyone (found by tests/soak.py)."""
+    daemon = DaemonProcess(tmp_dir, websocket={"send_buffer_frames": 16, "close_timeout_s": 2.0})
+    daemon.start()
+    stalled = socket.socket()
+    try:
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: shut after a few frames
+        stalled.settimeout(10)
+        stalled.connect(("127.0.0.1", daemon.ws_port))
+        stalled.sendall(handshake_request("127.0.0.1", daemon.ws_port))
+        read_http_head(stalled, 10)
+        stalled.sendall(encode_frame(OP_TEXT, b'{"op":"subscribe","pattern":"#","ref":1}'))
+        publisher = RawClient.connect("127.0.0.1", daemon.ws_port)
+        for i in range(300):  # ~1.2 MB for the subscriber, which reads none of it; one at a time, so
+            # the subscriber's sender is already blocked writing when its outbox overflows
+            publisher.send_json({"op": "publish", "type": "flood", "payload": "x" * 4000, "ref": i})
+            assert replies(publisher, 1)[0]["op"] == "ok"
+        deadline = time.monotonic() + 20  # close_timeout_s is 2: ten times that is generous
+        while (ws := daemon.control({"cmd": "status"})["status"]["websocket"])["connections"] > 1:
+            assert time.monotonic() < deadline, f"the subscriber that reads nothing is still connected: {ws}"
+            time.sleep(0.2)
+        assert ws["slow_consumer_closes"] == 1
+        publisher.close()
+    finally:
+        reset(stalled)
+        daemon.stop()
