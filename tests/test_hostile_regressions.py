@@ -9,6 +9,8 @@ daemon did wrong when it was found.
 from __future__ import annotations
 
 import json
+import os
+import resource
 import socket
 import time
 from pathlib import Path
@@ -182,4 +184,45 @@ def test_a_subscriber_that_never_reads_and_never_closes_is_closed_and_released(t
         publisher.close()
     finally:
         reset(stalled)
+        daemon.stop()
+
+
+def test_a_subscribe_whose_replay_cannot_read_gets_one_reply_and_no_silent_subscription(tmp_dir: Path) -> None:
+    """Out of descriptors (``ulimit -n``), the store cannot open another reader connection for a
+    replay. The subscriber was sent ``ok`` and then ``error internal`` for the same ref (two
+    replies), and kept a subscription that was never made live: no message ever came, nothing
+    said so, and subscribing again was "already subscribed" (found by tests/soak.py)."""
+    daemon = DaemonProcess(tmp_dir)
+    daemon.start()
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    clients = [RawClient.connect("127.0.0.1", daemon.ws_port) for _ in range(4)]
+    idle: list[socket.socket] = []
+    try:
+        publisher = clients[0]
+        publisher.send(b"".join(encode_frame(OP_TEXT, json.dumps({"op": "publish", "type": "t", "payload": i,
+                                                                  "ref": i}).encode()) for i in range(2000)))
+        assert len(replies(publisher, 2000, timeout_s=30)) == 2000
+        limit = len(os.listdir(f"/proc/{pid}/fd")) + 2
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, limit))
+        idle = [socket.create_connection(("127.0.0.1", daemon.ws_port), timeout=5) for _ in range(8)]
+        deadline = time.monotonic() + 10
+        while len(os.listdir(f"/proc/{pid}/fd")) < limit:  # the daemon took what it could: now it is out
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        for k, client in enumerate(clients):
+            client.send_json({"op": "subscribe", "pattern": "t", "since": 0, "ref": f"s{k}"})
+        for k, client in enumerate(clients):
+            frames = replies(client, 2001, timeout_s=5)  # the reply, then the 2000 messages of the replay
+            answers = [f for f in frames if f.get("ref") == f"s{k}"]
+            assert len(answers) == 1, f"client {k}: {answers}"
+            if answers[0]["op"] == "ok":
+                told = client.closed is not None or any(f["op"] == "unsubscribed" for f in frames)
+                got = [f["msg"]["seq"] for f in frames if f["op"] == "message"]
+                assert got == list(range(1, 2001)) or told, f"client {k}: ok, then {len(got)} messages and silence"
+    finally:
+        for sock in idle:
+            reset(sock)
+        for client in clients:
+            client.reset()
         daemon.stop()
