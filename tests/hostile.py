@@ -9,7 +9,8 @@ codec. The pieces:
   request and of client frames, including ones RFC 6455 forbids (unmasked, RSV
   bits, bad opcodes, a length that lies).
 - :class:`RawClient` is a blocking WebSocket client over a plain socket that
-  sends exactly the bytes it is given and parses what the server sends.
+  sends exactly the bytes it is given and parses what the server sends;
+  :class:`AsyncRawClient` is the same on trio, for many peers at once.
 - ``*_strategy`` functions and :data:`HOSTILE_*` constants are hypothesis
   strategies and values for bad input: wrong types, huge numbers, NaN,
   deep nesting, strings at and one over the 255-character limit of every
@@ -35,6 +36,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import attrs
+import trio
 from hypothesis import strategies as st
 
 __all__ = [
@@ -48,6 +50,8 @@ __all__ = [
     "OP_PING",
     "OP_PONG",
     "OP_TEXT",
+    "AsyncRawClient",
+    "FrameParser",
     "HandshakeRefused",
     "Raw",
     "RawClient",
@@ -57,6 +61,7 @@ __all__ = [
     "id_string_strategy",
     "render",
     "reset",
+    "reset_trio",
     "split_frames",
 ]
 
@@ -165,77 +170,18 @@ class Close:
     reason: bytes
 
 
-class RawClient:
-    """A blocking WebSocket client over a plain socket: it sends the bytes it is given.
+class FrameParser:
+    """Server frames → ``(opcode, payload)`` pairs, data messages reassembled (text as ``bytes``:
+    the test decides whether it is UTF-8); ``closed`` is the server's close frame once one came."""
 
-    ``receive`` returns what arrived as ``(opcode, payload)`` pairs, data messages
-    reassembled (text as ``bytes``: the test decides whether it is UTF-8);
-    ``closed`` is the server's close frame once one came, ``eof`` true once the
-    server's side of the TCP connection ended.
-    """
-
-    def __init__(self, sock: socket.socket, buffered: bytes = b"") -> None:
-        self.sock = sock
+    def __init__(self, buffered: bytes = b"") -> None:
         self._buffer = bytearray(buffered)
         self._parts: list[bytes] = []
         self._opcode: int | None = None
         self.closed: Close | None = None
-        self.eof = False
 
-    @classmethod
-    def connect(
-        cls,
-        host: str,
-        port: int,
-        *,
-        path: str = "/",
-        headers: Sequence[tuple[str, str]] = (),
-        timeout_s: float = 10.0,
-    ) -> RawClient:
-        """Open a TCP connection and complete the upgrade; raises HandshakeRefused or OSError."""
-        sock = socket.create_connection((host, port), timeout=timeout_s)
-        try:
-            key = base64.b64encode(os.urandom(16)).decode()
-            sock.sendall(handshake_request(host, port, path=path, key=key, headers=headers))
-            head, rest = read_http_head(sock, timeout_s)
-            status = _status(head)
-            if status != 101 or accept_key(key).encode() not in head:
-                raise HandshakeRefused(status, head)
-        except BaseException:
-            sock.close()
-            raise
-        return cls(sock, rest)
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def send(self, data: bytes, timeout_s: float = 30.0) -> None:
-        self.sock.settimeout(timeout_s)
-        self.sock.sendall(data)
-
-    def send_text(self, text: str | bytes) -> None:
-        self.send(encode_frame(OP_TEXT, text.encode() if isinstance(text, str) else text))
-
-    def send_json(self, obj: Any) -> None:
-        self.send_text(json.dumps(obj))
-
-    def receive(self, timeout_s: float = 0.0) -> list[tuple[int, bytes]]:
-        """What the server sent, waiting up to ``timeout_s`` for the first bytes (0: only what is there)."""
-        if not self.eof:
-            ready, _, _ = select.select([self.sock], [], [], timeout_s)
-            while ready:
-                try:
-                    data = self.sock.recv(1 << 20)
-                except (ConnectionResetError, BrokenPipeError):
-                    data = b""
-                if not data:
-                    self.eof = True
-                    break
-                self._buffer += data
-                ready, _, _ = select.select([self.sock], [], [], 0)
-        return self._parse()
-
-    def _parse(self) -> list[tuple[int, bytes]]:
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        self._buffer += data
         buf, out, pos = self._buffer, [], 0
         while len(buf) - pos >= 2:
             b0, b1 = buf[pos], buf[pos + 1]
@@ -272,6 +218,77 @@ class RawClient:
         del buf[:pos]
         return out
 
+
+class RawClient:
+    """A blocking WebSocket client over a plain socket: it sends the bytes it is given.
+
+    ``receive`` returns what arrived (see :class:`FrameParser`); ``closed`` is the
+    server's close frame once one came, ``eof`` true once the server's side of
+    the TCP connection ended.
+    """
+
+    def __init__(self, sock: socket.socket, buffered: bytes = b"") -> None:
+        self.sock = sock
+        self._pending = buffered
+        self.parser = FrameParser()
+        self.eof = False
+
+    @property
+    def closed(self) -> Close | None:
+        return self.parser.closed
+
+    @classmethod
+    def connect(
+        cls,
+        host: str,
+        port: int,
+        *,
+        path: str = "/",
+        headers: Sequence[tuple[str, str]] = (),
+        timeout_s: float = 10.0,
+    ) -> RawClient:
+        """Open a TCP connection and complete the upgrade; raises HandshakeRefused or OSError."""
+        sock = socket.create_connection((host, port), timeout=timeout_s)
+        try:
+            key = base64.b64encode(os.urandom(16)).decode()
+            sock.sendall(handshake_request(host, port, path=path, key=key, headers=headers))
+            head, rest = read_http_head(sock, timeout_s)
+            check_upgrade(head, key)
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock, rest)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, data: bytes, timeout_s: float = 30.0) -> None:
+        self.sock.settimeout(timeout_s)
+        self.sock.sendall(data)
+
+    def send_text(self, text: str | bytes) -> None:
+        self.send(encode_frame(OP_TEXT, text.encode() if isinstance(text, str) else text))
+
+    def send_json(self, obj: Any) -> None:
+        self.send_text(json.dumps(obj))
+
+    def receive(self, timeout_s: float = 0.0) -> list[tuple[int, bytes]]:
+        """What the server sent, waiting up to ``timeout_s`` for the first bytes (0: only what is there)."""
+        data, self._pending = self._pending, b""
+        if not self.eof:
+            ready, _, _ = select.select([self.sock], [], [], 0 if data else timeout_s)
+            while ready:
+                try:
+                    chunk = self.sock.recv(1 << 20)
+                except (ConnectionResetError, BrokenPipeError):
+                    chunk = b""
+                if not chunk:
+                    self.eof = True
+                    break
+                data += chunk
+                ready, _, _ = select.select([self.sock], [], [], 0)
+        return self.parser.feed(data)
+
     def close(self, code: int = 1000, timeout_s: float = 5.0) -> None:
         """The closing handshake: send a close frame, read until the server's, then close the socket."""
         try:
@@ -287,6 +304,92 @@ class RawClient:
 
     def reset(self) -> None:
         reset(self.sock)
+
+
+class AsyncRawClient:
+    """The trio form of :class:`RawClient`, for tests that run many peers at once."""
+
+    def __init__(self, stream: trio.SocketStream, buffered: bytes) -> None:
+        self.stream = stream
+        self._pending = buffered
+        self.parser = FrameParser()
+        self.eof = False
+
+    @property
+    def closed(self) -> Close | None:
+        return self.parser.closed
+
+    @classmethod
+    async def connect(cls, host: str, port: int, *, receive_buffer: int | None = None) -> AsyncRawClient:
+        """Open a TCP connection (with a small ``SO_RCVBUF`` if asked) and complete the upgrade."""
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            if receive_buffer is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+            await sock.connect((host, port))
+            stream = trio.SocketStream(sock)
+            key = base64.b64encode(os.urandom(16)).decode()
+            await stream.send_all(handshake_request(host, port, key=key))
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                data += chunk
+            head, _, rest = data.partition(b"\r\n\r\n")
+            check_upgrade(head + b"\r\n\r\n", key)
+        except BaseException:
+            sock.close()
+            raise
+        return cls(stream, rest)
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def send_json(self, obj: Any) -> None:
+        await self.send(encode_frame(OP_TEXT, json.dumps(obj).encode()))
+
+    async def receive(self) -> list[tuple[int, bytes]]:
+        """The frames of the next bytes that arrive ([] at EOF: then ``eof`` is true)."""
+        data, self._pending = self._pending, b""
+        if not data:
+            try:
+                data = await self.stream.receive_some(1 << 16)
+            except trio.BrokenResourceError:
+                data = b""
+            if not data:
+                self.eof = True
+                return []
+        return self.parser.feed(data)
+
+    async def close(self, code: int = 1000) -> None:
+        """The closing handshake (bounded by the caller's cancel scope), then close the socket."""
+        try:
+            if self.closed is None:
+                await self.send(encode_frame(OP_CLOSE, struct.pack("!H", code)))
+            while self.closed is None and not self.eof:
+                await self.receive()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self.stream.socket.close()
+
+    def reset(self) -> None:
+        reset_trio(self.stream.socket)
+
+
+def reset_trio(sock: trio.socket.SocketType) -> None:
+    """:func:`reset` for a trio socket."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def check_upgrade(head: bytes, key: str) -> None:
+    """Raise HandshakeRefused unless ``head`` is a 101 answering ``key``."""
+    status = _status(head)
+    if status != 101 or accept_key(key).encode() not in head:
+        raise HandshakeRefused(status, head)
 
 
 def read_http_head(sock: socket.socket, timeout_s: float) -> tuple[bytes, bytes]:
