@@ -243,7 +243,7 @@ def _workers(client: ControlClient, args: argparse.Namespace) -> None:
 
 def _dlq(client: ControlClient, args: argparse.Namespace) -> None:
     action = args.action
-    request: dict[str, Any] = {"cmd": "dlq", "action": action}
+    request: dict[str, Any] = {"cmd": f"dlq.{action}"}
     if action == "list":
         letters = client.call({**request, "limit": args.limit})["dead_letters"]
         if args.json:
@@ -254,7 +254,7 @@ def _dlq(client: ControlClient, args: argparse.Namespace) -> None:
     if action == "purge":
         if not args.yes:
             raise UsageError("dlq purge deletes every dead letter: add --yes")
-        reply = client.call({**request, "confirm": True})
+        reply = client.call({**request, "yes": True})
         print(json.dumps({"purged": reply["purged"]}) if args.json else f"purged {reply['purged']} dead letters")
         return
     if action == "replay" and args.all:

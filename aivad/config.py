@@ -54,6 +54,7 @@ class WebSocketConfig:
     port: int = _port(8765)
     max_frame_bytes: int = _at_least(1_048_576, 256)
     send_buffer_frames: int = _at_least(1024, 16)
+    send_buffer_bytes: int = _at_least(8_388_608, 65536)
     receive_buffer_frames: int = _at_least(64, 1)
     max_subscriptions: int = _at_least(4096, 1)
     max_inflight_publishes: int = _at_least(256, 1)
@@ -81,9 +82,25 @@ class StoreConfig:
     write_queue: int = _at_least(10_000, 1)
     max_batch: int = _at_least(1000, 1)
     read_connections: int = _at_least(4, 1)
+    history_concurrency: int = _at_least(2, 1)
+    history_scan_rows: int = _at_least(100_000, 100)
     retention_max_messages: int = _at_least(1_000_000, 0)
     retention_max_age_s: float = _field(7 * 86400.0, lambda v: v >= 0, "must be >= 0 (0 = keep forever)")
     retention_interval_s: float = _positive(60.0)
+
+
+def _rate(default: float) -> Any:
+    return _field(default, lambda v: v >= 0, "must be >= 0 (0 = no limit)")
+
+
+@attrs.frozen
+class LimitsConfig:
+    """What one connection may ask for per second (token buckets; ``overloaded`` beyond)."""
+
+    publish_rate_per_s: float = _rate(5000.0)
+    publish_burst: int = _at_least(10_000, 1)
+    dispatch_rate_per_s: float = _rate(2000.0)
+    dispatch_burst: int = _at_least(5000, 1)
 
 
 @attrs.frozen
@@ -173,6 +190,7 @@ class Config:
     amqp: AmqpConfig = attrs.field(factory=AmqpConfig)
     redis: RedisConfig = attrs.field(factory=RedisConfig)
     tasks: TasksConfig = attrs.field(factory=TasksConfig)
+    limits: LimitsConfig = attrs.field(factory=LimitsConfig)
 
 
 def _strict(kind: type, accepts: tuple[type, ...]) -> Callable[[Any, type], Any]:

@@ -16,37 +16,25 @@ import grp
 import logging
 import os
 import socket as stdlib_socket
-from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
-import attrs
 import trio
 
+from .boundary import Faults
+from .commands import COMMANDS
 from .config import ControlConfig
-from .protocol import (
-    OpError,
-    decode_request,
-    dumps,
-    field,
-    parse_envelope,
-    parse_history,
-    parse_subscribe,
-    request_ref,
-)
+from .ops import Caller, Everything, Operations
+from .protocol import OpError, decode_request, dumps, field, parse_subscribe, request_ref
 from .router import Subscription
-from .tasks import STATES, parse_task_spec
-
-if TYPE_CHECKING:
-    from .daemon import Daemon
 
 __all__ = ["ControlService", "serve_control"]
 
 log = logging.getLogger(__name__)
 
-#: a command: (session, request) → the fields of its ok reply, or None if it answered itself
-Command = Callable[["Session", dict[str, Any]], Awaitable[dict[str, Any] | None]]
+#: the control socket is local and fully trusted (mode 0600; DESIGN §4.8)
+TRUSTED = Caller(Everything(), "control")
 
 
 def encode_line(pattern_json: str, msg_json: str) -> bytes:
@@ -110,12 +98,14 @@ class Session:
                 raise OpError("bad_json", "not valid UTF-8") from None
             ref = request_ref(request)
             name = field(request, "cmd", str)
-            command = self.service.commands.get(name)
+            if name == "tail":
+                await self.tail(request)
+                return
+            command = COMMANDS.get(name)
             if command is None:
                 raise OpError("unknown_op", f"unknown command: {name[:64]}")
-            reply = await command(self, request)
-            if reply is not None:
-                await self.send_line({"ok": True, **({"ref": ref} if ref is not None else {}), **reply})
+            reply = await command(self.service.ops, TRUSTED, request)
+            await self.send_line({"ok": True, **({"ref": ref} if ref is not None else {}), **reply})
         except OpError as exc:
             error = {"ok": False, "error": {"code": exc.code, "message": exc.message}}
             await self.send_line({**error, "ref": ref} if ref is not None else error)
@@ -145,18 +135,26 @@ class Session:
         with contextlib.suppress(trio.WouldBlock):
             self._outbox.send_nowait(b"")  # wakes an idle writer, which then reports and closes
 
-    async def stream_subscription(self, sub: Subscription, since: int) -> None:
-        """Replay and follow ``sub`` until the client closes its end (or reads too slowly)."""
-        router = self.service.daemon.router
+    async def tail(self, request: dict[str, Any]) -> None:
+        """``tail``: the subscribe reply line, then one line per message until the client closes
+        its end (or reads too slowly: then an ``overloaded`` line, and the connection closes)."""
+        parsed = parse_subscribe(request)
+        ops = self.service.ops
+        resume = ops.subscribe(TRUSTED, parsed.pattern, parsed.since, parsed.epoch)
+        reply: dict[str, Any] = {"ok": True, **resume.reply_fields(parsed.pattern)}
+        if request.get("ref") is not None:
+            reply["ref"] = request["ref"]
+        await self.send_line(reply)
+        sub = Subscription(self, parsed.pattern)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write_stream)
                 nursery.start_soon(self._wait_for_close, nursery.cancel_scope)
-                await router.follow(sub, since)
+                await ops.follow(sub, resume)
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the tail client hung up, or was too slow and has been closed
         finally:
-            router.remove(sub)
+            ops.unsubscribe(sub)
 
     async def _write_stream(self) -> None:
         while not self._slow:
@@ -179,130 +177,11 @@ class Session:
         scope.cancel()
 
 
-# ---- commands -----------------------------------------------------------------
-
-
-async def _cmd_status(session: Session, request: dict[str, Any]) -> dict[str, Any]:
-    return {"status": session.service.daemon.status()}
-
-
-async def _cmd_publish(session: Session, request: dict[str, Any]) -> dict[str, Any]:
-    daemon = session.service.daemon
-    if daemon.draining:
-        raise OpError("overloaded", "aivad is draining")
-    appended = await daemon.store.append(parse_envelope(request))
-    daemon.ingest.count("control")
-    return {"seq": appended.seq, "duplicate": appended.duplicate}
-
-
-async def _cmd_history(session: Session, request: dict[str, Any]) -> dict[str, Any]:
-    parsed = parse_history(request)
-    history = await session.service.daemon.store.history(parsed.pattern, parsed.after, parsed.limit)
-    return history.page(parsed.after)
-
-
-async def _cmd_tail(session: Session, request: dict[str, Any]) -> None:
-    parsed = parse_subscribe(request)
-    resume = session.service.daemon.router.resume_point(parsed.since)
-    reply: dict[str, Any] = {"ok": True, **resume.reply_fields(parsed.pattern)}
-    if request.get("ref") is not None:
-        reply["ref"] = request["ref"]
-    await session.send_line(reply)
-    await session.stream_subscription(Subscription(session, parsed.pattern), resume.replay_after)
-
-
-async def _cmd_drain(session: Session, request: dict[str, Any]) -> dict[str, Any]:
-    session.service.daemon.request_drain("aivad drain")
-    return {"draining": True}
-
-
-async def _cmd_reload(session: Session, request: dict[str, Any]) -> dict[str, Any]:
-    outcome = await session.service.daemon.reload()
-    if outcome.error is not None:
-        raise OpError("bad_request", f"config refused, the old one stays: {outcome.error}")
-    return {"applied": outcome.applied, "needs_restart": outcome.needs_restart}
-
-
-async def _cmd_dispatch(session: Session, request: dict[str, Any]) -> dict[str, Any]:
-    daemon = session.service.daemon
-    task_id, duplicate = await daemon.dispatcher.submit(parse_task_spec(request, daemon.cfg.tasks))
-    return {"task_id": task_id, "duplicate": duplicate}
-
-
-async def _cmd_task(session: Session, request: dict[str, Any]) -> dict[str, Any]:
-    view = await session.service.daemon.dispatcher.view(field(request, "task_id", str))
-    if view is None:
-        raise OpError("not_found", "no such task")
-    return {"task": attrs.asdict(view)}
-
-
-async def _cmd_tasks(session: Session, request: dict[str, Any]) -> dict[str, Any]:
-    state = field(request, "state", str, None)
-    if state is not None and state not in STATES:
-        raise OpError("bad_request", f"state must be one of {', '.join(STATES)}")
-    limit = field(request, "limit", int, 100)
-    if not 1 <= limit <= 10_000:
-        raise OpError("bad_request", "limit must be 1..10000")
-    views = await session.service.daemon.dispatcher.views(state=state, limit=limit)
-    return {"tasks": [{k: v for k, v in attrs.asdict(view).items() if k not in ("history", "spec")} for view in views]}
-
-
-async def _cmd_workers(session: Session, request: dict[str, Any]) -> dict[str, Any]:
-    return {"workers": [attrs.asdict(w) for w in session.service.daemon.dispatcher.worker_views()]}
-
-
-async def _cmd_dlq(session: Session, request: dict[str, Any]) -> dict[str, Any]:
-    """``dlq`` with ``action``: list, show (id), replay (id or all), purge (confirm: true)."""
-    daemon = session.service.daemon
-    action = field(request, "action", str)
-    if action == "list":
-        limit = field(request, "limit", int, 100)
-        letters = await daemon.store.dead_letters(
-            field(request, "kind", str, None), limit, field(request, "after", int, 0)
-        )
-        return {"dead_letters": [{**attrs.asdict(d), "detail": None, "body": d.body[:200]} for d in letters]}
-    if action == "show":
-        letter_id = field(request, "id", int)
-        letters = await daemon.store.dead_letters(None, 1, letter_id - 1)
-        if not letters or letters[0].id != letter_id:
-            raise OpError("not_found", f"no dead letter {letter_id}")
-        return {"dead_letter": attrs.asdict(letters[0])}
-    if action == "replay":
-        if request.get("all") is True:
-            replayed, after = [], 0
-            while letters := await daemon.store.dead_letters("task", 500, after):
-                for letter in letters:
-                    replayed.append(await daemon.dispatcher.replay(letter.id))
-                after = letters[-1].id
-            return {"replayed": replayed}
-        return {"replayed": [await daemon.dispatcher.replay(field(request, "id", int))]}
-    if action == "purge":
-        if request.get("confirm") is not True:
-            raise OpError("bad_request", "purge deletes every dead letter: send confirm: true")
-        return {"purged": await daemon.store.purge_dead_letters()}
-    raise OpError("bad_request", "action must be list, show, replay or purge")
-
-
-COMMANDS: dict[str, Command] = {
-    "dispatch": _cmd_dispatch,
-    "task": _cmd_task,
-    "tasks": _cmd_tasks,
-    "workers": _cmd_workers,
-    "dlq": _cmd_dlq,
-    "status": _cmd_status,
-    "publish": _cmd_publish,
-    "history": _cmd_history,
-    "tail": _cmd_tail,
-    "drain": _cmd_drain,
-    "reload": _cmd_reload,
-}
-
-
 class ControlService:
-    def __init__(self, cfg: ControlConfig, daemon: Daemon, commands: dict[str, Command]) -> None:
+    def __init__(self, cfg: ControlConfig, ops: Operations, faults: Faults) -> None:
         self.cfg = cfg
-        self.daemon = daemon
-        self.commands = commands
+        self.ops = ops
+        self.faults = faults
         self.sessions = 0
         self._accepting: trio.CancelScope | None = None
 
@@ -310,7 +189,7 @@ class ControlService:
         """One control client, behind its error boundary: a fault ends this session only."""
         self.sessions += 1
         try:
-            await self.daemon.faults.isolated("control.session", "a control client", self._run_session, stream)
+            await self.faults.isolated("control.session", "a control client", self._run_session, stream)
         finally:
             self.sessions -= 1
             await trio.aclose_forcefully(stream)
@@ -361,8 +240,8 @@ async def _open_listener(cfg: ControlConfig) -> tuple[trio.SocketListener, Path]
 
 async def serve_control(
     cfg: ControlConfig,
-    daemon: Daemon,
-    commands: dict[str, Command],
+    ops: Operations,
+    faults: Faults,
     *,
     task_status: trio.TaskStatus[ControlService] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
@@ -374,7 +253,7 @@ async def serve_control(
     client ends its own session only.
     """
     listener, path = await _open_listener(cfg)
-    service = ControlService(cfg, daemon, commands)
+    service = ControlService(cfg, ops, faults)
     try:
         async with trio.open_nursery() as sessions:
             with trio.CancelScope() as accepting:

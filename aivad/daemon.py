@@ -32,6 +32,8 @@ from .dispatcher import Dispatcher, serve_dispatcher
 from .http import serve_http
 from .logs import set_level
 from .metrics import LoopLag, MetricsRenderer, serve_loop_lag
+from .ops import Intake, Operations
+from .protocol import OpError
 from .router import Router
 from .sdnotify import Notifier, serve_watchdog
 from .stats import Ingest
@@ -45,7 +47,7 @@ log = logging.getLogger(__name__)
 #: config keys applied without a restart (section → keys); everything else needs one
 LIVE_KEYS: dict[str, frozenset[str]] = {
     "websocket": frozenset(
-        {"max_frame_bytes", "send_buffer_frames", "max_subscriptions", "max_inflight_publishes",
+        {"max_frame_bytes", "send_buffer_frames", "send_buffer_bytes", "max_subscriptions", "max_inflight_publishes",
          "max_connections", "max_connections_per_address", "max_handshakes", "replay_batch",
          "handshake_timeout_s", "close_timeout_s"}
     ),
@@ -54,6 +56,7 @@ LIVE_KEYS: dict[str, frozenset[str]] = {
     "store": frozenset({"retention_max_messages", "retention_max_age_s", "retention_interval_s"}),
     "tasks": frozenset({"default_strategy", "strategies", "aging_s"}),
     "amqp": frozenset({"prefetch"}),
+    "limits": frozenset({"publish_rate_per_s", "publish_burst", "dispatch_rate_per_s", "dispatch_burst"}),
 }
 
 
@@ -105,10 +108,11 @@ class Daemon:
         self.dispatcher: Dispatcher
         self.aggregator: Aggregator
         self.control: control.ControlService
+        self.ops: Operations
         self.amqp: AmqpBridge | None = None
         self.loop_lag = LoopLag()
         self.drain_requested = trio.Event()
-        self.draining = False
+        self.intake = Intake()
         self._reload_lock = trio.Lock()
 
     def uptime_s(self) -> float:
@@ -117,7 +121,7 @@ class Daemon:
     def readiness(self) -> list[str]:
         """Why the daemon is not ready (empty: ready) — ``/readyz``."""
         reasons = []
-        if self.draining:
+        if not self.intake.open:
             reasons.append("draining")
         if self.store.failure is not None:
             reasons.append(f"store: commits fail ({self.store.failure})")
@@ -153,6 +157,13 @@ class Daemon:
             log.info("drain requested (%s)", why)
             self.drain_requested.set()
 
+    async def reload_command(self) -> dict[str, Any]:
+        """The ``reload`` command's answer; a refused config is ``bad_request`` (``aivad reload`` exits 1)."""
+        outcome = await self.reload()
+        if outcome.error is not None:
+            raise OpError("bad_request", f"config refused, the old one stays: {outcome.error}")
+        return {"applied": outcome.applied, "needs_restart": outcome.needs_restart}
+
     async def reload(self) -> ReloadOutcome:
         """Re-read the config; apply what can change live; refuse a broken one."""
         async with self._reload_lock:
@@ -179,6 +190,7 @@ class Daemon:
             for section, keys in LIVE_KEYS.items()
         })
         self.websocket.reconfigure(self.cfg.websocket)
+        self.ops.reconfigure(self.cfg.limits, self.cfg.tasks)
         self.dispatcher.cfg = self.aggregator.cfg = self.cfg.tasks
         self.store.reconfigure(self.cfg.store)
         set_level(self.cfg.log.level)
@@ -205,7 +217,7 @@ class Daemon:
             "uptime_s": round(self.uptime_s(), 3),
             "ready": not self.readiness(),
             "not_ready_because": self.readiness(),
-            "draining": self.draining,
+            "draining": not self.intake.open,
             "websocket": {"port": self.websocket.port, **attrs.asdict(ws)},
             "control": {"socket": str(Path(self.cfg.control.socket).resolve()), "sessions": self.control.sessions},
             "store": {"path": str(Path(self.cfg.store.path).resolve()),
@@ -222,7 +234,7 @@ class Daemon:
 
     async def drain(self, root: trio.CancelScope) -> None:
         """Stop intake, close clients with 1001, commit what is queued, then stop."""
-        self.draining = True
+        self.intake.open = False
         self.notifier.stopping("draining")
         root.deadline = min(root.deadline, trio.current_time() + self.cfg.shutdown.grace_s)
         self.control.drain()
@@ -287,8 +299,21 @@ async def run_daemon(
             daemon.amqp = await root.start(partial(serve_amqp, cfg.amqp, daemon.store, ingest=daemon.ingest,
                                                    dispatcher=daemon.dispatcher, faults=daemon.faults))
             daemon.store.on_commit(daemon.amqp.forward_committed)  # task.*, group.*, system.* → events exchange
-        daemon.websocket = await root.start(serve_websocket, cfg.websocket, daemon)
-        daemon.control = await root.start(control.serve_control, cfg.control, daemon, control.COMMANDS)
+        daemon.ops = Operations(
+            store=daemon.store,
+            router=daemon.router,
+            dispatcher=daemon.dispatcher,
+            aggregator=daemon.aggregator,
+            ingest=daemon.ingest,
+            intake=daemon.intake,
+            limits=cfg.limits,
+            tasks=cfg.tasks,
+            status=daemon.status,
+            drain=daemon.request_drain,
+            reload=daemon.reload_command,
+        )
+        daemon.websocket = await root.start(serve_websocket, cfg.websocket, daemon.ops, daemon.faults)
+        daemon.control = await root.start(control.serve_control, cfg.control, daemon.ops, daemon.faults)
         await root.start(serve_loop_lag, daemon.loop_lag)
         await root.start(_serve_status, daemon)
         http_port = None

@@ -31,7 +31,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import attrs
 import trio
@@ -43,10 +43,7 @@ from .protocol import OpError
 from .store import Store, StoreClosed, Write, insert_dead_letter, insert_envelopes
 from .tasks import ACTIVE_STATES, STATES, TaskSpec, backoff_s
 
-if TYPE_CHECKING:
-    from .websocket import Connection
-
-__all__ = ["Dispatcher", "TaskView", "WorkerView", "serve_dispatcher"]
+__all__ = ["Dispatcher", "TaskView", "Worker", "WorkerLink", "WorkerView", "serve_dispatcher"]
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +78,19 @@ Outcome = Success | Failure | HandedBack
 # ---- in-memory state ----------------------------------------------------------------
 
 
-class Worker:
-    """A connection that said ``worker.hello``."""
+class WorkerLink(Protocol):
+    """How the dispatcher reaches a worker (a WebSocket connection, in aivad.websocket)."""
 
-    def __init__(self, conn: Connection, name: str, types: list[str], concurrency: int) -> None:
+    async def send_task(self, frame: dict[str, Any]) -> None:
+        """Queue the ``task`` frame for the worker (waiting for room, never for the worker)."""
+
+
+class Worker:
+    """A peer that said ``worker.hello``; the dispatcher reaches it through its ``link``."""
+
+    def __init__(self, link: WorkerLink, name: str, types: list[str], concurrency: int) -> None:
         self.worker_id = uuid.uuid4().hex[:12]
-        self.conn = conn
+        self.link = link
         self.name = name or self.worker_id
         self.types = types
         self.concurrency = concurrency
@@ -316,10 +320,10 @@ class Dispatcher:
 
     # ---- workers ----------------------------------------------------------------------
 
-    def add_worker(self, conn: Connection, name: str, types: list[str], concurrency: int) -> Worker:
+    def add_worker(self, link: WorkerLink, name: str, types: list[str], concurrency: int) -> Worker:
         if len(self.workers) >= self.cfg.max_workers:
             raise OpError("overloaded", f"at most {self.cfg.max_workers} workers")
-        worker = Worker(conn, name, types, concurrency)
+        worker = Worker(link, name, types, concurrency)
         self.workers[worker.worker_id] = worker
         for task_type in types:
             self._by_type.setdefault(task_type, []).append(worker)
@@ -453,7 +457,7 @@ class Dispatcher:
             # queued before the settle's write, so committed before it: nothing waits for it
             await self._store.submit(lambda conn, w: self._write_dispatched(conn, w, task, worker), isolated=False)
             with attempt.scope:
-                await worker.conn.send_json(frame)
+                await worker.link.send_task(frame)
                 await trio.sleep_forever()
             outcome = attempt.outcome or attempt.expired()
             await self._settle(attempt, outcome, history)

@@ -11,21 +11,26 @@ from typing import Any
 
 import attrs
 
-from .envelope import BadMessage, Envelope, check_pattern
+from .envelope import BadMessage, Envelope, check_pattern, check_topic
 
 __all__ = [
     "ERROR_CODES",
     "HISTORY_MAX_LIMIT",
+    "CollectRequest",
     "HistoryRequest",
     "OpError",
     "SubscribeRequest",
+    "WorkerHello",
     "decode_request",
     "dumps",
     "field",
+    "parse_collect",
     "parse_envelope",
     "parse_history",
     "parse_pattern",
     "parse_subscribe",
+    "parse_timeout",
+    "parse_worker_hello",
     "request_ref",
     "seq_field",
 ]
@@ -92,9 +97,12 @@ def parse_pattern(frame: dict[str, Any]) -> str:
 
 
 def parse_envelope(frame: dict[str, Any]) -> Envelope:
-    """A producer's message from the fields of a publish request (a ``seq`` is ignored)."""
+    """A producer's message from the fields of a publish request (a ``seq`` is ignored).
+
+    ``payload`` is required: ``null`` is a value, a missing field is a mistake (DESIGN §4.3).
+    """
     try:
-        return Envelope.from_fields(
+        envelope = Envelope.from_fields(
             frame.get("type"),
             frame.get("payload"),
             frame.get("metadata"),
@@ -103,16 +111,90 @@ def parse_envelope(frame: dict[str, Any]) -> Envelope:
         )
     except BadMessage as exc:
         raise OpError("bad_request", str(exc)) from None
+    if "payload" not in frame:
+        raise OpError("bad_request", "missing field: payload (null is a value)")
+    return envelope
+
+
+#: the longest ``epoch`` a client may send back (the daemon's own are 16 characters)
+MAX_EPOCH_LENGTH = 64
 
 
 @attrs.frozen
 class SubscribeRequest:
     pattern: str
     since: int | None
+    epoch: str | None
 
 
 def parse_subscribe(frame: dict[str, Any]) -> SubscribeRequest:
-    return SubscribeRequest(parse_pattern(frame), seq_field(frame, "since", None))
+    epoch = field(frame, "epoch", str, None)
+    if epoch is not None and not 0 < len(epoch) <= MAX_EPOCH_LENGTH:
+        raise OpError("bad_request", f"epoch must be 1..{MAX_EPOCH_LENGTH} characters")
+    return SubscribeRequest(parse_pattern(frame), seq_field(frame, "since", None), epoch)
+
+
+#: the most task types one worker may run, and the concurrency it may ask for
+MAX_WORKER_TYPES = 100
+MAX_WORKER_CONCURRENCY = 10_000
+MAX_NAME_LENGTH = 255
+
+
+@attrs.frozen
+class WorkerHello:
+    types: list[str]
+    concurrency: int
+    name: str
+
+
+def parse_worker_hello(frame: dict[str, Any]) -> WorkerHello:
+    types = field(frame, "types", list)
+    if not 1 <= len(types) <= MAX_WORKER_TYPES:
+        raise OpError("bad_request", f"types must list 1..{MAX_WORKER_TYPES} task types")
+    try:
+        types = list(dict.fromkeys(check_topic(t, "each task type") for t in types))
+    except BadMessage as exc:
+        raise OpError("bad_request", str(exc)) from None
+    concurrency = field(frame, "concurrency", int, 1)
+    if not 1 <= concurrency <= MAX_WORKER_CONCURRENCY:
+        raise OpError("bad_request", f"concurrency must be 1..{MAX_WORKER_CONCURRENCY}")
+    name = field(frame, "name", str, "")
+    if len(name) > MAX_NAME_LENGTH:
+        raise OpError("bad_request", f"name must be at most {MAX_NAME_LENGTH} characters")
+    return WorkerHello(types, concurrency, name)
+
+
+def parse_timeout(frame: dict[str, Any], default: float) -> float:
+    timeout = field(frame, "timeout", (int, float), default)
+    if not 0 <= timeout <= 86400:  # NaN fails this too
+        raise OpError("bad_request", "timeout must be 0..86400 seconds")
+    return float(timeout)
+
+
+@attrs.frozen
+class CollectRequest:
+    task_ids: list[str] | None
+    group_id: str | None
+    timeout_s: float
+    min_results: int | None
+
+
+def parse_collect(frame: dict[str, Any], max_ids: int, default_timeout_s: float) -> CollectRequest:
+    task_ids = field(frame, "task_ids", list, None)
+    group_id = field(frame, "group_id", str, None)
+    if (task_ids is None) == (group_id is None):
+        raise OpError("bad_request", "give task_ids or group_id (one of them)")
+    if task_ids is not None and (not all(isinstance(t, str) for t in task_ids) or len(task_ids) > max_ids):
+        raise OpError("bad_request", f"task_ids must be at most {max_ids} strings")
+    min_results = field(frame, "min_results", int, None)
+    if min_results is not None and min_results < 1:
+        raise OpError("bad_request", "min_results must be >= 1")
+    return CollectRequest(
+        list(dict.fromkeys(task_ids)) if task_ids is not None else None,
+        group_id,
+        parse_timeout(frame, default_timeout_s),
+        min_results,
+    )
 
 
 @attrs.frozen

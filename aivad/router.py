@@ -68,7 +68,7 @@ class Subscription:
 
 @attrs.frozen
 class Resume:
-    """How a subscription with ``since`` relates to what the store still has."""
+    """How a subscription with ``since`` (and ``epoch``) relates to what the store still has."""
 
     last_seq: int
     recovered: bool
@@ -76,12 +76,22 @@ class Resume:
     #: where the replay starts (its first message has a greater seq): after the gap the
     #: client was told of, so a later deletion shows up as one, never as a silent skip
     replay_after: int
+    epoch: str = ""
+    #: the client's ``epoch`` is not this history's: its ``since`` means nothing here
+    epoch_changed: bool = False
 
     def reply_fields(self, pattern: str) -> dict[str, Any]:
         """The fields of a subscribe (or tail) reply, DESIGN §4.3."""
-        fields: dict[str, Any] = {"pattern": pattern, "last_seq": self.last_seq, "recovered": self.recovered}
+        fields: dict[str, Any] = {
+            "pattern": pattern,
+            "last_seq": self.last_seq,
+            "epoch": self.epoch,
+            "recovered": self.recovered,
+        }
         if self.gap is not None:
             fields["gap"] = list(self.gap)
+        if self.epoch_changed:
+            fields["epoch_changed"] = True
         return fields
 
 
@@ -131,15 +141,23 @@ class Router:
             sub.live = False
             self._index.discard(sub.pattern, sub)
 
-    def resume_point(self, since: int | None) -> Resume:
-        """Where a subscription starting now begins, and what retention lost of its range."""
-        last_seq = self._store.last_seq
+    def resume_point(self, since: int | None, epoch: str | None = None) -> Resume:
+        """Where a subscription starting now begins, and what retention lost of its range.
+
+        DESIGN §4.3: an ``epoch`` other than this history's, or a ``since`` above
+        the newest seq (the history the client knew is gone), cannot be trusted:
+        ``recovered`` is false and the replay starts at the oldest message kept.
+        """
+        last_seq, floor, current = self._store.last_seq, self._store.retention_floor, self._store.epoch
+        if epoch is not None and epoch != current:
+            return Resume(last_seq, False, None, floor, current, epoch_changed=True)
         if since is None:
-            return Resume(last_seq, True, None, last_seq)
-        floor = self._store.retention_floor
+            return Resume(last_seq, True, None, last_seq, current)
+        if since > last_seq:
+            return Resume(last_seq, False, None, floor, current)
         if since < floor:
-            return Resume(last_seq, False, (since + 1, floor), floor)
-        return Resume(last_seq, True, None, since)
+            return Resume(last_seq, False, (since + 1, floor), floor, current)
+        return Resume(last_seq, True, None, since, current)
 
     async def follow(self, sub: Subscription, after: int) -> None:
         """Replay what ``sub`` missed after seq ``after``, then make it live.

@@ -23,6 +23,7 @@ import queue
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -50,6 +51,8 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_type_seq ON messages (type, seq);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+-- the history's epoch (DESIGN §4.3): made once, with the database; a new file is a new history
+CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tasks (
     task_id TEXT PRIMARY KEY,
     type TEXT NOT NULL,
@@ -123,19 +126,29 @@ class StoredMessage:
 class History:
     """Messages matching a pattern, and how far the read looked.
 
-    ``scanned_through`` is the newest seq the read could see: every matching
-    message up to it is in ``messages`` unless ``messages`` hit the limit.
-    ``retention_floor`` is the newest seq retention had deleted, in the same
-    snapshot: a reader that was at or past it missed nothing.
+    ``scanned_through`` is how far the read looked: every matching message up
+    to it is in ``messages`` unless ``messages`` hit the limit. It is the newest
+    seq the read could see unless the scan budget stopped it earlier (then
+    ``complete`` is false). ``retention_floor`` is the newest seq retention had
+    deleted, in the same snapshot: a reader that was at or past it missed nothing.
     """
 
     messages: list[StoredMessage]
     scanned_through: int
     retention_floor: int = 0
+    complete: bool = True
 
-    def page(self, after: int) -> dict[str, Any]:
-        """The fields of a history reply: the envelopes, and ``last_seq`` to ask after next (DESIGN §4.3)."""
+    def page(self, after: int, limit: int) -> dict[str, Any]:
+        """The fields of a history reply: the envelopes, and ``last_seq`` to ask after next (DESIGN §4.3).
+
+        ``last_seq`` is the seq of the last message returned; when the page is not
+        full because the scan budget ran out before the newest message, it is the
+        seq scanned through instead, so asking after it moves on (a client pages
+        until ``last_seq`` stops moving). Otherwise ``after`` when nothing matched.
+        """
         last_seq = self.messages[-1].seq if self.messages else after
+        if not self.complete and len(self.messages) < limit:
+            last_seq = max(last_seq, self.scanned_through)
         return {"messages": [json.loads(m.json) for m in self.messages], "last_seq": last_seq}
 
 
@@ -255,6 +268,7 @@ class Store:
         self._send, self._receive = trio.open_memory_channel[Write](cfg.write_queue)
         self._readers: list[sqlite3.Connection] = []
         self._reader_limit = trio.CapacityLimiter(cfg.read_connections)
+        self._client_limit = trio.CapacityLimiter(cfg.history_concurrency)
         self._on_commit: list[Callable[[list[StoredMessage]], None]] = []
         self._on_failure: list[Callable[[str | None], None]] = []
         #: why the last commit (or retention round) failed; None once one succeeds again (/readyz)
@@ -273,6 +287,8 @@ class Store:
         ).fetchone()[0]
         self.retention_floor: int = self._meta(writer, "retention_floor")
         self._stored_messages: int = writer.execute("SELECT count(*) FROM messages").fetchone()[0]
+        #: the history's epoch, fixed when the database was created (DESIGN §4.3)
+        self.epoch: str = writer.execute("SELECT value FROM info WHERE key = 'epoch'").fetchone()[0]
 
     # ---- writes -------------------------------------------------------------
 
@@ -318,10 +334,13 @@ class Store:
             raise StoreClosed("the store is draining") from None
         return write
 
-    async def submit_append(self, envelopes: Sequence[Envelope]) -> Write:
+    async def submit_append(
+        self, envelopes: Sequence[Envelope], *, committed: Callable[[Write], None] | None = None
+    ) -> Write:
         """Queue envelopes for storage; the write's result is a ``list[Appended]``."""
         rows = [(e.message_id, e.type, e.to_json()) for e in envelopes]  # JSON on this side, not under the writer
-        return await self.submit(lambda conn, write: insert_rows(conn, write, rows), isolated=False)
+        return await self.submit(lambda conn, write: insert_rows(conn, write, rows), isolated=False,
+                                 committed=committed)
 
     async def append_many(self, envelopes: Sequence[Envelope]) -> list[Appended]:
         """Store envelopes in one transaction; returns after commit, in order."""
@@ -462,9 +481,14 @@ class Store:
 
     # ---- reads --------------------------------------------------------------
 
-    async def read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        """Run ``fn(connection)`` on a reader connection in a worker thread."""
-        async with self._reader_limit:
+    async def read(self, fn: Callable[[sqlite3.Connection], Any], *, client: bool = False) -> Any:
+        """Run ``fn(connection)`` on a reader connection in a worker thread.
+
+        ``client``: a read a peer asked for (``history``). Those share a pool of
+        their own (``history_concurrency``), so a flood of them cannot starve
+        replays and the daemon's own reads, which use ``read_connections``.
+        """
+        async with self._client_limit if client else self._reader_limit:
             conn = self._readers.pop() if self._readers else self._connect_reader()
             try:
                 return await trio.to_thread.run_sync(fn, conn)
@@ -476,12 +500,22 @@ class Store:
         conn.execute("PRAGMA query_only = ON")
         return conn
 
-    async def history(self, pattern: str, after: int, limit: int) -> History:
-        """Up to ``limit`` messages matching ``pattern`` with seq > ``after``, ascending."""
-        return await self.read(lambda conn: self._history(conn, pattern, after, limit))  # type: ignore[no-any-return]
+    async def history(self, pattern: str, after: int, limit: int, *, client: bool = False) -> History:
+        """Up to ``limit`` messages matching ``pattern`` with seq > ``after``, ascending.
+
+        A wildcard pattern looks at no more than ``history_scan_rows`` rows per
+        call: ``scanned_through`` says how far it got, and the next call goes on
+        from there (a pattern that matches nothing over a large table costs each
+        call a bounded read, and pages still move on).
+        """
+        scan_rows = self._cfg.history_scan_rows
+        history: History = await self.read(
+            lambda conn: self._history(conn, pattern, after, limit, scan_rows), client=client
+        )
+        return history
 
     @staticmethod
-    def _history(conn: sqlite3.Connection, pattern: str, after: int, limit: int) -> History:
+    def _history(conn: sqlite3.Connection, pattern: str, after: int, limit: int, scan_rows: int) -> History:
         conn.execute("BEGIN")  # one snapshot: the rows, scanned_through and the floor agree
         try:
             newest, floor = conn.execute(
@@ -489,13 +523,15 @@ class Store:
                 "coalesce((SELECT value FROM meta WHERE key = 'retention_floor'), 0)"
             ).fetchone()
             prefix, exact = literal_prefix(pattern)
-            if exact:
+            if exact:  # the (type, seq) index finds them: no scan to bound
                 rows = conn.execute(
                     "SELECT seq, type, body FROM messages WHERE type = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
                     (pattern, after, newest, limit),
                 ).fetchall()
                 messages = [StoredMessage(s, t, _body_with_seq(b, s)) for s, t, b in rows]
                 return History(messages, newest, floor)
+            # the budget bounds the seq range looked at (the primary key): at most scan_rows rows
+            upper = min(newest, max(after, floor) + scan_rows)
             if prefix:
                 where = "(type = ? OR (type >= ? AND type < ?)) AND seq > ? AND seq <= ?"
                 bounds: tuple[Any, ...] = (prefix, prefix + ".", prefix + "/")
@@ -507,7 +543,7 @@ class Store:
             while len(messages) < limit:
                 rows = conn.execute(
                     f"SELECT seq, type, body FROM messages WHERE {where} ORDER BY seq LIMIT ?",
-                    (*bounds, cursor, newest, _SCAN_CHUNK),
+                    (*bounds, cursor, upper, _SCAN_CHUNK),
                 ).fetchall()
                 for seq, topic, body in rows:
                     if matches(topic):
@@ -517,7 +553,7 @@ class Store:
                 if len(rows) < _SCAN_CHUNK:
                     break
                 cursor = rows[-1][0]
-            return History(messages, newest, floor)
+            return History(messages, upper, floor, complete=upper >= newest)
         finally:
             conn.execute("COMMIT")
 
@@ -617,7 +653,13 @@ def open_database(cfg: StoreConfig) -> sqlite3.Connection:
     # an automatic checkpoint copies and syncs the WAL while every producer waits
     conn.execute("PRAGMA wal_autocheckpoint = 0")
     conn.executescript(_SCHEMA)
+    conn.execute("INSERT INTO info (key, value) VALUES ('epoch', ?) ON CONFLICT (key) DO NOTHING", (_new_epoch(),))
     return conn
+
+
+def _new_epoch() -> str:
+    """An opaque, practically unique id: a client that kept another one knows its seqs mean nothing here."""
+    return uuid.uuid4().hex[:16]
 
 
 async def serve_store(cfg: StoreConfig, *, task_status: trio.TaskStatus[Store] = trio.TASK_STATUS_IGNORED) -> NoReturn:

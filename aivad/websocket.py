@@ -29,33 +29,37 @@ from wsproto import ConnectionType, WSConnection
 
 from .boundary import Faults
 from .config import WebSocketConfig
-from .envelope import BadMessage, check_topic
 from .limits import Admission, PeerGate
+from .ops import Caller, Everything, Operations, Pending, Quota
 from .protocol import (
     OpError,
     decode_request,
     dumps,
     field,
+    parse_collect,
     parse_envelope,
     parse_history,
     parse_pattern,
     parse_subscribe,
+    parse_timeout,
+    parse_worker_hello,
     request_ref,
 )
 from .router import Subscription
 from .sdnotify import listen_fds
-from .store import Appended, StoreClosed, Write
+from .store import Appended
 from .tasks import parse_task_spec
 from .wsframes import OP_TEXT, encode_frame
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
     from .dispatcher import Worker
 
 __all__ = ["WebSocketService", "serve_websocket"]
 
 log = logging.getLogger(__name__)
 
+#: the rights of a caller while authentication is not required (DESIGN §4.8)
+ANYONE = Everything()
 CLOSE_GOING_AWAY = 1001
 CLOSE_SLOW_CONSUMER = 4008
 #: the sender writes at most this many bytes per send_all
@@ -88,23 +92,32 @@ class WebSocketStatistics:
     refused: dict[str, int] = attrs.field(factory=dict)
 
 
-#: a held batch: the refs to answer, its write, and how one result becomes an ok reply
-_Pending = tuple[list[Any], Write, Callable[[Any], dict[str, Any]]]
+#: a held batch: the refs to answer, its pending results, and how one result becomes an ok reply
+_Pending = tuple[list[Any], Pending, Callable[[Any], dict[str, Any]]]
 
 #: an op: (connection, frame) → the fields of its ok reply, or None for no reply
 OpHandler = Callable[["Connection", dict[str, Any]], Awaitable[dict[str, Any] | None]]
 
 
 class Connection:
-    """One client connection: its subscriptions, its outbox, and its ops."""
+    """One client connection: its caller, subscriptions, outbox, and ops.
+
+    The outbox is bounded twice: in frames (``send_buffer_frames``) and in bytes
+    (``send_buffer_bytes``), so a client that reads nothing while large messages
+    flow costs at most that many bytes before it is closed with 4008.
+    """
 
     encode = staticmethod(encode_push)
 
-    def __init__(self, service: WebSocketService, ws: WebSocketConnection) -> None:
+    def __init__(self, service: WebSocketService, ws: WebSocketConnection, caller: Caller) -> None:
         self.service = service
         self.ws = ws
+        self.caller = caller
         self.subscriptions: dict[str, Subscription] = {}
         self._outbox, self._outbox_rx = trio.open_memory_channel[bytes](service.cfg.send_buffer_frames)
+        self._queued_bytes = 0
+        self._max_bytes = service.cfg.send_buffer_bytes
+        self._room: trio.Event | None = None  # set when the sender took frames and someone waits for room
         # made at the first publish / first waiting op: a connection that only
         # subscribes (most of them) carries no replier task, channel or semaphore
         self._pending: trio.MemorySendChannel[_Pending] | None = None
@@ -118,13 +131,23 @@ class Connection:
     # ---- the Sink protocol of the router -----------------------------------
 
     def offer(self, frame: bytes) -> bool:
+        if self._queued_bytes + len(frame) > self._max_bytes:
+            return False
         try:
             self._outbox.send_nowait(frame)
         except trio.WouldBlock:
             return False
+        self._queued_bytes += len(frame)
         return True
 
     async def put(self, frame: bytes) -> None:
+        """Queue ``frame``, waiting for room in frames and in bytes (one frame bigger than the
+        byte bound still goes, alone: a history page is bounded on its own)."""
+        while self._queued_bytes and self._queued_bytes + len(frame) > self._max_bytes:
+            if self._room is None:
+                self._room = trio.Event()
+            await self._room.wait()
+        self._queued_bytes += len(frame)
         await self._outbox.send(frame)
 
     def overflowed(self) -> None:
@@ -141,12 +164,14 @@ class Connection:
             self.service.slow_consumer_closes += 1
             log.warning("closing %s: slow consumer (%s)", self.ws.remote, why)
             for sub in self.subscriptions.values():
-                self.service.router.remove(sub)
+                self.service.ops.unsubscribe(sub)
+
+    # ---- the WorkerLink protocol of the dispatcher ----------------------------
+
+    async def send_task(self, frame: dict[str, Any]) -> None:
+        await self.put(_frame(frame))
 
     # ---- tasks --------------------------------------------------------------
-
-    async def send_json(self, obj: Any) -> None:
-        await self.put(_frame(obj))
 
     async def run(self) -> None:
         try:
@@ -157,9 +182,9 @@ class Connection:
                 nursery.cancel_scope.cancel()
         finally:
             for sub in self.subscriptions.values():
-                self.service.router.remove(sub)
+                self.service.ops.unsubscribe(sub)
             if self.worker is not None:
-                self.service.daemon.dispatcher.remove_worker(self.worker)
+                self.service.ops.worker_gone(self.worker)
 
     async def _send_then_end(self, connection: trio.CancelScope) -> None:
         """When the sender stops (peer gone, closed, slow), the whole connection ends:
@@ -187,6 +212,10 @@ class Connection:
                     break
                 frames.append(frame)
                 size += len(frame)
+            self._queued_bytes -= size
+            if self._room is not None:
+                self._room.set()
+                self._room = None
             async with ws._stream_lock:
                 if ws._close_reason is not None:
                     return
@@ -201,14 +230,13 @@ class Connection:
 
     async def _reply_loop(self, pending: trio.MemoryReceiveChannel[_Pending]) -> None:
         """Answer batched writes (publish, dispatch) in order, each once its commit is done."""
-        async for refs, write, reply in pending:
-            try:
-                results: list[Any] = await write.wait()
-            except Exception as exc:  # noqa: BLE001 - the write's own failure, answered as internal
-                log.error("a batch of %d writes failed in the store: %s", len(refs), exc)
-                frames = [self.service.error_frame(ref, "internal", "the store could not commit") for ref in refs]
-            else:
-                frames = [_frame({"op": "ok", "ref": ref, **reply(r)}) for ref, r in zip(refs, results, strict=True)]
+        async for refs, batch, reply in pending:
+            frames = [
+                self.service.error_frame(ref, r.code, r.message)
+                if isinstance(r, OpError)
+                else _frame({"op": "ok", "ref": ref, **reply(r)})
+                for ref, r in zip(refs, await batch.wait(), strict=True)
+            ]
             await self.put(b"".join(frames))
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
@@ -238,25 +266,20 @@ class Connection:
         self._batch.append((ref, item))
 
     async def flush_batch(self) -> None:
-        """Store what ``batch`` held, in one write; the replier answers after the commit."""
+        """Hand what ``batch`` held to the operations in one call; the replier answers after the commit."""
         if not self._batch:
             return
         op, held = self._batch_op, self._batch
         self._batch = []
         refs = [ref for ref, _ in held]
         items = [item for _, item in held]
+        ops = self.service.ops
         reply: Callable[[Any], dict[str, Any]]
         try:
             if op == "publish":
-                write = await self.service.store.submit_append(items)
-                self.service.ingest.count("websocket", len(items))
-                reply = _publish_reply
+                batch, reply = await ops.publish_many(self.caller, items), _publish_reply
             else:
-                write = await self.service.daemon.dispatcher.submit_many(items)
-                reply = _dispatch_reply
-        except StoreClosed:
-            await self.put(b"".join(self.service.error_frame(r, "overloaded", "aivad is draining") for r in refs))
-            return
+                batch, reply = await ops.dispatch_many(self.caller, items), _dispatch_reply
         except OpError as exc:
             await self.put(b"".join(self.service.error_frame(r, exc.code, exc.message) for r in refs))
             return
@@ -264,7 +287,7 @@ class Connection:
             assert self._nursery is not None
             self._pending, pending = trio.open_memory_channel[_Pending](self.service.cfg.max_inflight_publishes)
             self._nursery.start_soon(self._reply_loop, pending)
-        await self._pending.send((refs, write, reply))
+        await self._pending.send((refs, batch, reply))
 
     async def _handle(self, message: str | bytes, nursery: trio.Nursery) -> None:
         """Parse and run one frame; every failure becomes an error frame, never a close."""
@@ -273,7 +296,7 @@ class Connection:
             frame = decode_request(message)
             ref = request_ref(frame)
             op = field(frame, "op", str)
-            handler = self.service.ops.get(op)
+            handler = OPS.get(op)
             if handler is None:
                 raise OpError("unknown_op", f"unknown op: {op[:64]}")
             if op not in BATCHED_OPS:
@@ -310,20 +333,16 @@ class Connection:
 class WebSocketService:
     """The running server: its connections, its op table, drain and reconfigure."""
 
-    def __init__(self, cfg: WebSocketConfig, daemon: Daemon) -> None:
+    def __init__(self, cfg: WebSocketConfig, ops: Operations, faults: Faults) -> None:
         self.cfg = cfg
-        self.daemon = daemon
-        self.store = daemon.store
-        self.router = daemon.router
-        self.ingest = daemon.ingest
+        self.ops = ops
         self.connections: set[Connection] = set()
-        self.ops = OPS
         self.port = 0
         self.draining = False
         self.slow_consumer_closes = 0
         self.frames_in = 0
         self.errors_sent = 0
-        self.faults: Faults = daemon.faults
+        self.faults = faults
         self.gate = PeerGate(cfg.max_connections, cfg.max_connections_per_address, cfg.max_handshakes)
         self._accepting: trio.CancelScope | None = None
         self._handlers_done = trio.Event()
@@ -335,7 +354,7 @@ class WebSocketService:
     def reconfigure(self, cfg: WebSocketConfig) -> None:
         """Apply live-changeable limits: new connections and new frames use them."""
         self.cfg = cfg
-        self.router.replay_batch = cfg.replay_batch
+        self.ops.router.replay_batch = cfg.replay_batch
         self.gate.max_connections = cfg.max_connections
         self.gate.max_per_address = cfg.max_connections_per_address
         self.gate.max_handshakes = cfg.max_handshakes
@@ -404,7 +423,8 @@ class WebSocketService:
         except ConnectionClosed:
             return  # the peer left during the handshake
         ws._max_message_size = self.cfg.max_frame_bytes
-        conn = Connection(self, ws)
+        caller = Caller(ANYONE, "websocket", peer=str(ws.remote), quota=Quota(self.ops.limits))
+        conn = Connection(self, ws, caller)
         self.connections.add(conn)
         try:
             await conn.run()
@@ -450,17 +470,16 @@ async def _op_ping(conn: Connection, frame: dict[str, Any]) -> dict[str, Any] | 
 
 async def _op_subscribe(conn: Connection, frame: dict[str, Any]) -> dict[str, Any] | None:
     request = parse_subscribe(frame)
-    pattern, since = request.pattern, request.since
+    pattern = request.pattern
     if pattern in conn.subscriptions:
         raise OpError("bad_request", f"already subscribed to {pattern}")
     if len(conn.subscriptions) >= conn.service.cfg.max_subscriptions:
         raise OpError("overloaded", f"at most {conn.service.cfg.max_subscriptions} subscriptions per connection")
-    router = conn.service.router
-    resume = router.resume_point(since)
+    resume = conn.service.ops.subscribe(conn.caller, pattern, request.since, request.epoch)
     await conn.put(_frame({"op": "ok", "ref": frame.get("ref"), **resume.reply_fields(pattern)}))
     sub = Subscription(conn, pattern)
     conn.subscriptions[pattern] = sub
-    await router.follow(sub, resume.replay_after)
+    await conn.service.ops.follow(sub, resume)
     return None
 
 
@@ -469,13 +488,11 @@ async def _op_unsubscribe(conn: Connection, frame: dict[str, Any]) -> dict[str, 
     sub = conn.subscriptions.pop(pattern, None)
     if sub is None:
         raise OpError("not_found", f"not subscribed to {pattern}")
-    conn.service.router.remove(sub)
+    conn.service.ops.unsubscribe(sub)
     return {"pattern": pattern}
 
 
 async def _op_publish(conn: Connection, frame: dict[str, Any]) -> dict[str, Any] | None:
-    if conn.service.daemon.draining:
-        raise OpError("overloaded", "aivad is draining")
     await conn.batch("publish", frame.get("ref"), parse_envelope(frame))
     return None
 
@@ -491,8 +508,8 @@ def _dispatch_reply(result: tuple[str, bool]) -> dict[str, Any]:
 
 async def _op_history(conn: Connection, frame: dict[str, Any]) -> dict[str, Any] | None:
     request = parse_history(frame)
-    history = await conn.service.store.history(request.pattern, request.after, request.limit)
-    return history.page(request.after)
+    history = await conn.service.ops.history(conn.caller, request.pattern, request.after, request.limit)
+    return history.page(request.after, request.limit)
 
 
 # ---- task ops (DESIGN §4.3, second table) ---------------------------------------------
@@ -507,23 +524,13 @@ def _worker_of(conn: Connection) -> Worker:
 async def _op_worker_hello(conn: Connection, frame: dict[str, Any]) -> dict[str, Any] | None:
     if conn.worker is not None:
         raise OpError("bad_request", "this connection already said worker.hello")
-    types = field(frame, "types", list)
-    if not 1 <= len(types) <= 100:
-        raise OpError("bad_request", "types must list 1..100 task types")
-    try:
-        types = list(dict.fromkeys(check_topic(t, "each task type") for t in types))
-    except BadMessage as exc:
-        raise OpError("bad_request", str(exc)) from None
-    concurrency = field(frame, "concurrency", int, 1)
-    if not 1 <= concurrency <= 10_000:
-        raise OpError("bad_request", "concurrency must be 1..10000")
-    name = field(frame, "name", str, "")
-    conn.worker = conn.service.daemon.dispatcher.add_worker(conn, name[:255], types, concurrency)
+    hello = parse_worker_hello(frame)
+    conn.worker = conn.service.ops.worker_hello(conn.caller, conn, hello.name, hello.types, hello.concurrency)
     return {"worker_id": conn.worker.worker_id}
 
 
 async def _op_worker_drain(conn: Connection, frame: dict[str, Any]) -> dict[str, Any] | None:
-    conn.service.daemon.dispatcher.drain_worker(_worker_of(conn))
+    conn.service.ops.worker_drain(_worker_of(conn))
     return {}
 
 
@@ -532,30 +539,28 @@ async def _op_task_progress(conn: Connection, frame: dict[str, Any]) -> dict[str
     progress = field(frame, "progress", (int, float), 0)
     if not 0 <= progress <= 1:
         raise OpError("bad_request", "progress must be 0..1")
-    await conn.service.daemon.dispatcher.progress(worker, field(frame, "task_id", str), progress, frame.get("note"))
+    await conn.service.ops.task_progress(worker, field(frame, "task_id", str), progress, frame.get("note"))
     return {}
 
 
 async def _op_task_result(conn: Connection, frame: dict[str, Any]) -> dict[str, Any] | None:
-    conn.service.daemon.dispatcher.result(_worker_of(conn), field(frame, "task_id", str), frame.get("result"))
+    conn.service.ops.task_result(_worker_of(conn), field(frame, "task_id", str), frame.get("result"))
     return {}
 
 
 async def _op_task_fail(conn: Connection, frame: dict[str, Any]) -> dict[str, Any] | None:
     retryable = field(frame, "retryable", bool, True)
-    conn.service.daemon.dispatcher.fail(_worker_of(conn), field(frame, "task_id", str), frame.get("error"), retryable)
+    conn.service.ops.task_fail(_worker_of(conn), field(frame, "task_id", str), frame.get("error"), retryable)
     return {}
 
 
 async def _op_dispatch(conn: Connection, frame: dict[str, Any]) -> dict[str, Any] | None:
-    await conn.batch("dispatch", frame.get("ref"), parse_task_spec(frame, conn.service.daemon.cfg.tasks))
+    await conn.batch("dispatch", frame.get("ref"), parse_task_spec(frame, conn.service.ops.tasks))
     return None
 
 
 async def _op_task_status(conn: Connection, frame: dict[str, Any]) -> dict[str, Any] | None:
-    view = await conn.service.daemon.dispatcher.view(field(frame, "task_id", str))
-    if view is None:
-        raise OpError("not_found", "no such task")
+    view = await conn.service.ops.task(conn.caller, field(frame, "task_id", str))
     reply = {"task_id": view.task_id, "type": view.type, "state": view.state, "attempts": view.attempts}
     if view.state == "completed":
         reply["result"] = view.result
@@ -564,38 +569,18 @@ async def _op_task_status(conn: Connection, frame: dict[str, Any]) -> dict[str, 
     return reply
 
 
-def _timeout(frame: dict[str, Any], default: float) -> float:
-    timeout = field(frame, "timeout", (int, float), default)
-    if not 0 <= timeout <= 86400:
-        raise OpError("bad_request", "timeout must be 0..86400 seconds")
-    return float(timeout)
-
-
 async def _op_collect(conn: Connection, frame: dict[str, Any]) -> dict[str, Any] | None:
-    cfg = conn.service.daemon.cfg.tasks
-    task_ids = field(frame, "task_ids", list, None)
-    group_id = field(frame, "group_id", str, None)
-    if (task_ids is None) == (group_id is None):
-        raise OpError("bad_request", "give task_ids or group_id (one of them)")
-    if task_ids is not None and (not all(isinstance(t, str) for t in task_ids) or len(task_ids) > cfg.max_collect_ids):
-        raise OpError("bad_request", f"task_ids must be at most {cfg.max_collect_ids} strings")
-    min_results = field(frame, "min_results", int, None)
-    if min_results is not None and min_results < 1:
-        raise OpError("bad_request", "min_results must be >= 1")
-    result = await conn.service.daemon.aggregator.collect(
-        list(dict.fromkeys(task_ids)) if task_ids is not None else None,
-        group_id,
-        _timeout(frame, cfg.request_timeout_s),
-        min_results,
-    )
+    ops = conn.service.ops
+    request = parse_collect(frame, ops.tasks.max_collect_ids, ops.tasks.request_timeout_s)
+    result = await ops.collect(conn.caller, request.task_ids, request.group_id, request.timeout_s, request.min_results)
     return result.to_wire()
 
 
 async def _op_request(conn: Connection, frame: dict[str, Any]) -> dict[str, Any] | None:
-    cfg = conn.service.daemon.cfg.tasks
-    timeout = _timeout(frame, cfg.request_timeout_s)
-    spec = parse_task_spec({**frame, "timeout": timeout or None}, cfg)
-    return await conn.service.daemon.aggregator.request(spec, timeout)
+    ops = conn.service.ops
+    timeout = parse_timeout(frame, ops.tasks.request_timeout_s)
+    spec = parse_task_spec({**frame, "timeout": timeout or None}, ops.tasks)
+    return await ops.request(conn.caller, spec, timeout)
 
 
 OPS: dict[str, OpHandler] = {
@@ -624,7 +609,8 @@ WAITING_OPS = frozenset({"collect", "request"})
 
 async def serve_websocket(
     cfg: WebSocketConfig,
-    daemon: Daemon,
+    ops: Operations,
+    faults: Faults,
     *,
     task_status: trio.TaskStatus[WebSocketService] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
@@ -635,7 +621,7 @@ async def serve_websocket(
     listener is gone. Error handling: a failing op is answered with an error
     frame; a broken connection ends only its own nursery.
     """
-    service = WebSocketService(cfg, daemon)
+    service = WebSocketService(cfg, ops, faults)
     async with trio.open_nursery() as handlers:
         # under socket activation systemd has bound the port (systemd/aivad.socket); else bind it here
         inherited = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in listen_fds()]

@@ -370,7 +370,7 @@ async def test_dead_task_goes_to_the_dead_queue_and_the_rpc_caller_gets_the_erro
         assert (copy["task_id"], copy["state"], copy["reason"]) == ("doomed-1", "dead", "failed: not retryable")
         assert copy["error"] == {"message": "will not compute -1"}
         assert [h["outcome"] for h in copy["history"]] == ["failed"]
-        letters = (await daemon.control({"cmd": "dlq", "action": "list", "kind": "task"}))["dead_letters"]
+        letters = (await daemon.control({"cmd": "dlq.list", "kind": "task"}))["dead_letters"]
         assert [(d["kind"], d["reason"]) for d in letters] == [("task", "failed: not retryable")]
 
 
@@ -397,9 +397,9 @@ async def test_invalid_task_specs_are_dead_lettered_and_the_consumer_goes_on(
         assert "unknown task fields priorty" in reasons["bad-2"]
         assert "priority must be" in reasons["bad-3"]
         assert all(p.headers["x-aivad-original-exchange"] == cfg.tasks_exchange for p, _ in dead)
-        letters = (await daemon.control({"cmd": "dlq", "action": "list", "kind": "amqp.poison"}))["dead_letters"]
+        letters = (await daemon.control({"cmd": "dlq.list", "kind": "amqp.poison"}))["dead_letters"]
         assert len(letters) == 3
-        shown = await daemon.control({"cmd": "dlq", "action": "show", "id": letters[0]["id"]})
+        shown = await daemon.control({"cmd": "dlq.show", "id": letters[0]["id"]})
         assert shown["dead_letter"]["detail"]["queue"] == cfg.tasks_queue
         assert await daemon.task("bad-2") is None
         await wait_settled(rabbitmq, cfg.tasks_queue)

@@ -146,8 +146,8 @@ async def test_publish_and_history(daemon: InProcessDaemon) -> None:
             assert one == {"ok": True, "ref": 7, "seq": 1, "duplicate": False}
             again = await client.ok({"cmd": "publish", "type": "scan.completed", "payload": 2, "message_id": "m-1"})
             assert (again["seq"], again["duplicate"]) == (1, True)
-            await client.ok({"cmd": "publish", "type": "scan.other.deep", "seq": 99})
-            await client.ok({"cmd": "publish", "type": "other"})
+            await client.ok({"cmd": "publish", "type": "scan.other.deep", "payload": None, "seq": 99})
+            await client.ok({"cmd": "publish", "type": "other", "payload": None})
             history = await client.ok({"cmd": "history", "pattern": "scan.#"})
             seqs = [m["seq"] for m in history["messages"]]  # a duplicate may leave a gap in seq
             assert len(seqs) == 2 and seqs[0] == 1 < seqs[1] and history["last_seq"] == seqs[1]
@@ -182,6 +182,7 @@ async def test_tail_replays_then_streams_live_until_the_client_closes(daemon: In
             await pub.ok({"cmd": "publish", "type": "t.x" if i != 1 else "u.x", "payload": i})
         tail = await LineClient.open(daemon.control_path)
         first = await tail.request({"cmd": "tail", "pattern": "t.*", "since": 0})
+        assert first.pop("epoch")
         assert first == {"ok": True, "pattern": "t.*", "last_seq": 3, "recovered": True}
         replayed = [await tail.read_line() or {} for _ in range(2)]
         assert [(r["op"], r["pattern"], r["msg"]["seq"]) for r in replayed] == [
@@ -202,7 +203,7 @@ async def test_tail_replays_then_streams_live_until_the_client_closes(daemon: In
         nxt = await tail2.read_line()
         assert nxt is not None and nxt["msg"]["seq"] == 6
         await tail2.aclose()
-        assert (await pub.ok({"cmd": "publish", "type": "t.x"}))["seq"] == 7
+        assert (await pub.ok({"cmd": "publish", "type": "t.x", "payload": None}))["seq"] == 7
         await pub.aclose()
 
 
@@ -316,7 +317,7 @@ async def test_an_endless_line_gets_too_large_and_is_closed(nursery: trio.Nurser
                 assert await client.read_line() is None, "closed after too_large"
         finally:
             await client.aclose()
-        assert (await call(d.control_path, {"cmd": "publish", "type": "after.big"}))["seq"] == 1
+        assert (await call(d.control_path, {"cmd": "publish", "type": "after.big", "payload": None}))["seq"] == 1
 
 
 async def test_an_over_long_line_with_its_newline_gets_too_large(nursery: trio.Nursery, tmp_dir: Path) -> None:
@@ -532,4 +533,4 @@ async def test_a_slow_tail_client_gets_overloaded_and_is_closed(nursery: trio.Nu
             assert line is None, "the session is closed after overloaded"
         finally:
             await tail.aclose()
-        assert (await call(d.control_path, {"cmd": "publish", "type": "after"}))["seq"] == 1001
+        assert (await call(d.control_path, {"cmd": "publish", "type": "after", "payload": None}))["seq"] == 1001

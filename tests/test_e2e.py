@@ -84,6 +84,8 @@ def test_asyncio_websockets_client_publishes_and_subscribes(daemon_proc: DaemonP
         async with websockets.connect(daemon_proc.ws_url) as sub, websockets.connect(daemon_proc.ws_url) as pub:
             await sub.send(json.dumps({"op": "subscribe", "pattern": "notifications.frontend.evt-42.#", "ref": "s"}))
             ok = json.loads(await sub.recv())
+            epoch = ok.pop("epoch")
+            assert isinstance(epoch, str) and epoch
             assert ok == {"op": "ok", "ref": "s", "pattern": "notifications.frontend.evt-42.#", "last_seq": 0,
                           "recovered": True}
             for i, topic in enumerate(["notifications.frontend.evt-42.chat", "notifications.frontend.evt-43.chat",
@@ -159,7 +161,7 @@ def test_kill_9_keeps_every_acknowledged_message(daemon_proc: DaemonProcess) -> 
     assert seqs == sorted(set(seqs))
     # a retry of an acknowledged message is a duplicate with the original seq; new ones get larger seqs
     mid, seq = next(iter(snapshot.items()))
-    retry = daemon_proc.control({"cmd": "publish", "type": "durable.x", "message_id": mid})
+    retry = daemon_proc.control({"cmd": "publish", "type": "durable.x", "payload": None, "message_id": mid})
     assert (retry["seq"], retry["duplicate"]) == (seq, True)
     new = daemon_proc.control({"cmd": "publish", "type": "durable.x", "payload": "after restart"})
     assert new["ok"] and new["seq"] > max(seqs)
@@ -175,7 +177,7 @@ def test_drain_closes_clients_with_1001_and_exits_0(daemon_proc: DaemonProcess, 
         clients = [stack.enter_context(ws_sync.connect(daemon_proc.ws_url)) for _ in range(3)]
         clients[0].send(json.dumps({"op": "subscribe", "pattern": "#", "ref": 1}))
         assert json.loads(clients[0].recv(timeout=10))["op"] == "ok"
-        clients[1].send(json.dumps({"op": "publish", "type": "before.drain", "ref": 1}))
+        clients[1].send(json.dumps({"op": "publish", "type": "before.drain", "payload": None, "ref": 1}))
         assert json.loads(clients[1].recv(timeout=10))["seq"] == 1
         started = time.monotonic()
         if how == "aivad drain":
@@ -258,7 +260,7 @@ def test_a_second_daemon_on_the_same_control_socket_does_not_steal_it(daemon_pro
     assert second.returncode != 0
     assert "another aivad is serving" in second.stderr
     assert os.stat(daemon_proc.control_path).st_ino == inode, "the socket file was replaced"
-    reply = daemon_proc.control({"cmd": "publish", "type": "first.still.serves"})
+    reply = daemon_proc.control({"cmd": "publish", "type": "first.still.serves", "payload": None})
     assert reply["ok"] and reply["seq"] == 1
     assert aivad(daemon_proc, "status").returncode == 0
 

@@ -397,17 +397,17 @@ async def test_dlq_list_show_replay_purge_over_control(daemon: InProcessDaemon) 
             task_id = reply["task_id"]
             await worker.next_task()
             await worker.send("task.fail", task_id=task_id, error="nope")
-            while not (listed := await control(daemon.control_path, {"cmd": "dlq", "action": "list"}))["dead_letters"]:
+            while not (listed := await control(daemon.control_path, {"cmd": "dlq.list"}))["dead_letters"]:
                 await trio.sleep(0.02)
             (letter,) = listed["dead_letters"]
             assert letter["kind"] == "task" and "attempts used" in letter["reason"]
-            shown = (await control(daemon.control_path, {"cmd": "dlq", "action": "show", "id": letter["id"]}))
+            shown = (await control(daemon.control_path, {"cmd": "dlq.show", "id": letter["id"]}))
             attempts = shown["dead_letter"]["detail"]["attempts"]
             assert [a["outcome"] for a in attempts] == ["failed"] and attempts[0]["error"] == "nope"
             assert attempts[0]["worker"] and attempts[0]["started"] and attempts[0]["ended"]
-            refused = await control(daemon.control_path, {"cmd": "dlq", "action": "purge"})
+            refused = await control(daemon.control_path, {"cmd": "dlq.purge"})
             assert refused["ok"] is False and refused["error"]["code"] == "bad_request"
-            replayed = await control(daemon.control_path, {"cmd": "dlq", "action": "replay", "id": letter["id"]})
+            replayed = await control(daemon.control_path, {"cmd": "dlq.replay", "id": letter["id"]})
             assert replayed["replayed"] == [task_id]
             again = await worker.next_task()
             assert (again["task_id"], again["attempt"]) == (task_id, 1)  # a fresh attempt budget
@@ -415,14 +415,14 @@ async def test_dlq_list_show_replay_purge_over_control(daemon: InProcessDaemon) 
             status = {"cmd": "task", "task_id": task_id}
             while (await control(daemon.control_path, status))["task"]["state"] != "completed":
                 await trio.sleep(0.02)
-            assert (await control(daemon.control_path, {"cmd": "dlq", "action": "list"}))["dead_letters"] == []
-            gone = await control(daemon.control_path, {"cmd": "dlq", "action": "replay", "id": letter["id"]})
+            assert (await control(daemon.control_path, {"cmd": "dlq.list"}))["dead_letters"] == []
+            gone = await control(daemon.control_path, {"cmd": "dlq.replay", "id": letter["id"]})
             assert gone["error"]["code"] == "not_found"
             workers = (await control(daemon.control_path, {"cmd": "workers"}))["workers"]
             assert workers[0]["done"] == 1 and workers[0]["failed"] == 1 and workers[0]["types"] == ["dlq.t"]
             tasks = (await control(daemon.control_path, {"cmd": "tasks", "state": "completed"}))["tasks"]
             assert [t["task_id"] for t in tasks] == [task_id]
-            purged = await control(daemon.control_path, {"cmd": "dlq", "action": "purge", "confirm": True})
+            purged = await control(daemon.control_path, {"cmd": "dlq.purge", "yes": True})
             assert purged["purged"] == 0
 
 

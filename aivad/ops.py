@@ -1,0 +1,391 @@
+"""The operations every edge calls: a caller's identity and rights in, domain results out.
+
+DESIGN §3: "Authorization is decided in one place that every edge calls." Each
+edge — WebSocket ops, control and HTTP commands — parses its wire into a call
+here and turns the result, or the :class:`~aivad.protocol.OpError`, back into
+its wire. What is decided here, once for every edge: rights, draining, a
+connection's publish and dispatch rates, ingest counting, and the budgets of
+client reads. Nothing here knows a socket, a frame or an HTTP status.
+
+Batches: the WebSocket edge reads pipelined publishes (and dispatches) ahead and
+hands them over together, so they share one commit. :meth:`Operations.publish_many`
+decides each item on its own — a forbidden one fails alone — and submits the rest
+in one write; the edge awaits :meth:`Pending.wait` and answers each item.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from typing import Any, Literal, Protocol, TypeVar
+
+import attrs
+
+from .aggregator import Aggregator, CollectResult
+from .config import LimitsConfig, TasksConfig
+from .dispatcher import Dispatcher, TaskView, Worker, WorkerLink, WorkerView
+from .envelope import Envelope
+from .limits import TokenBucket
+from .protocol import OpError
+from .router import Resume, Router, Subscription
+from .stats import Ingest
+from .store import Appended, DeadLetter, History, Store, StoreClosed, Write
+from .tasks import TaskSpec
+
+__all__ = ["Caller", "Intake", "Operations", "Pending", "Quota", "Rights"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Rights(Protocol):
+    """What a caller may do (aivad.auth decides it from a token; DESIGN §4.8)."""
+
+    @property
+    def admin(self) -> bool: ...
+
+    def may_subscribe(self, pattern: str) -> bool: ...
+
+    def may_publish(self, topic: str) -> bool: ...
+
+    def may_dispatch(self, task_type: str) -> bool: ...
+
+    def may_work(self, task_type: str) -> bool: ...
+
+
+@attrs.frozen
+class Everything:
+    """The rights of a fully trusted caller: the control socket, or anyone when auth is not required."""
+
+    admin: bool = True
+
+    def may_subscribe(self, pattern: str) -> bool:
+        return True
+
+    def may_publish(self, topic: str) -> bool:
+        return True
+
+    def may_dispatch(self, task_type: str) -> bool:
+        return True
+
+    def may_work(self, task_type: str) -> bool:
+        return True
+
+
+class Quota:
+    """One connection's (or one HTTP peer's) publish and dispatch rates: token buckets from ``[limits]``."""
+
+    def __init__(self, cfg: LimitsConfig) -> None:
+        self.publish = TokenBucket(cfg.publish_rate_per_s, cfg.publish_burst)
+        self.dispatch = TokenBucket(cfg.dispatch_rate_per_s, cfg.dispatch_burst)
+
+
+@attrs.frozen
+class Caller:
+    """Who asks, through which edge.
+
+    ``sub`` is the token's subject (None: anonymous or the control socket);
+    ``ingress`` names the edge for the ingest counters (websocket, control, http);
+    ``peer`` says where from, for logs (an address, never a token); ``quota``
+    holds the connection's rates (None: not limited, the control socket).
+    """
+
+    rights: Rights
+    ingress: str
+    sub: str | None = None
+    peer: str = ""
+    quota: Quota | None = None
+
+
+class Intake:
+    """Whether the daemon takes new work: false once a drain has begun."""
+
+    def __init__(self) -> None:
+        self.open = True
+
+    def require_open(self) -> None:
+        if not self.open:
+            raise OpError("overloaded", "aivad is draining")
+
+
+def _short(text: str, limit: int = 64) -> str:
+    """A peer's string in an error message: never echoed whole."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _forbidden(what: str, name: str) -> OpError:
+    return OpError("forbidden", f"no {what} grant for {_short(name)}")
+
+
+def _refusal(caller: Caller, kind: Literal["publish", "dispatch"], name: str) -> OpError | None:
+    """Why ``caller`` may not publish to topic ``name`` (or dispatch task type ``name``) now, or None.
+
+    The rights come first: a forbidden request does not spend the connection's rate.
+    """
+    allowed = caller.rights.may_publish(name) if kind == "publish" else caller.rights.may_dispatch(name)
+    if not allowed:
+        return _forbidden(kind, name)
+    if caller.quota is not None and not getattr(caller.quota, kind).take():
+        return OpError("overloaded", f"{kind} rate limit of this connection reached: slow down")
+    return None
+
+
+def _sift(
+    items: Sequence[T], names: list[str], refusal: Callable[[str], OpError | None]
+) -> tuple[list[T], dict[int, OpError]]:
+    """The items that pass, and the refused ones by position (``names[i]`` is what item i is judged by)."""
+    allowed: list[T] = []
+    rejected: dict[int, OpError] = {}
+    for i, (item, name) in enumerate(zip(items, names, strict=True)):
+        error = refusal(name)
+        if error is None:
+            allowed.append(item)
+        else:
+            rejected[i] = error
+    return allowed, rejected
+
+
+class Pending:
+    """A batch submitted together: per item, an error decided before the write, or its result after the commit."""
+
+    def __init__(self, size: int, rejected: dict[int, OpError], write: Write | None) -> None:
+        self._size = size
+        self._rejected = rejected
+        self._write = write
+
+    async def wait(self) -> list[Any]:
+        """Each item's result, or the :class:`OpError` it failed with, in submission order."""
+        results: list[Any] = []
+        if self._write is not None:
+            try:
+                results = list(await self._write.wait())
+            except OpError as exc:  # the commit failed: every item of it did
+                results = [exc] * (self._size - len(self._rejected))
+        done = iter(results)
+        return [self._rejected[i] if i in self._rejected else next(done) for i in range(self._size)]
+
+
+class Operations:
+    """Every operation of every edge, with its checks. Built once by the composition root."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        router: Router,
+        dispatcher: Dispatcher,
+        aggregator: Aggregator,
+        ingest: Ingest,
+        intake: Intake,
+        limits: LimitsConfig,
+        tasks: TasksConfig,
+        status: Callable[[], dict[str, Any]],
+        drain: Callable[[str], None],
+        reload: Callable[[], Awaitable[dict[str, Any]]],
+    ) -> None:
+        self.store = store
+        self.router = router
+        self.dispatcher = dispatcher
+        self.aggregator = aggregator
+        self.ingest = ingest
+        self.intake = intake
+        self.limits = limits
+        self.tasks = tasks
+        self._status = status
+        self._drain = drain
+        self._reload = reload
+
+    def reconfigure(self, limits: LimitsConfig, tasks: TasksConfig) -> None:
+        self.limits = limits
+        self.tasks = tasks
+
+    # ---- messages ----------------------------------------------------------------------------
+
+    async def publish_many(self, caller: Caller, envelopes: Sequence[Envelope]) -> Pending:
+        """Store what ``caller`` may publish in one write; each item is decided on its own."""
+        submit = partial(self.store.submit_append, committed=self._counter(caller.ingress))
+        return await self._submit(caller, "publish", envelopes, [e.type for e in envelopes], submit)
+
+    async def _submit(
+        self,
+        caller: Caller,
+        kind: Literal["publish", "dispatch"],
+        items: Sequence[T],
+        names: list[str],
+        submit: Callable[[list[T]], Awaitable[Write]],
+    ) -> Pending:
+        """Sift ``items`` (rights and rate, by topic or task type in ``names``), submit the rest in one write."""
+        self.intake.require_open()
+        allowed, rejected = _sift(items, names, lambda name: _refusal(caller, kind, name))
+        if not allowed:
+            return Pending(len(items), rejected, None)
+        try:
+            write = await submit(allowed)
+        except StoreClosed:
+            raise OpError("overloaded", "aivad is draining") from None
+        return Pending(len(items), rejected, write)
+
+    async def publish(self, caller: Caller, env: Envelope) -> Appended:
+        (result,) = await (await self.publish_many(caller, [env])).wait()
+        if isinstance(result, OpError):
+            raise result
+        appended: Appended = result
+        return appended
+
+    def _counter(self, ingress: str) -> Callable[[Write], None]:
+        def count(write: Write) -> None:
+            self.ingest.count(ingress, len(write.messages))
+
+        return count
+
+    async def history(self, caller: Caller, pattern: str, after: int, limit: int) -> History:
+        """A page of stored messages matching ``pattern`` after ``after`` — within the client read budget."""
+        if not caller.rights.may_subscribe(pattern):
+            raise _forbidden("subscribe", pattern)
+        return await self.store.history(pattern, after, limit, client=True)
+
+    def subscribe(self, caller: Caller, pattern: str, since: int | None, epoch: str | None) -> Resume:
+        """Where a subscription of ``pattern`` starting now begins (its reply's fields), if allowed."""
+        if not caller.rights.may_subscribe(pattern):
+            raise _forbidden("subscribe", pattern)
+        return self.router.resume_point(since, epoch)
+
+    async def follow(self, sub: Subscription, resume: Resume) -> None:
+        """Replay what ``sub`` missed since its reply, then make it live (end it with :meth:`unsubscribe`)."""
+        await self.router.follow(sub, resume.replay_after)
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        self.router.remove(sub)
+
+    @staticmethod
+    def may_keep(caller: Caller, pattern: str) -> bool:
+        """Whether a subscription may go on after ``caller``'s rights changed (a token refresh)."""
+        return caller.rights.may_subscribe(pattern)
+
+    # ---- tasks ---------------------------------------------------------------------------------
+
+    async def dispatch_many(self, caller: Caller, specs: Sequence[TaskSpec]) -> Pending:
+        """Queue what ``caller`` may dispatch in one write; results are ``(task_id, duplicate)``."""
+        return await self._submit(caller, "dispatch", specs, [s.type for s in specs], self.dispatcher.submit_many)
+
+    async def dispatch(self, caller: Caller, spec: TaskSpec) -> tuple[str, bool]:
+        (result,) = await (await self.dispatch_many(caller, [spec])).wait()
+        if isinstance(result, OpError):
+            raise result
+        task_id, duplicate = result
+        return str(task_id), bool(duplicate)
+
+    async def request(self, caller: Caller, spec: TaskSpec, timeout_s: float) -> dict[str, Any]:
+        """Dispatch and wait for the result (request/response)."""
+        self.intake.require_open()
+        refusal = _refusal(caller, "dispatch", spec.type)
+        if refusal is not None:
+            raise refusal
+        return await self.aggregator.request(spec, timeout_s)
+
+    async def task(self, caller: Caller, task_id: str) -> TaskView:
+        """A task's state, attempts and result: ``not_found`` if unknown, ``forbidden`` if not its type's."""
+        view = await self.dispatcher.view(task_id)
+        if view is None:
+            raise OpError("not_found", "no such task")
+        if not caller.rights.may_dispatch(view.type):
+            raise _forbidden("dispatch", view.type)
+        return view
+
+    async def collect(
+        self,
+        caller: Caller,
+        task_ids: list[str] | None,
+        group_id: str | None,
+        timeout_s: float,
+        min_results: int | None,
+    ) -> CollectResult:
+        """Wait for results of many tasks, each of a type ``caller`` may dispatch."""
+        if not caller.rights.admin:
+            views = await self.dispatcher.views(task_ids) if task_ids is not None else await self.dispatcher.views(
+                group_id=group_id
+            )
+            for view in views:
+                if not caller.rights.may_dispatch(view.type):
+                    raise _forbidden("dispatch", view.type)
+        return await self.aggregator.collect(task_ids, group_id, timeout_s, min_results)
+
+    # ---- workers -------------------------------------------------------------------------------
+
+    def worker_hello(self, caller: Caller, link: WorkerLink, name: str, types: list[str], concurrency: int) -> Worker:
+        for task_type in types:
+            if not caller.rights.may_work(task_type):
+                raise _forbidden("work", task_type)
+        return self.dispatcher.add_worker(link, name, types, concurrency)
+
+    def worker_drain(self, worker: Worker) -> None:
+        self.dispatcher.drain_worker(worker)
+
+    def worker_gone(self, worker: Worker) -> None:
+        self.dispatcher.remove_worker(worker)
+
+    async def task_progress(self, worker: Worker, task_id: Any, progress: float, note: Any) -> None:
+        await self.dispatcher.progress(worker, task_id, progress, note)
+
+    def task_result(self, worker: Worker, task_id: Any, result: Any) -> None:
+        self.dispatcher.result(worker, task_id, result)
+
+    def task_fail(self, worker: Worker, task_id: Any, error: Any, retryable: bool) -> None:
+        self.dispatcher.fail(worker, task_id, error, retryable)
+
+    # ---- administration (control socket, HTTP API with the admin right) --------------------------
+
+    @staticmethod
+    def require_admin(caller: Caller) -> None:
+        if not caller.rights.admin:
+            raise OpError("forbidden", "this command needs the admin right")
+
+    def status(self, caller: Caller) -> dict[str, Any]:
+        self.require_admin(caller)
+        return self._status()
+
+    async def tasks_list(self, caller: Caller, state: str | None, limit: int) -> list[TaskView]:
+        self.require_admin(caller)
+        return await self.dispatcher.views(state=state, limit=limit)
+
+    def workers(self, caller: Caller) -> list[WorkerView]:
+        self.require_admin(caller)
+        return self.dispatcher.worker_views()
+
+    async def dead_letters(self, caller: Caller, kind: str | None, limit: int, after_id: int) -> list[DeadLetter]:
+        self.require_admin(caller)
+        return await self.store.dead_letters(kind, limit, after_id)
+
+    async def dead_letter(self, caller: Caller, letter_id: int) -> DeadLetter:
+        self.require_admin(caller)
+        letters = await self.store.dead_letters(None, 1, letter_id - 1)
+        if not letters or letters[0].id != letter_id:
+            raise OpError("not_found", f"no dead letter {letter_id}")
+        return letters[0]
+
+    async def replay(self, caller: Caller, letter_ids: list[int] | None) -> list[str]:
+        """Queue dead tasks again (None: every dead task); returns their task ids."""
+        self.require_admin(caller)
+        self.intake.require_open()
+        if letter_ids is not None:
+            return [await self.dispatcher.replay(letter_id) for letter_id in letter_ids]
+        replayed, after = [], 0
+        while letters := await self.store.dead_letters("task", 500, after):
+            for letter in letters:
+                replayed.append(await self.dispatcher.replay(letter.id))
+            after = letters[-1].id
+        return replayed
+
+    async def purge(self, caller: Caller) -> int:
+        self.require_admin(caller)
+        return await self.store.purge_dead_letters()
+
+    def drain(self, caller: Caller, why: str) -> None:
+        self.require_admin(caller)
+        self._drain(why)
+
+    async def reload(self, caller: Caller) -> dict[str, Any]:
+        self.require_admin(caller)
+        return await self._reload()
