@@ -90,7 +90,7 @@ import threading
 from collections.abc import Callable, Coroutine, Mapping
 from decimal import Decimal
 from functools import partial
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, Protocol, TypeVar
 
 import aiormq
 import aiormq.abc
@@ -148,6 +148,10 @@ _SKIP_HEADER_PREFIXES = ("x-death", "x-first-death-", "x-last-death-", "x-aivad-
 
 class AmqpLost(Exception):
     """The connection, a channel or the consumer went away (or the store failed a write); the supervisor reconnects."""
+
+
+#: how the bridge reports a handled fault (aivad.alerts.Alerts.alert: level, code, message)
+Alert = Callable[[Literal["info", "warning", "error"], str, str], None]
 
 
 class Counter(Protocol):
@@ -664,8 +668,9 @@ class AmqpBridge:
     """
 
     def __init__(self, cfg: AmqpConfig, store: Sink, ingest: Counter | None = None,
-                 dispatcher: TaskSink | None = None) -> None:
+                 dispatcher: TaskSink | None = None, alert: Alert | None = None) -> None:
         self._cfg = cfg
+        self._alert: Alert = alert or (lambda level, code, message: None)
         self._store = store
         self._ingest = ingest
         self._dispatcher = dispatcher
@@ -896,6 +901,8 @@ class AmqpBridge:
                     exc = exc.exceptions[0]
                 self._last_error = f"{type(exc).__name__}: {exc}"[:500]
                 log.warning("amqp: %s; reconnecting", self._last_error)
+                if self._reached_consuming or attempts == 1:
+                    self._alert("warning", "amqp_lost", f"RabbitMQ: {self._last_error}; reconnecting")
             if self._reached_consuming:  # the backoff starts over after a session that worked
                 delay = cfg.reconnect_initial_s
             sleep_s = random.uniform(delay / 2, delay)  # jitter
@@ -910,6 +917,8 @@ class AmqpBridge:
             await self._thread.call(self._aio_setup, session)
             self._session = session
             self._connected = True
+            if self._last_error is not None:
+                self._alert("info", "amqp_back", f"RabbitMQ: connected again to {_censor(self._cfg.url)}")
             self._last_error = None
             log.info("amqp: connected to %s", _censor(self._cfg.url))
             async with trio.open_nursery() as nursery:
@@ -1110,6 +1119,7 @@ class AmqpBridge:
         self._rejected += 1
         log.warning("amqp: dead-lettered a delivery from %s (routing key %r): %s", consumer.queue, routing_key,
                     reason)
+        self._alert("warning", "dead_letter", f"AMQP delivery from {consumer.queue} dead-lettered: {reason}")
 
     # ---- publish (trio side) ----------------------------------------------------
 
@@ -1299,6 +1309,7 @@ async def serve_amqp(
     ingest: Counter | None = None,
     dispatcher: TaskSink | None = None,
     faults: Faults | None = None,
+    alert: Alert | None = None,
     task_status: trio.TaskStatus[AmqpBridge] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Run the AMQP bridge until cancelled (DESIGN §4.5).
@@ -1320,7 +1331,7 @@ async def serve_amqp(
     serves on, ``statistics().stopped`` and /readyz say why. Without ``faults``
     (tests of the bridge alone) a bug propagates.
     """
-    bridge = AmqpBridge(cfg, store, ingest, dispatcher)
+    bridge = AmqpBridge(cfg, store, ingest, dispatcher, alert)
     await bridge._load_outbox()
     bridge._thread.start()
     if dispatcher is not None:

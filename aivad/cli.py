@@ -11,13 +11,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 from . import __version__
-from .config import ConfigError, default_control_socket, load_config
+from .config import HMAC_ALGORITHMS, ConfigError, default_control_socket, load_config
 
 __all__ = ["main"]
 
@@ -314,6 +316,9 @@ _EXAMPLES = {
     "dlq": "aivad dlq list\n  aivad dlq show 12\n  aivad dlq replay 12\n"
     "  aivad dlq replay --all\n  aivad dlq purge --yes",
     "reload": "aivad reload   # same as systemctl reload aivad (SIGHUP)",
+    "token": "aivad token --sub soc-frontend --subscribe 'incident.42.#' --ttl 8h --config /etc/aivad/config.toml\n"
+    "  aivad token --sub scanner-1 --publish 'scan.*' --work scan.run --secret-file ./hmac.secret\n"
+    "  aivad token --sub console --admin --ttl 30m --secret-file ./hmac.secret",
 }
 
 
@@ -334,12 +339,13 @@ def _parser() -> argparse.ArgumentParser:
             epilog="examples:\n  " + _EXAMPLES[name],
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        if name != "serve":
+        if name not in ("serve", "token"):
             sub.add_argument(
                 "--socket",
                 metavar="PATH",
                 help="control socket (default: from --config, else $AIVAD_SOCKET, else the daemon's default)",
             )
+        if name != "serve":
             sub.add_argument("--json", action="store_true", help="print JSON instead of text")
         sub.add_argument("--config", metavar="PATH", help="config file (TOML)")
         return sub
@@ -385,6 +391,18 @@ def _parser() -> argparse.ArgumentParser:
     dlq.add_argument("--limit", metavar="N", type=int, default=100)
     command("drain", "stop intake, close clients, exit 0")
     command("reload", "re-read the config file and apply what can change live")
+    token = command("token", "print a JWT for a client, signed with the HMAC secret (no daemon needed)")
+    token.add_argument("--sub", metavar="NAME", required=True, help="who the token is for (its sub claim)")
+    for right, what in (("subscribe", "subscribe to / read history of"), ("publish", "publish topics matching"),
+                        ("dispatch", "dispatch tasks of types matching"), ("work", "work on tasks of types matching")):
+        token.add_argument(f"--{right}", metavar="P", action="append", default=[], help=f"may {what} P (repeatable)")
+    token.add_argument("--admin", action="store_true", help="every right, and the admin commands")
+    token.add_argument("--ttl", default="1h", help="lifetime: 3600, 90s, 30m, 8h or 7d (default 1h)")
+    token.add_argument("--secret-file", metavar="F", help="HMAC secret (default: [auth] hmac_secret_file)")
+    token.add_argument("--algorithm", choices=list(HMAC_ALGORITHMS),
+                       help="default: the first HS* in [auth] algorithms, else HS256")
+    token.add_argument("--audience", metavar="A", help="aud claim (default: [auth] audience)")
+    token.add_argument("--issuer", metavar="I", help="iss claim (default: [auth] issuer, if set)")
     return parser
 
 
@@ -401,6 +419,61 @@ _RUNNERS: dict[str, Callable[[ControlClient, argparse.Namespace], None]] = {
     "drain": _simple("drain", lambda r: "draining"),
     "reload": _simple("reload", _reload_text),
 }
+
+
+_TTL = re.compile(r"([0-9]+)([smhd]?)")
+_TTL_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_TTL_S = 366 * 86400
+
+
+def parse_ttl(text: str) -> int:
+    """Seconds from ``3600``, ``90s``, ``30m``, ``8h`` or ``7d``. Raises UsageError."""
+    found = _TTL.fullmatch(text.strip())
+    seconds = int(found.group(1)) * _TTL_UNITS[found.group(2)] if found else 0
+    if not 0 < seconds <= MAX_TTL_S:
+        raise UsageError(f"--ttl {text!r}: give 1s..366d, e.g. 3600, 90s, 30m, 8h or 7d")
+    return seconds
+
+
+def _token(args: argparse.Namespace) -> None:
+    """Mint a token from the HMAC secret: the operator's way to give a client its rights."""
+    from .auth import Rights, mint_token, read_hmac_secret
+    from .envelope import BadMessage, check_pattern
+
+    auth = load_config(args.config).auth
+    algorithm = args.algorithm or next((a for a in auth.algorithms if a in HMAC_ALGORITHMS), "HS256")
+    if args.config and algorithm not in auth.algorithms:
+        raise UsageError(f"{algorithm} is not in [auth] algorithms of {args.config}: the daemon would refuse the token")
+    secret_file = args.secret_file or auth.hmac_secret_file
+    if not secret_file:
+        raise UsageError("no HMAC secret: give --secret-file, or --config with [auth] hmac_secret_file")
+    grants = {}
+    for right in ("subscribe", "publish", "dispatch", "work"):
+        try:
+            grants[right] = tuple(check_pattern(p) for p in getattr(args, right))
+        except BadMessage as exc:
+            raise UsageError(f"--{right}: {exc}") from None
+    ttl_s = parse_ttl(args.ttl)
+    secret = read_hmac_secret(secret_file, "--secret-file" if args.secret_file else "auth.hmac_secret_file")
+    issued = time.time()
+    try:
+        token = mint_token(
+            secret,
+            sub=args.sub,
+            rights=Rights(**grants, admin=args.admin),
+            ttl_s=ttl_s,
+            audience=args.audience or auth.audience,
+            issuer=auth.issuer if args.issuer is None else args.issuer,
+            algorithm=algorithm,
+            now=issued,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(issued) + ttl_s))
+        print(json.dumps({"token": token, "sub": args.sub, "expires_at": expires}))
+    else:
+        print(token)
 
 
 def _socket_path(args: argparse.Namespace) -> str:
@@ -429,6 +502,12 @@ def main(argv: list[str] | None = None) -> NoReturn:
             print("config ok")
             sys.exit(EXIT_OK)
         sys.exit(serve(args.config, args.log_format))
+    if args.command == "token":
+        try:
+            _token(args)
+        except (UsageError, ConfigError) as exc:
+            _fail(EXIT_USAGE, f"token: {exc}")
+        sys.exit(EXIT_OK)
     try:
         client = ControlClient(_socket_path(args))
     except ConfigError as exc:

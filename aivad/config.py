@@ -17,7 +17,7 @@ from typing import Any, Literal
 import attrs
 import cattrs
 
-__all__ = ["Config", "ConfigError", "load_config", "parse_config"]
+__all__ = ["AuthConfig", "Config", "ConfigError", "load_config", "parse_config"]
 
 
 class ConfigError(Exception):
@@ -104,6 +104,15 @@ class LimitsConfig:
 
 
 @attrs.frozen
+class SystemConfig:
+    """The daemon's own events: system.health_check and system.alert (DESIGN §2)."""
+
+    health_interval_s: float = _positive(30.0)
+    alert_interval_s: float = _field(10.0, lambda v: v >= 0, "must be >= 0 (0 = no rate limit)")
+    alert_queue: int = _at_least(100, 1)
+
+
+@attrs.frozen
 class ShutdownConfig:
     grace_s: float = _positive(10.0)
 
@@ -179,6 +188,48 @@ class TasksConfig:
     max_collect_ids: int = _at_least(10_000, 1)
 
 
+#: DESIGN §4.8: what ``[auth] algorithms`` may list (never ``none``); HS* use the HMAC secret, the rest the public key
+HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
+PUBLIC_KEY_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+
+
+def _algorithm_list(v: list[str]) -> bool:
+    allowed = HMAC_ALGORITHMS + PUBLIC_KEY_ALGORITHMS
+    return 0 < len(v) == len(set(v)) and all(a in allowed for a in v)
+
+
+@attrs.frozen
+class AuthConfig:
+    """DESIGN §4.8: JWT authentication. aivad/auth.py reads the key files; docs/security.md explains."""
+
+    required: bool = False
+    algorithms: list[str] = attrs.field(
+        factory=lambda: ["HS256"],
+        metadata={"check": (_algorithm_list, "must be a non-empty list of distinct names from "
+                            + ", ".join(HMAC_ALGORITHMS + PUBLIC_KEY_ALGORITHMS))},
+    )
+    hmac_secret_file: str = ""
+    public_key_file: str = ""
+    audience: str = _name("aivad")
+    issuer: str = _field("", lambda v: len(v) <= 255, "must be at most 255 characters")
+    leeway_s: float = _field(5.0, lambda v: 0 <= v <= 300, "must be 0..300")
+    auth_timeout_s: float = _positive(10.0)
+    allow_anonymous_remote: bool = False
+
+    def problems(self) -> list[str]:
+        """Problems that involve several keys: a key file for the algorithms listed, and no key file unused."""
+        hmac = [a for a in self.algorithms if a in HMAC_ALGORITHMS]
+        public = [a for a in self.algorithms if a in PUBLIC_KEY_ALGORITHMS]
+        found = []
+        files = (("hmac_secret_file", hmac, "HS*"), ("public_key_file", public, "RS*/PS*/ES*/EdDSA"))
+        for key, needed_by, family in files:
+            if getattr(self, key) and not needed_by:
+                found.append(f"{key}: set, but algorithms lists no {family} algorithm")
+            elif self.required and needed_by and not getattr(self, key):
+                found.append(f"{key}: must be set when required = true and algorithms lists {needed_by[0]}")
+        return found
+
+
 @attrs.frozen
 class Config:
     websocket: WebSocketConfig = attrs.field(factory=WebSocketConfig)
@@ -191,6 +242,8 @@ class Config:
     redis: RedisConfig = attrs.field(factory=RedisConfig)
     tasks: TasksConfig = attrs.field(factory=TasksConfig)
     limits: LimitsConfig = attrs.field(factory=LimitsConfig)
+    system: SystemConfig = attrs.field(factory=SystemConfig)
+    auth: AuthConfig = attrs.field(factory=AuthConfig)
 
 
 def _strict(kind: type, accepts: tuple[type, ...]) -> Callable[[Any, type], Any]:
@@ -209,6 +262,16 @@ _converter.register_structure_hook(int, _strict(int, (int,)))
 _converter.register_structure_hook(float, _strict(float, (int, float)))
 _converter.register_structure_hook(str, _strict(str, (str,)))
 _converter.register_structure_hook(bool, _strict(bool, (bool,)))
+
+
+def _str_list(value: Any, _: type) -> list[str]:
+    """A list of strings, never a string taken apart into characters."""
+    if not isinstance(value, list):
+        raise TypeError(f"expected list, got {type(value).__name__}")
+    return [_converter.structure(item, str) for item in value]
+
+
+_converter.register_structure_hook_func(lambda t: t == list[str], _str_list)
 
 
 def _format(exc: BaseException, type_: Any) -> str:
@@ -231,6 +294,8 @@ def _value_problems(node: Any, path: str) -> list[str]:
         check, problem = field.metadata.get("check", (None, ""))
         if check is not None and not check(value):
             problems.append(f"{here}: {problem}, got {value!r}")
+    if not problems and hasattr(node, "problems"):  # checks across keys, once each key is valid
+        problems += [f"{path}.{line}" for line in node.problems()]
     return problems
 
 

@@ -25,10 +25,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from . import __version__, control
 from .aggregator import Aggregator, serve_aggregator
+from .alerts import Alerts, serve_system_events
 from .amqp import AmqpBridge, serve_amqp
-from .boundary import Faults
+from .boundary import Faults, describe
 from .config import Config, ConfigError, load_config
-from .dispatcher import Dispatcher, serve_dispatcher
+from .dispatcher import Dispatcher, TaskView, serve_dispatcher
 from .http import serve_http
 from .logs import set_level
 from .metrics import LoopLag, MetricsRenderer, serve_loop_lag
@@ -54,6 +55,7 @@ LIVE_KEYS: dict[str, frozenset[str]] = {
     "log": frozenset({"level"}),
     "shutdown": frozenset({"grace_s"}),
     "store": frozenset({"retention_max_messages", "retention_max_age_s", "retention_interval_s"}),
+    "system": frozenset({"alert_interval_s"}),
     "tasks": frozenset({"default_strategy", "strategies", "aging_s"}),
     "amqp": frozenset({"prefetch"}),
     "limits": frozenset({"publish_rate_per_s", "publish_burst", "dispatch_rate_per_s", "dispatch_burst"}),
@@ -102,6 +104,10 @@ class Daemon:
         self.started_at = time.time()
         self.ingest = Ingest()
         self.faults = Faults()
+        self.alerts = Alerts(cfg.system)
+        self.faults.on_fault(
+            lambda kind, what, exc: self.alerts.alert("error", "unit_failed", f"{kind} ({what}): {describe(exc)}")
+        )
         self.store: Store
         self.router: Router
         self.websocket: WebSocketService
@@ -194,10 +200,49 @@ class Daemon:
         self.dispatcher.cfg = self.aggregator.cfg = self.cfg.tasks
         self.store.reconfigure(self.cfg.store)
         set_level(self.cfg.log.level)
+        self.alerts.reconfigure(self.cfg.system)
         if needs_restart:
             log.warning("reload: these keys change only after a restart: %s", ", ".join(needs_restart))
         log.info("reload applied: %s", ", ".join(applied) or "nothing changed")
         return ReloadOutcome(applied, needs_restart)
+
+    def store_alert(self, why: str | None) -> None:
+        if why is None:
+            self.alerts.alert("info", "store_recovered", "the store commits again")
+        else:
+            self.alerts.alert("error", "store_failed", f"the store cannot commit: {why}")
+
+    def dead_letter_alert(self, view: TaskView) -> None:
+        if view.state == "dead":
+            self.alerts.alert(
+                "warning", "dead_letter", f"task {view.task_id} ({view.type[:100]}) dead after {view.attempts} attempts"
+            )
+
+    def health_summary(self) -> dict[str, Any]:
+        """The payload of ``system.health_check``: a short form of ``status``."""
+        ws = self.websocket.statistics()
+        store = self.store.statistics()
+        ingest = self.ingest.statistics()
+        tasks = self.dispatcher.statistics()
+        summary: dict[str, Any] = {
+            "uptime_s": round(self.uptime_s(), 1),
+            "ready": not self.readiness(),
+            "not_ready_because": self.readiness(),
+            "connections": ws.connections,
+            "subscriptions": ws.subscriptions,
+            "rate_10s": round(ingest.rate_10s, 2),
+            "rate_60s": round(ingest.rate_60s, 2),
+            "last_seq": store.last_seq,
+            "store_write_queue": store.write_queue_depth,
+            "tasks_queued": tasks.tasks_by_state.get("queued", 0),
+            "tasks_running": tasks.tasks_by_state.get("running", 0) + tasks.tasks_by_state.get("dispatched", 0),
+            "workers": tasks.workers,
+            "faults": sum(self.faults.statistics().by_kind.values()),
+        }
+        if self.amqp is not None:
+            amqp = self.amqp.statistics()
+            summary["amqp"] = {"connected": amqp.connected, "consuming": amqp.consuming, "outbox": amqp.outbox_depth}
+        return summary
 
     def summary(self) -> str:
         ws = self.websocket.statistics()
@@ -290,14 +335,17 @@ async def run_daemon(
         if handle_signals:
             await root.start(_watch_signals, daemon, root.cancel_scope)
         daemon.store = await root.start(serve_store, cfg.store)
+        daemon.store.on_failure(daemon.store_alert)
         daemon.router = Router(daemon.store, cfg.websocket.replay_batch)
         daemon.dispatcher = await root.start(serve_dispatcher, cfg.tasks, daemon.store, daemon.faults)
         daemon.aggregator = await root.start(
             serve_aggregator, cfg.tasks, daemon.dispatcher, daemon.store, daemon.faults
         )
+        daemon.dispatcher.on_end.append(daemon.dead_letter_alert)
         if cfg.amqp.enabled:  # started() at once: readiness of the embedded path does not wait on the broker
             daemon.amqp = await root.start(partial(serve_amqp, cfg.amqp, daemon.store, ingest=daemon.ingest,
-                                                   dispatcher=daemon.dispatcher, faults=daemon.faults))
+                                                   dispatcher=daemon.dispatcher, faults=daemon.faults,
+                                                   alert=daemon.alerts.alert))
             daemon.store.on_commit(daemon.amqp.forward_committed)  # task.*, group.*, system.* → events exchange
         daemon.ops = Operations(
             store=daemon.store,
@@ -312,9 +360,11 @@ async def run_daemon(
             drain=daemon.request_drain,
             reload=daemon.reload_command,
         )
-        daemon.websocket = await root.start(serve_websocket, cfg.websocket, daemon.ops, daemon.faults)
+        slow_consumer = daemon.alerts.listener("warning", "slow_consumer")
+        daemon.websocket = await root.start(serve_websocket, cfg.websocket, daemon.ops, daemon.faults, slow_consumer)
         daemon.control = await root.start(control.serve_control, cfg.control, daemon.ops, daemon.faults)
         await root.start(serve_loop_lag, daemon.loop_lag)
+        await root.start(serve_system_events, cfg.system, daemon.alerts, daemon.store, daemon.health_summary)
         await root.start(_serve_status, daemon)
         http_port = None
         if cfg.http.enabled:

@@ -328,7 +328,7 @@ class Dispatcher:
         for task_type in types:
             self._by_type.setdefault(task_type, []).append(worker)
             self._rings.pop(task_type, None)
-        log.info("worker %s joined: %s × %d", worker.name, ", ".join(types), concurrency)
+        log.info("worker %s joined: %.200s × %d", worker.name, ", ".join(types), concurrency)
         self._wake.set()
         return worker
 
@@ -481,7 +481,7 @@ class Dispatcher:
         attempt = worker.in_flight.get(task_id) if isinstance(task_id, str) else None
         if attempt is None or attempt.outcome is not None:
             log.warning(
-                "ignoring a report for task %r from worker %s: no attempt of it is in flight there",
+                "ignoring a report for task %.64r from worker %s: no attempt of it is in flight there",
                 task_id,
                 worker.name,
             )

@@ -84,6 +84,19 @@ class _DaemonCollector(Collector):
         yield tasks
         dispatcher = d.dispatcher.statistics()
         yield GaugeMetricFamily("aivad_workers", "Connected workers.", value=dispatcher.workers)
+        yield from _by_label("aivad_units_failed", "Units of work ended by their error boundary, by kind.", "kind",
+                             d.faults.statistics().by_kind)
+        alerts = d.alerts.statistics()
+        yield from _by_label("aivad_alerts", "system.alert raised, by code (before the rate limit).", "code",
+                             alerts.raised)
+        yield CounterMetricFamily("aivad_alerts_dropped", "system.alert not stored: queue full or store failing.",
+                                  value=alerts.dropped)
+        yield from _by_label("aivad_connections_refused", "Connections refused before the handshake, by why.",
+                             "reason", ws.refused)
+        yield from _by_label("aivad_requests_refused", "Requests refused by a rule of the operations layer, by why.",
+                             "reason", d.ops.statistics().refused)
+        yield CounterMetricFamily("aivad_store_failed_commits", "Commits that failed (disk full, I/O error).",
+                                  value=store.failed_commits)
         yield CounterMetricFamily("aivad_task_retries", "Attempts that ended in a retry.", value=dispatcher.retries)
         yield CounterMetricFamily("aivad_dead_letters", "Tasks dead-lettered.", value=dispatcher.dead_lettered)
         yield from d.extra_metrics()
@@ -91,6 +104,14 @@ class _DaemonCollector(Collector):
             "aivad_event_loop_lag_seconds", "Lateness of the last 0.5 s loop tick.", value=d.loop_lag.last_s
         )
         yield GaugeMetricFamily("aivad_uptime_seconds", "Seconds since start.", value=d.uptime_s())
+
+
+def _by_label(name: str, documentation: str, label: str, counts: dict[str, int]) -> Iterator[Metric]:
+    """A counter family with one series per key of ``counts`` (keys are a small, fixed set)."""
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for key, count in sorted(counts.items()):
+        family.add_metric([key], count)
+    yield family
 
 
 class MetricsRenderer:

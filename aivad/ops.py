@@ -16,6 +16,7 @@ in one write; the edge awaits :meth:`Pending.wait` and answers each item.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any, Literal, Protocol, TypeVar
@@ -115,23 +116,6 @@ def _short(text: str, limit: int = 64) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _forbidden(what: str, name: str) -> OpError:
-    return OpError("forbidden", f"no {what} grant for {_short(name)}")
-
-
-def _refusal(caller: Caller, kind: Literal["publish", "dispatch"], name: str) -> OpError | None:
-    """Why ``caller`` may not publish to topic ``name`` (or dispatch task type ``name``) now, or None.
-
-    The rights come first: a forbidden request does not spend the connection's rate.
-    """
-    allowed = caller.rights.may_publish(name) if kind == "publish" else caller.rights.may_dispatch(name)
-    if not allowed:
-        return _forbidden(kind, name)
-    if caller.quota is not None and not getattr(caller.quota, kind).take():
-        return OpError("overloaded", f"{kind} rate limit of this connection reached: slow down")
-    return None
-
-
 def _sift(
     items: Sequence[T], names: list[str], refusal: Callable[[str], OpError | None]
 ) -> tuple[list[T], dict[int, OpError]]:
@@ -145,6 +129,12 @@ def _sift(
         else:
             rejected[i] = error
     return allowed, rejected
+
+
+@attrs.frozen
+class OperationsStatistics:
+    #: requests refused by a rule of this layer, by why: forbidden, publish_rate, dispatch_rate
+    refused: dict[str, int]
 
 
 class Pending:
@@ -196,10 +186,31 @@ class Operations:
         self._status = status
         self._drain = drain
         self._reload = reload
+        self._refused: Counter[str] = Counter()
 
     def reconfigure(self, limits: LimitsConfig, tasks: TasksConfig) -> None:
         self.limits = limits
         self.tasks = tasks
+
+    def statistics(self) -> OperationsStatistics:
+        return OperationsStatistics(dict(self._refused))
+
+    def _forbidden(self, what: str, name: str) -> OpError:
+        self._refused["forbidden"] += 1
+        return OpError("forbidden", f"no {what} grant for {_short(name)}")
+
+    def _refusal(self, caller: Caller, kind: Literal["publish", "dispatch"], name: str) -> OpError | None:
+        """Why ``caller`` may not publish to topic ``name`` (or dispatch task type ``name``) now, or None.
+
+        The rights come first: a forbidden request does not spend the connection's rate.
+        """
+        allowed = caller.rights.may_publish(name) if kind == "publish" else caller.rights.may_dispatch(name)
+        if not allowed:
+            return self._forbidden(kind, name)
+        if caller.quota is not None and not getattr(caller.quota, kind).take():
+            self._refused[f"{kind}_rate"] += 1
+            return OpError("overloaded", f"{kind} rate limit of this connection reached: slow down")
+        return None
 
     # ---- messages ----------------------------------------------------------------------------
 
@@ -218,7 +229,7 @@ class Operations:
     ) -> Pending:
         """Sift ``items`` (rights and rate, by topic or task type in ``names``), submit the rest in one write."""
         self.intake.require_open()
-        allowed, rejected = _sift(items, names, lambda name: _refusal(caller, kind, name))
+        allowed, rejected = _sift(items, names, lambda name: self._refusal(caller, kind, name))
         if not allowed:
             return Pending(len(items), rejected, None)
         try:
@@ -243,13 +254,13 @@ class Operations:
     async def history(self, caller: Caller, pattern: str, after: int, limit: int) -> History:
         """A page of stored messages matching ``pattern`` after ``after`` — within the client read budget."""
         if not caller.rights.may_subscribe(pattern):
-            raise _forbidden("subscribe", pattern)
+            raise self._forbidden("subscribe", pattern)
         return await self.store.history(pattern, after, limit, client=True)
 
     def subscribe(self, caller: Caller, pattern: str, since: int | None, epoch: str | None) -> Resume:
         """Where a subscription of ``pattern`` starting now begins (its reply's fields), if allowed."""
         if not caller.rights.may_subscribe(pattern):
-            raise _forbidden("subscribe", pattern)
+            raise self._forbidden("subscribe", pattern)
         return self.router.resume_point(since, epoch)
 
     async def follow(self, sub: Subscription, resume: Resume) -> None:
@@ -280,7 +291,7 @@ class Operations:
     async def request(self, caller: Caller, spec: TaskSpec, timeout_s: float) -> dict[str, Any]:
         """Dispatch and wait for the result (request/response)."""
         self.intake.require_open()
-        refusal = _refusal(caller, "dispatch", spec.type)
+        refusal = self._refusal(caller, "dispatch", spec.type)
         if refusal is not None:
             raise refusal
         return await self.aggregator.request(spec, timeout_s)
@@ -291,7 +302,7 @@ class Operations:
         if view is None:
             raise OpError("not_found", "no such task")
         if not caller.rights.may_dispatch(view.type):
-            raise _forbidden("dispatch", view.type)
+            raise self._forbidden("dispatch", view.type)
         return view
 
     async def collect(
@@ -309,7 +320,7 @@ class Operations:
             )
             for view in views:
                 if not caller.rights.may_dispatch(view.type):
-                    raise _forbidden("dispatch", view.type)
+                    raise self._forbidden("dispatch", view.type)
         return await self.aggregator.collect(task_ids, group_id, timeout_s, min_results)
 
     # ---- workers -------------------------------------------------------------------------------
@@ -317,7 +328,7 @@ class Operations:
     def worker_hello(self, caller: Caller, link: WorkerLink, name: str, types: list[str], concurrency: int) -> Worker:
         for task_type in types:
             if not caller.rights.may_work(task_type):
-                raise _forbidden("work", task_type)
+                raise self._forbidden("work", task_type)
         return self.dispatcher.add_worker(link, name, types, concurrency)
 
     def worker_drain(self, worker: Worker) -> None:
@@ -337,9 +348,9 @@ class Operations:
 
     # ---- administration (control socket, HTTP API with the admin right) --------------------------
 
-    @staticmethod
-    def require_admin(caller: Caller) -> None:
+    def require_admin(self, caller: Caller) -> None:
         if not caller.rights.admin:
+            self._refused["forbidden"] += 1
             raise OpError("forbidden", "this command needs the admin right")
 
     def status(self, caller: Caller) -> dict[str, Any]:

@@ -163,6 +163,7 @@ class Connection:
             self._slow = True
             self.service.slow_consumer_closes += 1
             log.warning("closing %s: slow consumer (%s)", self.ws.remote, why)
+            self.service.on_slow_consumer(f"closed {self.ws.remote} with 4008: {why}")
             for sub in self.subscriptions.values():
                 self.service.ops.unsubscribe(sub)
 
@@ -333,9 +334,12 @@ class Connection:
 class WebSocketService:
     """The running server: its connections, its op table, drain and reconfigure."""
 
-    def __init__(self, cfg: WebSocketConfig, ops: Operations, faults: Faults) -> None:
+    def __init__(
+        self, cfg: WebSocketConfig, ops: Operations, faults: Faults, on_slow_consumer: Callable[[str], None]
+    ) -> None:
         self.cfg = cfg
         self.ops = ops
+        self.on_slow_consumer = on_slow_consumer
         self.connections: set[Connection] = set()
         self.port = 0
         self.draining = False
@@ -412,6 +416,7 @@ class WebSocketService:
             finally:
                 with trio.move_on_after(cfg.close_timeout_s):
                     await connection.aclose()
+                await trio.aclose_forcefully(stream)  # closed even when cancelled (the daemon stops)
 
     async def _accept(self, request: WebSocketRequest) -> None:
         """The handshake request is complete: accept it, then serve the connection until it ends."""
@@ -611,6 +616,7 @@ async def serve_websocket(
     cfg: WebSocketConfig,
     ops: Operations,
     faults: Faults,
+    on_slow_consumer: Callable[[str], None],
     *,
     task_status: trio.TaskStatus[WebSocketService] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
@@ -621,7 +627,7 @@ async def serve_websocket(
     listener is gone. Error handling: a failing op is answered with an error
     frame; a broken connection ends only its own nursery.
     """
-    service = WebSocketService(cfg, ops, faults)
+    service = WebSocketService(cfg, ops, faults, on_slow_consumer)
     async with trio.open_nursery() as handlers:
         # under socket activation systemd has bound the port (systemd/aivad.socket); else bind it here
         inherited = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in listen_fds()]

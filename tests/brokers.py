@@ -273,11 +273,18 @@ class RabbitMQ:
 
 
 class Redis:
-    """A redis-server of our own: ``url``, ``port``, ``stop()``."""
+    """A redis-server of our own: ``url``, ``port``, ``stop()``, ``stop_server()``, ``restart()``.
 
-    def __init__(self, base: Path | None = None) -> None:
+    ``appendonly=True`` keeps the data across ``restart()`` (an AOF in ``base``,
+    fsync as ``appendfsync`` says); without it a restart loses everything, as a
+    Redis without persistence does.
+    """
+
+    def __init__(self, base: Path | None = None, *, appendonly: bool = False, appendfsync: str = "everysec") -> None:
         self.base = Path(base) if base else Path(tempfile.mkdtemp(prefix="aivad-redis-"))
         self.port = free_port()
+        self.appendonly = appendonly
+        self.appendfsync = appendfsync
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -293,7 +300,8 @@ class Redis:
         try:
             self._proc = subprocess.Popen(
                 ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-                 "--appendonly", "no", "--daemonize", "no", "--dir", str(self.base)],
+                 "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", self.appendfsync,
+                 "--daemonize", "no", "--dir", str(self.base)],
                 cwd=self.base,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -310,17 +318,28 @@ class Redis:
                 if res.stdout.strip() == b"PONG":
                     break
                 if time.monotonic() > deadline:
-                    raise TimeoutError("redis-server does not answer PING")
+                    raise TimeoutError(f"redis-server does not answer PING: {res.stdout.strip()!r}")
                 time.sleep(0.05)
         except BaseException:
-            self.stop()
+            self.stop_server()  # keep base: a failed restart must not delete the data
             raise
         return self
 
-    def stop(self, remove: bool = True) -> None:
+    def stop_server(self) -> None:
+        """Stop the server only (SIGTERM: with appendonly the AOF is flushed); ``base`` stays."""
         if self._proc is not None:
             _stop_pid(self._proc, 10)
             self._proc = None
+
+    def restart(self, down_s: float = 0.0) -> None:
+        """Stop and start again on the same port and data directory."""
+        self.stop_server()
+        if down_s:
+            time.sleep(down_s)
+        self.start()
+
+    def stop(self, remove: bool = True) -> None:
+        self.stop_server()
         if remove:
             shutil.rmtree(self.base, ignore_errors=True)
 

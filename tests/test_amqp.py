@@ -328,6 +328,7 @@ async def test_own_events_published_with_confirms_and_not_reingested(rabbitmq: R
         for env in events:
             await bridge.publish_event(env)
         await wait_until(lambda: bridge.statistics().skipped_own == 20, 10, "own events looped back")
+        await wait_until(lambda: bridge.statistics().published == 20, 10, "every confirm processed")
         got = await trio.to_thread.run_sync(get_all, rabbitmq.url, side)
         assert [p.message_id for p, _ in got] == [e.message_id for e in events]  # in order
         assert all(p.headers[ORIGIN_HEADER] == cfg.node_id for p, _ in got)

@@ -392,6 +392,37 @@ async def test_subscription_resumes_after_daemon_restart(tmp_dir: Path) -> None:
     assert stats.gaps == 0
 
 
+async def test_a_subscription_on_a_new_history_starts_at_its_oldest_message(tmp_dir: Path) -> None:
+    """The daemon comes back with another store (a new epoch): seqs start over there. The
+    subscription reports it (a Gap with no ends), keeps the new epoch, and delivers the new
+    history from its first message instead of skipping every seq it had already seen."""
+    got: list[Envelope] = []
+    gaps: list[Gap] = []
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            d, scope = await daemon_in_scope(nursery, tmp_dir)
+            async with aivad.client.connect(d.ws_url, options=FAST) as client, client.subscribe(
+                "t.#", on_gap=gaps.append
+            ) as sub:
+                for i in range(5):
+                    await client.publish("t.a", i)
+                await collect(sub, 5, got)
+                first_epoch = sub.epoch
+                scope.cancel()
+                await trio.sleep(0.1)
+                for suffix in ("", "-wal", "-shm"):  # the history is lost
+                    (tmp_dir / f"aivad.db{suffix}").unlink(missing_ok=True)
+                await daemon_in_scope(nursery, tmp_dir, websocket={"port": d.endpoints.ws_port})
+                for i in range(5, 8):
+                    await client.publish("t.a", i)
+                await collect(sub, 8, got)
+            nursery.cancel_scope.cancel()
+    assert [e.payload for e in got] == list(range(8))
+    assert [e.seq for e in got[5:]] == [1, 2, 3]
+    assert gaps == [Gap(None, None)]
+    assert first_epoch is not None and sub.epoch is not None and sub.epoch != first_epoch
+
+
 async def test_slow_consumer_4008_resumes(tmp_dir: Path) -> None:
     """A subscriber that stops reading is closed with 4008 by the daemon and resumes without loss."""
     n = 400

@@ -153,10 +153,15 @@ class BlockingClient:
         return result
 
     def subscribe(
-        self, pattern: str, since: int | None = None, *, on_gap: Callable[[Gap], None] | None = None
+        self,
+        pattern: str,
+        since: int | None = None,
+        *,
+        epoch: str | None = None,
+        on_gap: Callable[[Gap], None] | None = None,
     ) -> BlockingSubscription:
         """A subscription; enter it (``with``) to be sure it is active before publishing."""
-        sub: Subscription = self._run(self.client.subscribe, pattern, since, on_gap=on_gap)
+        sub: Subscription = self._run(self.client.subscribe, pattern, since, epoch=epoch, on_gap=on_gap)
         assert self._portal is not None
         return BlockingSubscription(self._portal, sub)
 

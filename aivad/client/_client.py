@@ -359,19 +359,23 @@ class Client:
         pattern: str,
         since: int | None = None,
         *,
+        epoch: str | None = None,
         on_gap: Callable[[Gap], None] | None = None,
     ) -> Subscription:
         """A resuming subscription to ``pattern``; use ``async with`` and ``async for``.
 
         ``since``: replay stored messages with ``seq > since`` first (None: only
-        messages stored after the subscription starts). ``on_gap`` is called
-        (synchronously, in the iterating task) when the daemon reports that
-        retention dropped part of what a (re)subscribe asked for.
+        messages stored after the subscription starts). ``epoch``: the history
+        ``since`` was taken from (``Subscription.epoch`` of an earlier one); when
+        the daemon's history is another, the replay starts at its oldest message.
+        ``on_gap`` is called (synchronously, in the iterating task) when the
+        daemon reports that retention dropped part of what a (re)subscribe asked
+        for, or that the history is not the one ``since`` came from.
         See :class:`~aivad.client.Subscription`.
         """
         from aivad.client._subscription import Subscription
 
-        return Subscription(self, pattern, since, on_gap)
+        return Subscription(self, pattern, since, on_gap, epoch)
 
     async def dispatch(
         self,

@@ -105,7 +105,10 @@ class Published:
 class Gap:
     """Seqs a resumed subscription can no longer replay (retention dropped them).
 
-    Inclusive range; a front end that sees one should reload its view.
+    Inclusive range; a front end that sees one should reload its view. Both
+    ends are None when the daemon's history is another than the one the resume
+    point came from (its ``epoch`` changed): everything from its oldest message
+    is then delivered, and what was shown before may not exist any more.
     """
 
     first: int | None

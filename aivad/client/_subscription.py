@@ -85,6 +85,7 @@ class Subscription:
         pattern: str,
         since: int | None = None,
         on_gap: Callable[[Gap], None] | None = None,
+        epoch: str | None = None,
     ) -> None:
         self.pattern = check_pattern(pattern)
         if since is not None and (not isinstance(since, int) or since < 0):
@@ -94,6 +95,8 @@ class Subscription:
         self._floor = since
         self._on_gap = on_gap
         self.gap: Gap | None = None
+        #: the history ``last_seq`` belongs to (DESIGN §4.3); sent back with every resume
+        self.epoch = epoch
         self._conn: WebSocketConnection | None = None
         self._subscribed = False
         self._sub_ref: int | None = None
@@ -227,6 +230,8 @@ class Subscription:
         frame: dict[str, Any] = {"op": "subscribe", "ref": self._sub_ref, "pattern": self.pattern}
         if self._floor is not None:
             frame["since"] = self._floor
+        if self.epoch is not None:
+            frame["epoch"] = self.epoch
         try:
             await conn.send(encode_frame(frame, None))
         except WebSocketClosed as exc:
@@ -246,13 +251,18 @@ class Subscription:
         last_seq = frame.get("last_seq")
         if self._floor is None and isinstance(last_seq, int):
             self._floor = last_seq
+        if isinstance(frame.get("epoch"), str):
+            self.epoch = frame["epoch"]
         log.debug("subscription %r: subscribed after seq %s", self.pattern, self._floor)
         if frame.get("recovered") is False:
             raw = frame.get("gap")
             if isinstance(raw, list) and len(raw) == 2 and all(isinstance(x, int) for x in raw):
                 gap = Gap(raw[0], raw[1])
             else:
+                # another history (epoch changed, or our seq is beyond its newest): the replay
+                # starts at its oldest message, and every seq of it is new to us
                 gap = Gap(None, None)
+                self._floor = 0
             self.gap = gap
             self._gaps += 1
             log.warning(
