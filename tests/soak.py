@@ -163,7 +163,9 @@ class Soak:
         # the stalled peers never close: the daemon must close them itself (their subscriptions
         # overflow with the steady publisher's traffic), leaving the publisher alone
         if "never-reading-peers" not in self.avoid:
-            await wait_connections(self.daemon, 1)
+            await wait_connections(self.daemon, 1, why=(
+                f" (besides the publisher, the {len(self.open)} peers that subscribed to soak.# and never read:"
+                " the daemon must close them as slow consumers, 4008)"))
         for client in list(self.open):
             client.reset()
         self.open.clear()
@@ -356,20 +358,23 @@ async def control(daemon: DaemonProcess, request: dict[str, Any]) -> dict[str, A
     return await trio.to_thread.run_sync(daemon.control, request)
 
 
-async def wait_connections(daemon: DaemonProcess, at_most: int) -> None:
+async def wait_connections(daemon: DaemonProcess, at_most: int, why: str = "") -> None:
     """Until the daemon reports at most ``at_most`` connections (sockets, handshakes included). It may
     be out of descriptors for a while: the control socket waits in the backlog like everyone else."""
+    assert daemon.proc is not None
     ws: dict[str, Any] = {}
     try:
         with trio.fail_after(SETTLE_TIMEOUT_S):
             while True:
+                if daemon.proc.poll() is not None:
+                    raise AssertionError(f"the daemon exited with {daemon.proc.returncode}:\n{daemon.log()[-4000:]}")
                 with contextlib.suppress(OSError):
                     ws = (await control(daemon, {"cmd": "status"}))["status"]["websocket"]
                     if max(ws["connections"], ws.get("sockets", 0)) + ws.get("handshakes", 0) <= at_most:
                         return
                 await trio.sleep(0.2)
     except trio.TooSlowError:
-        raise AssertionError(f"the daemon still has connections after {SETTLE_TIMEOUT_S} s: {ws}") from None
+        raise AssertionError(f"the daemon still has connections after {SETTLE_TIMEOUT_S} s{why}: {ws}") from None
 
 
 async def open_every_reader(daemon: DaemonProcess, readers: int = 8) -> None:
