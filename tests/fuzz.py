@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import attrs
+import jwt
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -105,8 +106,10 @@ REPLY_TIMEOUT_S = 20.0
 WAIT_BOUND_S = 5.0
 WAIT_GRACE_S = 15.0
 MAX_CONNECTIONS = 6
-#: close codes the daemon may send unprovoked: 4008 slow consumer (DESIGN §4.3)
+#: close codes the daemon may send unprovoked: 4008 slow consumer (DESIGN §4.3); 4001 too once the
+#: connection sent a token (it may expire)
 UNPROVOKED_CLOSES = frozenset({4008})
+TOKEN_EXPIRED = 4001
 
 TYPES = ("fz.a", "fz.b", "fz.c.d")
 PATTERNS = ("#", "fz.#", "fz.*", "fz.a", "*.b", "fz.c.#", "#.d", "*.*.*", "fz.*.d")
@@ -171,7 +174,25 @@ group_ids = st.one_of(
 )
 names = id_string_strategy("n", dots=False)
 short_timeouts = st.one_of(st.floats(0.0, 1.0), st.integers(0, 1))
+@attrs.frozen
+class Token:
+    """A JWT signed with the fuzzed daemon's secret, made when sending (DESIGN §4.8)."""
+
+    sub: str
+    rights: str  # a key of TOKEN_RIGHTS
+    expires_in_s: float
+    audience: str = "aivad"
+
+
+TOKEN_RIGHTS: dict[str, dict[str, Any] | None] = {
+    "admin": {"admin": True},
+    "narrow": {"subscribe": ["fz.a", "fz.c.#"], "publish": ["fz.#"], "dispatch": ["fz.a"], "work": ["fz.b"]},
+    "nothing": {},
+    "no-claim": None,
+}
 tokens = st.one_of(
+    st.builds(Token, st.sampled_from(["fz-user", "fz-other"]), st.sampled_from(sorted(TOKEN_RIGHTS)),
+              st.sampled_from([3600.0, 2.0, -60.0]), st.sampled_from(["aivad", "aivad", "someone-else"])),
     st.text(max_size=20),
     st.sampled_from([
         "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4IiwiZXhwIjo5OTk5OTk5OTk5fQ.",  # alg none
@@ -385,6 +406,7 @@ class Conn:
         self.tasks: list[str] = []
         self.doomed: frozenset[int] | None = None  # close codes that may answer a violation we sent
         self.ended = False  # by us: nothing more is owed
+        self.sent_token = False
         self.last_activity = time.monotonic()
 
     @property
@@ -429,6 +451,7 @@ class Harness:
         self.stats = Stats()
         self.crashes: list[str] = []
         self.directories: list[Path] = []
+        self.secret = os.urandom(32).hex().encode()  # HS256 wants at least 32 bytes
 
     def ensure(self) -> DaemonProcess:
         if self.daemon is not None and self.daemon.proc is not None and self.daemon.proc.poll() is None:
@@ -438,7 +461,9 @@ class Harness:
             self.daemon.stop()
         directory = short_tmp_dir()
         self.directories.append(directory)
+        (directory / "hmac.secret").write_bytes(self.secret)
         sections = {name: dict(values) for name, values in self.sections.items()}
+        sections.setdefault("auth", {})["hmac_secret_file"] = str(directory / "hmac.secret")
         self.daemon = DaemonProcess(directory, **sections)
         self.daemon.start()
         self.stats.add("daemon starts")
@@ -502,6 +527,12 @@ class FuzzMachine(RuleBasedStateMachine):
         return usable[index % len(usable)]
 
     def resolve(self, value: Any, pick: int) -> Any:
+        if isinstance(value, Token):
+            claims: dict[str, Any] = {"sub": value.sub, "aud": value.audience,
+                                      "exp": int(time.time() + value.expires_in_s)}
+            if TOKEN_RIGHTS[value.rights] is not None:
+                claims["aivad"] = TOKEN_RIGHTS[value.rights]
+            return jwt.encode(claims, self.harness.secret, algorithm="HS256")
         if isinstance(value, Known):
             pool: list[Any] = {"seq": self.seqs, "task_id": self.task_ids, "group_id": self.group_ids}[value.kind]
             if not pool:
@@ -566,6 +597,8 @@ class FuzzMachine(RuleBasedStateMachine):
                 if conn.ended:
                     continue
                 allowed = UNPROVOKED_CLOSES | (conn.doomed or frozenset())
+                if conn.sent_token:
+                    allowed |= {TOKEN_EXPIRED}
                 if code not in allowed:
                     self.fail(f"{conn.name}: the daemon closed with {code} {payload[2:100]!r}; allowed: "
                               f"{sorted(allowed)}")
@@ -757,6 +790,8 @@ class FuzzMachine(RuleBasedStateMachine):
         except UnicodeDecodeError:
             conn.doomed = frozenset({1007})
         self.track(conn, text)
+        if b'"auth"' in text:
+            conn.sent_token = True
         if message.cuts:
             frames = split_frames(OP_TEXT, text, message.cuts, ping_between=message.ping_between)
         else:
@@ -876,8 +911,8 @@ class FuzzMachine(RuleBasedStateMachine):
                     sock.shutdown(socket.SHUT_WR)
                     self.await_end(sock, attack)
             elif attack == "slowloris":
+                self.lingering.append(sock)  # closed at teardown
                 sock.sendall(request[: cut % len(request)])
-                self.lingering.append(sock)
                 return
             else:
                 payloads = {
