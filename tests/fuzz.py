@@ -1027,6 +1027,11 @@ def summary(harness: Harness, started: float, before: dict[str, int], outcome: s
     return "\n".join(lines)
 
 
+def printable(text: str) -> str:
+    """``text`` with lone surrogates (the fuzzer sends them) escaped, so it can be printed."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.fuzz", description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=100_000, help="stop after this many frames (default 100000)")
@@ -1049,9 +1054,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         outcome = "interrupted"
     finally:
-        print(summary(harness, started, before, outcome.splitlines()[0]))
+        print(printable(summary(harness, started, before, outcome.splitlines()[0])))
         if outcome.startswith("FAILED"):
-            print(outcome)
+            print(printable(outcome))
         harness.close()
     return 0 if outcome == "passed" else 1
 
