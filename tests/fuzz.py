@@ -407,6 +407,7 @@ class Conn:
         self.doomed: frozenset[int] | None = None  # close codes that may answer a violation we sent
         self.ended = False  # by us: nothing more is owed
         self.sent_token = False
+        self.texts: dict[str, bytes] = {}  # the last frame sent with each ref, for reports
         self.last_activity = time.monotonic()
 
     @property
@@ -534,7 +535,8 @@ class FuzzMachine(RuleBasedStateMachine):
                 claims["aivad"] = TOKEN_RIGHTS[value.rights]
             return jwt.encode(claims, self.harness.secret, algorithm="HS256")
         if isinstance(value, Known):
-            pool: list[Any] = {"seq": self.seqs, "task_id": self.task_ids, "group_id": self.group_ids}[value.kind]
+            pools: dict[str, list[Any]] = {"seq": self.seqs, "task_id": self.task_ids, "group_id": self.group_ids}
+            pool = pools[value.kind]
             if not pool:
                 return {"seq": 0, "task_id": "no-such-task", "group_id": "g1"}[value.kind]
             return pool[-1 - pick % min(len(pool), 20)]
@@ -568,6 +570,7 @@ class FuzzMachine(RuleBasedStateMachine):
             return
         key = ref_key(ref)
         conn.sent[key] += 1
+        conn.texts[key] = text[:300]
         try:
             op = json.loads(text.decode())["op"]
         except (ValueError, KeyError, TypeError, RecursionError):
@@ -621,7 +624,8 @@ class FuzzMachine(RuleBasedStateMachine):
                 if frame.get("code") not in ERROR_CODES:
                     self.fail(f"{conn.name}: undocumented error code: {frame}")
                 if frame.get("code") == "internal" and len(self.stats.internal) < 20:
-                    self.stats.internal.append(f"{frame} after: {list(self.journal)[-3:]}")
+                    sent = conn.texts.get(ref_key(frame.get("ref")), b"(no ref: see the last actions)")
+                    self.stats.internal.append(f"{sent!r} → {frame}; last actions: {list(self.journal)[-2:]}")
             else:
                 self.stats.add(op)
             ref = frame.get("ref")
@@ -640,7 +644,7 @@ class FuzzMachine(RuleBasedStateMachine):
             elif op == "ok" and isinstance(frame.get("task_id"), str):
                 self.task_ids.append(frame["task_id"])
         elif op == "message":
-            pattern, seq = frame.get("pattern"), frame.get("msg", {}).get("seq")
+            pattern, seq = str(frame.get("pattern")), frame.get("msg", {}).get("seq")
             if pattern not in conn.subscriptions:
                 self.fail(f"{conn.name}: message for {pattern!r}, not subscribed ({sorted(conn.subscriptions)})")
             if not isinstance(seq, int) or seq <= conn.subscriptions[pattern]:
@@ -648,7 +652,7 @@ class FuzzMachine(RuleBasedStateMachine):
             conn.subscriptions[pattern] = seq
             self.stats.add("messages")
         elif op == "unsubscribed":
-            conn.subscriptions.pop(frame.get("pattern"), None)
+            conn.subscriptions.pop(str(frame.get("pattern")), None)
         elif op == "task":
             task = frame.get("task", {})
             conn.tasks.append(task.get("task_id"))
