@@ -362,7 +362,7 @@ async def wait_connections(daemon: DaemonProcess, at_most: int, why: str = "") -
     """Until the daemon reports at most ``at_most`` connections (sockets, handshakes included). It may
     be out of descriptors for a while: the control socket waits in the backlog like everyone else."""
     assert daemon.proc is not None
-    ws: dict[str, Any] = {}
+    seen: Any = "the control socket never answered (the daemon out of descriptors?)"
     try:
         with trio.fail_after(SETTLE_TIMEOUT_S):
             while True:
@@ -370,11 +370,12 @@ async def wait_connections(daemon: DaemonProcess, at_most: int, why: str = "") -
                     raise AssertionError(f"the daemon exited with {daemon.proc.returncode}:\n{daemon.log()[-4000:]}")
                 with contextlib.suppress(OSError):
                     ws = (await control(daemon, {"cmd": "status"}))["status"]["websocket"]
+                    seen = ws
                     if max(ws["connections"], ws.get("sockets", 0)) + ws.get("handshakes", 0) <= at_most:
                         return
                 await trio.sleep(0.2)
     except trio.TooSlowError:
-        raise AssertionError(f"the daemon still has connections after {SETTLE_TIMEOUT_S} s{why}: {ws}") from None
+        raise AssertionError(f"the daemon still has connections after {SETTLE_TIMEOUT_S} s{why}: {seen}") from None
 
 
 async def open_every_reader(daemon: DaemonProcess, readers: int = 8) -> None:
