@@ -35,6 +35,7 @@ import itertools
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -354,6 +355,16 @@ class Soak:
         await client.close()
 
 
+def error_kind(line: str) -> str:
+    """An ERROR line of the daemon's log, without what varies (addresses, ports): the message, and
+    the exception at the end of its traceback."""
+    message, _, trace = line.split(" ERROR ", 1)[1].partition(' exc="')
+    message = re.sub(r"Endpoint\(.*?\)|\(127\.0\.0\.1\)", "(peer)", message)
+    lines = [part.strip(' |"') for part in trace.split("\\n")]
+    exceptions = [part for part in lines if re.match(r"^[\w.]+(Error|Exception|Closed)\b", part)]
+    return f"{message[:140]} [{exceptions[-1][:100] if exceptions else '?'}]"
+
+
 async def control(daemon: DaemonProcess, request: dict[str, Any]) -> dict[str, Any]:
     return await trio.to_thread.run_sync(daemon.control, request)
 
@@ -528,9 +539,7 @@ async def run_soak(
     report.emfile = log.count("accept returned EMFILE")
     for line in log.splitlines():
         if " ERROR " in line and "trio.serve_listeners" not in line:
-            logger, _, rest = line.split(" ERROR ", 1)[1].partition(" ")
-            last = [part for part in rest.rstrip('"').split("\\n") if part.strip()][-1].strip()
-            report.errors[f"{logger} {last[:160]}"] += 1
+            report.errors[error_kind(line)] += 1
     if not report.emfile:
         report.problems.append("accept never hit EMFILE: the soak did not put the daemon under descriptor pressure")
     check_leaks(report)
