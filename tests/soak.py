@@ -42,6 +42,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -149,20 +150,31 @@ class Soak:
         self.ids = itertools.count()
         self.stalled = trio.Semaphore(20)  # stalled peers at once: they hold descriptors until closed 4008
         self.open: set[AsyncRawClient] = set()  # peers that never close, ended at the end of a round
+        self.clients: set[AsyncRawClient] = set()  # every client of the round: none is left open after it
 
     async def round(self, connections: int, duration_s: float, concurrency: int) -> None:
         """``connections`` peers started evenly over ``duration_s``, at most ``concurrency`` at once."""
         limit = trio.Semaphore(concurrency)
         gap = duration_s / max(connections, 1)
-        async with trio.open_nursery() as nursery:
-            for _ in range(connections):
-                await limit.acquire()
-                kind = self.rng.choice(KINDS)
-                self.report.peers[kind] += 1
-                nursery.start_soon(self.peer, kind, limit)
-                await trio.sleep(gap * self.rng.uniform(0.5, 1.5))
-        # the stalled peers never close: the daemon must close them itself (their subscriptions
-        # overflow with the steady publisher's traffic), leaving the publisher alone
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(connections):
+                    await limit.acquire()
+                    kind = self.rng.choice(KINDS)
+                    self.report.peers[kind] += 1
+                    nursery.start_soon(self.peer, kind, limit)
+                    await trio.sleep(gap * self.rng.uniform(0.5, 1.5))
+            await self.stalled_peers_closed()
+        finally:
+            for client in self.clients:  # a failed round leaves no socket behind either
+                if client.stream.socket.fileno() != -1:
+                    client.reset()
+            self.clients.clear()
+            self.open.clear()
+
+    async def stalled_peers_closed(self) -> None:
+        """The stalled peers never close: the daemon must close them itself (their subscriptions
+        overflow with the steady publisher's traffic), leaving the publisher alone."""
         if "never-reading-peers" not in self.avoid:
             await wait_connections(self.daemon, 1, why=(
                 f" (besides the publisher, the {len(self.open)} peers that subscribed to soak.# and never read:"
@@ -185,7 +197,9 @@ class Soak:
             limit.release()
 
     async def connect(self, receive_buffer: int | None = None) -> AsyncRawClient:
-        return await AsyncRawClient.connect("127.0.0.1", self.port, receive_buffer=receive_buffer)
+        client = await AsyncRawClient.connect("127.0.0.1", self.port, receive_buffer=receive_buffer)
+        self.clients.add(client)
+        return client
 
     def topic(self) -> str:
         return f"soak.g{self.rng.randrange(8)}.e{self.rng.randrange(4)}"
@@ -197,30 +211,34 @@ class Soak:
         return message_id, encode_frame(OP_TEXT, json.dumps(frame).encode())
 
     async def replies(self, client: AsyncRawClient, refs: dict[int, str], seen: Seen) -> None:
-        """Read until every ref in ``refs`` is answered: record acks, check each ref is answered
-        once and each subscription's seqs ascend."""
+        """Read until every ref in ``refs`` is answered (see :meth:`absorb`)."""
         while refs and not client.eof:
-            for opcode, payload in await client.receive():
-                if opcode != OP_TEXT:
-                    continue
-                frame = json.loads(payload)
-                if frame["op"] == "message":
-                    seq, pattern = frame["msg"]["seq"], frame["pattern"]
-                    if seq <= seen.last.get(pattern, 0):
-                        self.report.problems.append(f"seq {seq} on {pattern} after {seen.last[pattern]}")
-                    seen.last[pattern] = seq
-                    seen.delivered.add(seq)
-                    continue
-                ref = frame.get("ref")
-                if ref in seen.answered:
-                    self.report.problems.append(f"a second reply for ref {ref}: {str(frame)[:200]}")
-                seen.answered.add(ref)
-                message_id = refs.pop(ref, None)
-                if frame["op"] == "ok" and message_id is not None and "seq" in frame:
-                    self.ack(frame["seq"], message_id)
-                    seen.acked.append(frame["seq"])
-                elif frame["op"] == "error":
-                    self.report.outcomes[f"error {frame['code']}"] += 1
+            self.absorb(await client.receive(), refs, seen)
+
+    def absorb(self, frames: list[tuple[int, bytes]], refs: dict[int, str], seen: Seen) -> None:
+        """Take in what a peer received: record acks, check each ref is answered once and each
+        subscription's seqs ascend."""
+        for opcode, payload in frames:
+            if opcode != OP_TEXT:
+                continue
+            frame = json.loads(payload)
+            if frame["op"] == "message":
+                seq, pattern = frame["msg"]["seq"], frame["pattern"]
+                if seq <= seen.last.get(pattern, 0):
+                    self.report.problems.append(f"seq {seq} on {pattern} after {seen.last[pattern]}")
+                seen.last[pattern] = seq
+                seen.delivered.add(seq)
+                continue
+            ref = frame.get("ref")
+            if ref in seen.answered:
+                self.report.problems.append(f"a second reply for ref {ref}: {str(frame)[:200]}")
+            seen.answered.add(ref)
+            message_id = refs.pop(ref, None)
+            if frame["op"] == "ok" and message_id is not None and "seq" in frame:
+                self.ack(frame["seq"], message_id)
+                seen.acked.append(frame["seq"])
+            elif frame["op"] == "error":
+                self.report.outcomes[f"error {frame['code']}"] += 1
 
     def ack(self, seq: int, message_id: str) -> None:
         if self.report.acked.get(seq, message_id) != message_id:
@@ -282,12 +300,14 @@ class Soak:
 
     async def peer_handshake_reset(self) -> None:
         sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        await sock.connect(("127.0.0.1", self.port))
-        request = handshake_request("127.0.0.1", self.port)
         how = self.rng.choice(["partial", "complete", "none"])
-        if how != "none":
-            await sock.send(request if how == "complete" else request[: self.rng.randrange(1, len(request))])
-        reset_trio(sock)
+        try:
+            await sock.connect(("127.0.0.1", self.port))
+            request = handshake_request("127.0.0.1", self.port)
+            if how != "none":
+                await sock.send(request if how == "complete" else request[: self.rng.randrange(1, len(request))])
+        finally:
+            reset_trio(sock)
         self.report.outcomes[f"handshake-reset: {how}"] += 1
 
     async def peer_stalled(self) -> None:
@@ -309,14 +329,10 @@ class Soak:
         too_slow = self.rng.random() < 0.5
         client = await self.connect(receive_buffer=8192 if too_slow else None)
         await client.send_json({"op": "subscribe", "pattern": "soak.#", "ref": 0})
-        subscriptions: dict[str, int] = {}
+        seen = Seen()
         with trio.move_on_after(self.rng.uniform(1, 8)):
             while not client.eof:
-                for opcode, payload in await client.receive():
-                    if opcode == OP_TEXT and (frame := json.loads(payload))["op"] == "message":
-                        if frame["msg"]["seq"] <= subscriptions.get(frame["pattern"], 0):
-                            self.report.problems.append(f"slow reader got seq {frame['msg']['seq']} twice or late")
-                        subscriptions[frame["pattern"]] = frame["msg"]["seq"]
+                self.absorb(await client.receive(), {}, seen)
                 await trio.sleep(0.2 if too_slow else 0.01)
         code = client.closed.code if client.closed else None
         if client.eof or client.closed:
@@ -338,7 +354,13 @@ class Soak:
 
     async def steady_publisher(self, done: trio.Event) -> None:
         """One long-lived producer: traffic for the subscribers, and acks for the history check."""
-        client = await self.connect()
+        client = await AsyncRawClient.connect("127.0.0.1", self.port)
+        try:
+            await self.publish_steadily(client, done)
+        finally:
+            client.reset()
+
+    async def publish_steadily(self, client: AsyncRawClient, done: trio.Event) -> None:
         ref = 0
         seen = Seen()
         while not done.is_set():
@@ -352,7 +374,6 @@ class Soak:
             await client.send(data)
             await self.replies(client, refs, seen)
             await trio.sleep(0.1)
-        await client.close()
 
 
 def error_kind(line: str) -> str:
@@ -389,47 +410,58 @@ async def wait_connections(daemon: DaemonProcess, at_most: int, why: str = "") -
         raise AssertionError(f"the daemon still has connections after {SETTLE_TIMEOUT_S} s{why}: {seen}") from None
 
 
+@contextlib.asynccontextmanager
+async def raw_client(daemon: DaemonProcess) -> AsyncIterator[AsyncRawClient]:
+    """A client that is closed (closing handshake, or a reset after 5 s) whatever happens."""
+    client = await AsyncRawClient.connect("127.0.0.1", daemon.ws_port)
+    try:
+        yield client
+    finally:
+        with trio.move_on_after(5):
+            await client.close()
+        if client.stream.socket.fileno() != -1:
+            client.reset()
+
+
 async def open_every_reader(daemon: DaemonProcess, readers: int = 8) -> None:
     """Enough concurrent history reads that the store opens every reader connection it may."""
-    async def read(client: AsyncRawClient) -> None:
-        await client.send_json({"op": "history", "pattern": "#", "limit": 1000, "ref": 1})
-        while not any(opcode == OP_TEXT for opcode, _ in await client.receive()):
-            pass
-        await client.close()
+    async def read() -> None:
+        async with raw_client(daemon) as client:
+            await client.send_json({"op": "history", "pattern": "#", "limit": 1000, "ref": 1})
+            while not any(opcode == OP_TEXT for opcode, _ in await client.receive()):
+                pass
 
     with trio.fail_after(60):
-        writer = await AsyncRawClient.connect("127.0.0.1", daemon.ws_port)
-        await writer.send(b"".join(encode_frame(OP_TEXT, json.dumps(
-            {"op": "publish", "type": "warm.up", "payload": "w" * 100, "ref": i}).encode()) for i in range(3000)))
-        answered = 0
-        while answered < 3000:
-            answered += len(await writer.receive())
-        await writer.close()
-        clients = [await AsyncRawClient.connect("127.0.0.1", daemon.ws_port) for _ in range(readers)]
+        async with raw_client(daemon) as writer:
+            await writer.send(b"".join(encode_frame(OP_TEXT, json.dumps(
+                {"op": "publish", "type": "warm.up", "payload": "w" * 100, "ref": i}).encode()) for i in range(3000)))
+            answered = 0
+            while answered < 3000:
+                answered += len(await writer.receive())
         async with trio.open_nursery() as nursery:
-            for client in clients:
-                nursery.start_soon(read, client)
+            for _ in range(readers):
+                nursery.start_soon(read)
 
 
 async def check_history(daemon: DaemonProcess, report: SoakReport) -> None:
     """Every acknowledged publish is in history with its seq."""
     stored: dict[int, str] = {}
-    client = await AsyncRawClient.connect("127.0.0.1", daemon.ws_port)
     after = 0
     with trio.fail_after(120):
-        while True:
-            await client.send_json({"op": "history", "pattern": "soak.#", "after": after, "limit": 1000, "ref": after})
-            page = None
-            while page is None:
-                for opcode, payload in await client.receive():
-                    if opcode == OP_TEXT:
-                        page = json.loads(payload)
-            assert page["op"] == "ok", page
-            stored.update({m["seq"]: m["message_id"] for m in page["messages"]})
-            if not page["messages"]:
-                break
-            after = page["last_seq"]
-    await client.close()
+        async with raw_client(daemon) as client:
+            while True:
+                await client.send_json({"op": "history", "pattern": "soak.#", "after": after, "limit": 1000,
+                                        "ref": after})
+                page = None
+                while page is None:
+                    for opcode, payload in await client.receive():
+                        if opcode == OP_TEXT:
+                            page = json.loads(payload)
+                assert page["op"] == "ok", page
+                stored.update({m["seq"]: m["message_id"] for m in page["messages"]})
+                if not page["messages"]:
+                    break
+                after = page["last_seq"]
     lost = [(seq, mid) for seq, mid in report.acked.items() if stored.get(seq) != mid]
     if lost:
         report.problems.append(f"{len(lost)} acknowledged publishes not in history as acknowledged, e.g. {lost[:5]}")
@@ -440,13 +472,12 @@ async def check_serves(daemon: DaemonProcess, report: SoakReport) -> None:
     if daemon.proc.poll() is not None:
         report.problems.append(f"the daemon exited with {daemon.proc.returncode}")
         return
+    got: list[tuple[int, bytes]] = []
     with trio.fail_after(30):
-        client = await AsyncRawClient.connect("127.0.0.1", daemon.ws_port)
-        await client.send_json({"op": "ping", "ref": "alive"})
-        got: list[tuple[int, bytes]] = []
-        while not got and not client.eof:
-            got = await client.receive()
-        await client.close()
+        async with raw_client(daemon) as client:
+            await client.send_json({"op": "ping", "ref": "alive"})
+            while not got and not client.eof:
+                got = await client.receive()
     if not got or json.loads(got[0][1]) != {"op": "pong", "ref": "alive"}:
         report.problems.append(f"a fresh client got {got} for ping")
 
