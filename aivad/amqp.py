@@ -101,7 +101,7 @@ from pamqp import commands as spec
 from .boundary import Faults, describe
 from .config import AmqpConfig, TasksConfig
 from .envelope import BadMessage, Envelope, derived_id
-from .protocol import OpError
+from .protocol import OpError, loads_json
 from .store import Appended, StoreClosed, StoredMessage, Write, insert_rows
 from .tasks import TaskSpec, parse_task_spec
 
@@ -241,7 +241,7 @@ def _rfc3339(value: dt.datetime) -> str:
 
 def _loads(body: bytes) -> Any:
     try:
-        return json.loads(body)
+        return loads_json(body)
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadMessage(f"body is not JSON: {exc}") from None
 

@@ -16,7 +16,7 @@ import attrs
 
 from .dispatcher import TaskView
 from .ops import Caller, Operations
-from .protocol import OpError, field, parse_envelope, parse_history
+from .protocol import OpError, field, parse_envelope, parse_history, seq_field
 from .store import DeadLetter
 from .tasks import STATES, parse_task_spec
 
@@ -82,19 +82,19 @@ def _letter_row(letter: DeadLetter) -> dict[str, Any]:
 
 async def _dlq_list(ops: Operations, caller: Caller, request: dict[str, Any]) -> dict[str, Any]:
     letters = await ops.dead_letters(
-        caller, field(request, "kind", str, None), _limit(request), field(request, "after", int, 0)
+        caller, field(request, "kind", str, None), _limit(request), seq_field(request, "after", 0)
     )
     return {"dead_letters": [_letter_row(d) for d in letters]}
 
 
 async def _dlq_show(ops: Operations, caller: Caller, request: dict[str, Any]) -> dict[str, Any]:
-    return {"dead_letter": attrs.asdict(await ops.dead_letter(caller, field(request, "id", int)))}
+    return {"dead_letter": attrs.asdict(await ops.dead_letter(caller, seq_field(request, "id", ...)))}
 
 
 async def _dlq_replay(ops: Operations, caller: Caller, request: dict[str, Any]) -> dict[str, Any]:
     if field(request, "all", bool, False):
         return {"replayed": await ops.replay(caller, None)}
-    return {"replayed": await ops.replay(caller, [field(request, "id", int)])}
+    return {"replayed": await ops.replay(caller, [seq_field(request, "id", ...)])}
 
 
 async def _dlq_purge(ops: Operations, caller: Caller, request: dict[str, Any]) -> dict[str, Any]:

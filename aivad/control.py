@@ -109,6 +109,7 @@ class Session:
             await self.send_line({"ok": True, **({"ref": ref} if ref is not None else {}), **reply})
         except OpError as exc:
             error = {"ok": False, "error": {"code": exc.code, "message": exc.message}}
+            ref = ref if ref is not None else exc.ref
             await self.send_line({**error, "ref": ref} if ref is not None else error)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise

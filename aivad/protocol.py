@@ -7,6 +7,7 @@ error codes (DESIGN §4.3) apply to both, so they live here once.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import attrs
@@ -24,6 +25,7 @@ __all__ = [
     "decode_request",
     "dumps",
     "field",
+    "loads_json",
     "parse_collect",
     "parse_envelope",
     "parse_history",
@@ -56,11 +58,13 @@ HISTORY_MAX_LIMIT = 1000
 class OpError(Exception):
     """A request failed in a way the peer is told about, with one of ERROR_CODES."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, ref: Any = None) -> None:
         assert code in ERROR_CODES, code
         super().__init__(message)
         self.code = code
         self.message = message
+        #: the request's ref, when the error is raised before the edge could read it (decode_request)
+        self.ref = ref
 
 
 def dumps(obj: Any) -> str:
@@ -82,10 +86,15 @@ def field(frame: dict[str, Any], name: str, kind: type | tuple[type, ...], defau
     return value
 
 
+#: the largest seq (or id) there can be: SQLite's integers are 64-bit
+MAX_SEQ = 2**63 - 1
+
+
 def seq_field(frame: dict[str, Any], name: str, default: Any) -> Any:
+    """A seq or a row id: an integer 0..2**63-1 (larger ones no store can hold)."""
     value = field(frame, name, int, default)
-    if value is not None and value < 0:
-        raise OpError("bad_request", f"{name} must be >= 0")
+    if value is not None and not 0 <= value <= MAX_SEQ:
+        raise OpError("bad_request", f"{name} must be 0..{MAX_SEQ}")
     return value
 
 
@@ -213,12 +222,56 @@ def parse_history(frame: dict[str, Any]) -> HistoryRequest:
     return HistoryRequest(pattern, after, limit)
 
 
+#: a ``\\uD800``..``\\uDFFF`` escape: JSON allows a lone one, which no UTF-8 encoder can write back
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def loads_json(text: str | bytes) -> Any:
+    """Parse a peer's JSON (ValueError if it is not JSON), refusing lone surrogates (``LoneSurrogate``).
+
+    ``"\\ud800"`` is valid JSON but not Unicode: a message holding one could be
+    neither stored nor sent on (UTF-8), so it would fail later, far from its
+    producer — and take the neighbours of its group commit with it. Escaped
+    surrogate *pairs* (an emoji written ``\\ud83d\\ude00``) are fine: only when
+    the text has such an escape at all is the decoded value checked.
+    """
+    value = json.loads(text)
+    escapes = _SURROGATE_ESCAPE.search(text if isinstance(text, str) else text.decode("utf-8", "replace"))
+    if escapes and not _encodable(value):
+        raise LoneSurrogate(value)
+    return value
+
+
+class LoneSurrogate(ValueError):
+    """JSON holding a string no UTF-8 encoder can write: ``value`` is what it decoded to."""
+
+    def __init__(self, value: Any) -> None:
+        super().__init__("a string holds a lone UTF-16 surrogate (not valid Unicode)")
+        self.value = value
+
+
+def _encodable(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def decode_request(text: str | bytes) -> dict[str, Any]:
-    """One request: a JSON object, else bad_json / bad_request."""
+    """One request: a JSON object, else bad_json / bad_request.
+
+    A request holding a lone surrogate is ``bad_request``, answered with its
+    ``ref`` when the ref itself is clean (the error carries it: ``OpError.ref``).
+    """
     if isinstance(text, bytes):
         raise OpError("bad_request", "binary frames are not supported; send JSON text")
     try:
-        request = json.loads(text)
+        request = loads_json(text)
+    except LoneSurrogate as exc:
+        ref = exc.value.get("ref") if isinstance(exc.value, dict) else None
+        clean_ref = ref if not isinstance(ref, (dict, list)) and _encodable(ref) else None
+        raise OpError("bad_request", str(exc), clean_ref) from None
     except (ValueError, RecursionError):
         raise OpError("bad_json", "not valid JSON") from None
     if not isinstance(request, dict):

@@ -32,7 +32,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 from wsproto import ConnectionType, WSConnection
 
 from .auth import origin_allowed
-from .boundary import Faults
+from .boundary import Faults, describe
 from .config import ConfigError, WebSocketConfig
 from .envelope import rfc3339
 from .limits import Admission, PeerGate
@@ -124,6 +124,8 @@ class Connection:
         self._queued_bytes = 0
         self._max_bytes = service.cfg.send_buffer_bytes
         self._room: trio.Event | None = None  # set when the sender took frames and someone waits for room
+        #: the sender's write in progress (its deadline is pulled in when the connection is slow)
+        self._writing: trio.CancelScope | None = None
         # made at the first publish / first waiting op: a connection that only
         # subscribes (most of them) carries no replier task, channel or semaphore
         self._pending: trio.MemorySendChannel[_Pending] | None = None
@@ -147,6 +149,8 @@ class Connection:
                 del self.subscriptions[pattern]
                 self.service.ops.unsubscribe(sub)
                 self.offer(_frame({"op": "unsubscribed", "pattern": pattern, "reason": "forbidden"}))
+        if self.worker is not None and not all(caller.rights.may_work(t) for t in self.worker.types):
+            self.service.ops.worker_drain(self.worker)  # no new task; what it holds it may finish
         self._arm_auth_deadline()
 
     def _arm_auth_deadline(self) -> None:
@@ -168,7 +172,7 @@ class Connection:
         with scope:
             await trio.sleep_forever()
         why = "not authenticated in time" if not self.caller.authenticated else "token expired"
-        log.info("closing %s with 4001: %s", self.ws.remote, why)
+        log.info("closing %s with 4001: %s", self.caller.peer, why)
         with trio.move_on_after(self.service.cfg.close_timeout_s):
             await self.ws.aclose(CLOSE_UNAUTHENTICATED, why)
 
@@ -206,8 +210,13 @@ class Connection:
         if not self._slow:
             self._slow = True
             self.service.slow_consumer_closes += 1
-            log.warning("closing %s: slow consumer (%s)", self.ws.remote, why)
-            self.service.on_slow_consumer(f"closed {self.ws.remote} with 4008: {why}")
+            log.warning("closing %s: slow consumer (%s)", self.caller.peer, why)
+            self.service.on_slow_consumer(f"closed {self.caller.peer} with 4008: {why}")
+            if self._writing is not None:  # its write waits on a peer that reads nothing: give it a
+                # little longer, then abort (a half-written frame cannot be followed by a close frame)
+                self._writing.deadline = min(
+                    self._writing.deadline, trio.current_time() + self.service.cfg.close_timeout_s
+                )
             for sub in self.subscriptions.values():
                 self.service.ops.unsubscribe(sub)
 
@@ -262,13 +271,22 @@ class Connection:
             if self._room is not None:
                 self._room.set()
                 self._room = None
-            async with ws._stream_lock:
-                if ws._close_reason is not None:
-                    return
-                try:
-                    await ws._stream.send_all(b"".join(frames))
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return
+            # the write — and the wait for the lock, which trio-websocket holds while it sends a
+            # pong or a close to a peer that may read nothing — can be cut short (_close_slow)
+            with trio.CancelScope(deadline=trio.current_time() + self.service.cfg.write_timeout_s) as self._writing:
+                async with ws._stream_lock:
+                    if ws._close_reason is not None:
+                        return
+                    try:
+                        await ws._stream.send_all(b"".join(frames))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        return
+            aborted, self._writing = self._writing.cancelled_caught, None
+            if aborted:  # a write that made no way in time (write_timeout_s), or a slow consumer's:
+                # part of a frame may be out, so no close frame can follow — the connection is cut
+                self._close_slow("a write did not finish in time")
+                await trio.aclose_forcefully(ws._stream)
+                return
             if self._slow:
                 break
         with trio.move_on_after(self.service.cfg.close_timeout_s):
@@ -359,9 +377,9 @@ class Connection:
             if reply is not None and (ref is not None or op not in WORKER_OPS):
                 await self.put(_frame({"op": "ok", "ref": ref, **reply}))
         except OpError as exc:
-            await self.put(self.service.error_frame(ref, exc.code, exc.message))
+            await self.put(self.service.error_frame(ref if ref is not None else exc.ref, exc.code, exc.message))
         except Exception:  # the error boundary of one frame: Cancelled passes
-            log.exception("op failed on %s", self.ws.remote)
+            log.exception("op failed on %s", self.caller.peer)
             await self.put(self.service.error_frame(ref, "internal", "internal error"))
 
     async def _run_waiting(self, handler: OpHandler, frame: dict[str, Any], ref: Any) -> None:
@@ -371,7 +389,7 @@ class Connection:
         except OpError as exc:
             await self.put(self.service.error_frame(ref, exc.code, exc.message))
         except Exception:
-            log.exception("op failed on %s", self.ws.remote)
+            log.exception("op failed on %s", self.caller.peer)
             await self.put(self.service.error_frame(ref, "internal", "internal error"))
         finally:
             assert self._background is not None
@@ -420,27 +438,35 @@ class WebSocketService:
         """One accepted TCP connection: admitted by the gate, then handshake and ops behind an error boundary."""
         socket_stream = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
         try:
-            address = str(socket_stream.socket.getpeername()[0])
+            address, port = socket_stream.socket.getpeername()[:2]
         except OSError:  # reset before we looked: nothing to serve
             await stream.aclose()
             return
+        address, peer = str(address), f"{address}:{port}"  # kept: after a reset the socket cannot say
         admission = self.gate.enter(address)
         if isinstance(admission, str):
             await _refuse(stream, *_REFUSALS[admission])
             return
         try:
-            await self.faults.isolated("websocket.connection", address, self._serve_connection, stream, admission)
+            await self.faults.isolated("websocket.connection", peer, self._serve_connection, stream, admission, peer)
         finally:
             self.gate.leave(admission)
 
-    async def _serve_connection(self, stream: trio.abc.Stream, admission: Admission) -> None:
+    async def _serve_connection(self, stream: trio.abc.Stream, admission: Admission, peer: str) -> None:
         """trio-websocket's server side of one connection (``WebSocketServer._handle_connection``),
         with one change: a peer that goes away during the handshake ends it at once, where
         trio-websocket would hold the socket (and a handshake slot) until the handshake timeout.
 
         Uses the connection's private ``_reader_task`` and ``_get_request``, pinned by
-        tests/test_websocket_internals.py.
+        tests/test_websocket_internals.py. A peer that goes away at any point is not
+        a fault of the daemon: what that raises ends the connection quietly.
         """
+        try:
+            await self._serve_handshake(stream, admission, peer)
+        except* (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            await trio.aclose_forcefully(stream)
+
+    async def _serve_handshake(self, stream: trio.abc.Stream, admission: Admission, peer: str) -> None:
         cfg = self.cfg
         connection = WebSocketConnection(
             stream,
@@ -464,18 +490,17 @@ class WebSocketService:
                 return
             self.gate.handshake_done(admission)
             try:
-                await self._accept(request)
+                await self._accept(request, peer)
             finally:
                 with trio.move_on_after(cfg.close_timeout_s):
                     await connection.aclose()
                 await trio.aclose_forcefully(stream)  # closed even when cancelled (the daemon stops)
 
-    async def _accept(self, request: WebSocketRequest) -> None:
+    async def _accept(self, request: WebSocketRequest, peer: str) -> None:
         """The handshake request is complete: check its origin and token, accept it, then serve it."""
         if self.draining:
             await request.reject(503, body=b"aivad: draining, not accepting connections\n")
             return
-        peer = _endpoint(request.remote)
         headers = {name.lower(): value for name, value in request.headers}
         origin = headers.get(b"origin")
         if origin is not None and not self._origin_allowed(origin.decode("latin-1"), request._event.host):
@@ -575,7 +600,13 @@ async def _op_subscribe(conn: Connection, frame: dict[str, Any]) -> dict[str, An
     await conn.put(_frame({"op": "ok", "ref": frame.get("ref"), **resume.reply_fields(pattern)}))
     sub = Subscription(conn, pattern)
     conn.subscriptions[pattern] = sub
-    await conn.service.ops.follow(sub, resume)
+    try:
+        await conn.service.ops.follow(sub, resume)
+    except Exception as exc:  # noqa: BLE001 - the ok is sent: this ends the subscription, not a 2nd reply
+        log.error("the replay of %r for %s failed: %s", pattern[:64], conn.caller.peer, describe(exc))
+        del conn.subscriptions[pattern]
+        conn.service.ops.unsubscribe(sub)
+        await conn.put(_frame({"op": "unsubscribed", "pattern": pattern, "reason": "internal"}))
     return None
 
 
@@ -752,12 +783,6 @@ def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"websocket.tls_cert_file: cannot use {cert_file} with {key_file}: {exc}") from None
     return context
-
-
-def _endpoint(endpoint: object) -> str:
-    """``address:port`` of a trio-websocket endpoint, for logs."""
-    address, port = getattr(endpoint, "address", endpoint), getattr(endpoint, "port", "")
-    return f"{address}:{port}" if port else str(address)
 
 
 #: gate refusals: why → (HTTP status, body); written before any byte of the handshake is read

@@ -368,6 +368,8 @@ def expected_ref(text: bytes) -> Any:
     if not isinstance(request, dict):
         return None
     ref = request.get("ref")
+    if isinstance(ref, str) and ref.encode("utf-8", "surrogatepass").decode("utf-8", "ignore") != ref:
+        return None  # a lone surrogate cannot be written back: the error is answered with ref null
     return None if isinstance(ref, (dict, list)) else ref
 
 

@@ -69,6 +69,7 @@ SOAK_CONFIG: dict[str, dict[str, Any]] = {
         "max_handshakes": 100_000,
         "handshake_timeout_s": 5.0,
         "close_timeout_s": 2.0,
+        "write_timeout_s": 10.0,  # a stalled peer whose outbox never fills is cut after this
         "send_buffer_frames": 64,
     },
     "store": {"retention_max_messages": 0},
@@ -424,10 +425,11 @@ async def raw_client(daemon: DaemonProcess) -> AsyncIterator[AsyncRawClient]:
 
 
 async def open_every_reader(daemon: DaemonProcess, readers: int = 8) -> None:
-    """Enough concurrent history reads that the store opens every reader connection it may."""
-    async def read() -> None:
+    """Enough concurrent reads that the store opens every reader connection it may: client history
+    reads and replays have pools of their own ([store] history_concurrency, read_connections)."""
+    async def read(op: dict[str, Any]) -> None:
         async with raw_client(daemon) as client:
-            await client.send_json({"op": "history", "pattern": "#", "limit": 1000, "ref": 1})
+            await client.send_json(op)
             while not any(opcode == OP_TEXT for opcode, _ in await client.receive()):
                 pass
 
@@ -440,7 +442,9 @@ async def open_every_reader(daemon: DaemonProcess, readers: int = 8) -> None:
                 answered += len(await writer.receive())
         async with trio.open_nursery() as nursery:
             for _ in range(readers):
-                nursery.start_soon(read)
+                nursery.start_soon(read, {"op": "history", "pattern": "#", "limit": 1000, "ref": 1})
+                # a replay in steps of replay_batch: its reader is busy for a while
+                nursery.start_soon(read, {"op": "subscribe", "pattern": "#", "since": 0, "ref": 1})
 
 
 async def check_history(daemon: DaemonProcess, report: SoakReport) -> None:

@@ -165,3 +165,23 @@ def _rss_kb(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS")
+
+
+async def test_a_write_that_makes_no_way_ends_the_connection_after_write_timeout_s(tmp_dir: Path) -> None:
+    """A subscriber that reads nothing, fed too little to fill its send buffer: the write the daemon
+    has begun cannot finish, and after write_timeout_s the connection is cut (a slow consumer)."""
+    proc = DaemonProcess(tmp_dir, websocket={"write_timeout_s": 1.0, "max_frame_bytes": 2_000_000})
+    proc.start()
+    try:
+        with trio.fail_after(30):
+            async with connect(proc.ws_url) as stalled, connect(proc.ws_url) as pub:
+                await stalled.ok({"op": "subscribe", "pattern": "big.#"})
+                for _ in range(4):  # 6 MB: more than the socket buffers hold, less than send_buffer_bytes
+                    await pub.publish("big.blob", "x" * 1_500_000)
+                while proc.control({"cmd": "status"})["status"]["websocket"]["slow_consumer_closes"] < 1:
+                    await trio.sleep(0.1)
+                assert (await pub.ok({"op": "ping"}))["op"] == "pong"
+                while proc.control({"cmd": "status"})["status"]["websocket"]["connections"] > 1:
+                    await trio.sleep(0.1)
+    finally:
+        proc.stop()
