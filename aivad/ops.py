@@ -344,16 +344,27 @@ class Operations:
         timeout_s: float,
         min_results: int | None,
     ) -> CollectResult:
-        """Wait for results of many tasks, each of a type ``caller`` may dispatch."""
+        """Wait for results of many tasks, each of a type ``caller`` may dispatch.
+
+        A group is open to anyone's dispatches, so the tasks that joined it while
+        this waited are judged too, before any result is handed out.
+        """
         self._gate(caller)
         if not caller.rights.admin:
             views = await self.dispatcher.views(task_ids) if task_ids is not None else await self.dispatcher.views(
                 group_id=group_id
             )
-            for view in views:
-                if not caller.rights.may_dispatch(view.type):
-                    raise self._forbidden("dispatch", view.type)
-        return await self.aggregator.collect(task_ids, group_id, timeout_s, min_results)
+            self._require_dispatch(caller, views)
+        result = await self.aggregator.collect(task_ids, group_id, timeout_s, min_results)
+        if not caller.rights.admin and task_ids is None:
+            self._require_dispatch(caller, await self.dispatcher.views([*result.completed, *result.failed,
+                                                                        *result.pending]))
+        return result
+
+    def _require_dispatch(self, caller: Caller, views: list[TaskView]) -> None:
+        for view in views:
+            if not caller.rights.may_dispatch(view.type):
+                raise self._forbidden("dispatch", view.type)
 
     # ---- workers -------------------------------------------------------------------------------
 

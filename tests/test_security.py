@@ -691,6 +691,37 @@ async def _answer_one(worker: TestClient, result: Any) -> None:
     await worker.send({"op": "task.result", "task_id": task["task_id"], "result": result})
 
 
+async def test_collect_of_a_group_returns_no_result_outside_the_grants(nursery: trio.Nursery, tmp_dir: Path,
+                                                                       keys: Keys) -> None:
+    """A group id is the client's choice: tasks of another type put into it later must not leak through collect."""
+    d = await start(nursery, tmp_dir, keys)
+    with trio.fail_after(TIMEOUT_S):
+        async with client(d, auth=token(keys, "worker", {"work": ["#"]})) as worker, \
+                client(d, auth=token(keys, "ops", {"admin": True})) as admin, \
+                client(d, auth=token(keys, "frontend", {"dispatch": ["scan.*"]})) as c:
+            await worker.ok({"op": "worker.hello", "types": ["scan.run", "secret.job"], "concurrency": 4})
+            mine = (await c.ok({"op": "dispatch", "type": "scan.run", "payload": {}, "group_id": "g1"}))["task_id"]
+            await c.send({"op": "collect", "ref": "watch", "group_id": "g1", "timeout": 1.5})
+            await trio.sleep(0.2)  # the collect is waiting
+            theirs = (await admin.ok({"op": "dispatch", "type": "secret.job", "payload": {}, "group_id": "g1"}))
+            for _ in range(2):
+                task = (await next_frame(worker, "task"))["task"]
+                result = "top secret" if task["type"] == "secret.job" else "scan done"
+                await worker.send({"op": "task.result", "task_id": task["task_id"], "result": result})
+            while True:
+                reply = await c.receive()
+                if reply.get("ref") == "watch":
+                    break
+            assert (reply["op"], reply.get("code")) == ("error", "forbidden"), reply
+            assert "top secret" not in json.dumps(reply) and theirs["task_id"] not in json.dumps(reply)
+            assert (await c.ok({"op": "task.status", "task_id": mine}))["result"] == "scan done"
+            # a group of the client's own types is collected as before
+            again = (await c.ok({"op": "dispatch", "type": "scan.run", "payload": {}, "group_id": "g2"}))["task_id"]
+            await _answer_one(worker, "scan again")
+            collected = await c.ok({"op": "collect", "group_id": "g2", "timeout": 5})
+            assert (collected["completed"], collected["reason"]) == ({again: "scan again"}, "all_done")
+
+
 async def test_worker_hello_needs_a_work_grant_for_every_type(nursery: trio.Nursery, tmp_dir: Path,
                                                               keys: Keys) -> None:
     d = await start(nursery, tmp_dir, keys)
