@@ -304,6 +304,14 @@ class Operations:
         """Whether a subscription may go on after ``caller``'s rights changed (a token refresh)."""
         return caller.rights.may_subscribe(pattern)
 
+    def rights_changed(self, caller: Caller, worker: Worker) -> None:
+        """A worker's token was refreshed: without a ``work`` grant for every one of its types any more,
+        it is drained (no new task; it finishes those it holds), as ``worker.hello`` would now be refused."""
+        if not worker.draining and not all(caller.rights.may_work(t) for t in worker.types):
+            log.info("worker %s (%s) drained: its refreshed token no longer grants work for all its types",
+                     worker.name, caller.sub)
+            self.dispatcher.drain_worker(worker)
+
     # ---- tasks ---------------------------------------------------------------------------------
 
     async def dispatch_many(self, caller: Caller, specs: Sequence[TaskSpec]) -> Pending:

@@ -140,13 +140,16 @@ class Connection:
     # ---- identity (DESIGN §4.8) ---------------------------------------------
 
     def set_caller(self, caller: Caller) -> None:
-        """New rights (an ``auth``): subscriptions they no longer allow end with ``unsubscribed``."""
+        """New rights (an ``auth``): subscriptions they no longer allow end with ``unsubscribed``; a worker
+        they no longer let work all its types is drained."""
         self.caller = caller
         for pattern, sub in list(self.subscriptions.items()):
             if not self.service.ops.may_keep(caller, pattern):
                 del self.subscriptions[pattern]
                 self.service.ops.unsubscribe(sub)
                 self.offer(_frame({"op": "unsubscribed", "pattern": pattern, "reason": "forbidden"}))
+        if self.worker is not None:
+            self.service.ops.rights_changed(caller, self.worker)
         self._arm_auth_deadline()
 
     def _arm_auth_deadline(self) -> None:

@@ -830,6 +830,34 @@ async def test_refresh_replaces_rights_and_ends_subscriptions_no_longer_allowed(
     assert await stored(d) == ["chat.42.msg", "incident.42.alert", "chat.42.msg", "chat.42.msg"]
 
 
+async def test_refresh_that_drops_a_work_grant_drains_the_worker(nursery: trio.Nursery, tmp_dir: Path,
+                                                                 keys: Keys) -> None:
+    """The worker's analogue of ``unsubscribed``: it gets no new task, and finishes what it holds."""
+    d = await start(nursery, tmp_dir, keys)
+    working = {"work": ["scan.run"], "publish": ["scan.*"]}
+    with trio.fail_after(TIMEOUT_S):
+        async with client(d, auth=token(keys, "ops", {"admin": True})) as admin, \
+                client(d, auth=token(keys, "scanner-1", working)) as w:
+            await w.ok({"op": "worker.hello", "types": ["scan.run"], "concurrency": 2})
+            held = (await admin.ok({"op": "dispatch", "type": "scan.run", "payload": {}}))["task_id"]
+            assert (await next_frame(w, "task"))["task"]["task_id"] == held
+            # a refresh that keeps the grant changes nothing for the worker
+            await w.ok({"op": "auth", "token": token(keys, "scanner-1", working)})
+            await admin.ok({"op": "dispatch", "type": "scan.run", "payload": {}})
+            await _answer_one(w, "second")
+            # one that drops it: no new task
+            await w.ok({"op": "auth", "token": token(keys, "scanner-1", {"publish": ["scan.*"]})})
+            queued = (await admin.ok({"op": "dispatch", "type": "scan.run", "payload": {}}))["task_id"]
+            await w.ok({"op": "ping"})
+            with trio.move_on_after(0.5):
+                task = await next_frame(w, "task")
+                pytest.fail(f"a worker without the work grant got {task}")
+            # what it held when its rights changed it may still finish
+            await w.ok({"op": "task.result", "task_id": held, "result": "first"})
+            assert (await admin.ok({"op": "task.status", "task_id": held}))["result"] == "first"
+            assert (await admin.ok({"op": "task.status", "task_id": queued}))["state"] == "queued"
+
+
 # ---- 5. required = false ------------------------------------------------------------------------------
 
 
