@@ -31,7 +31,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
 
-from .auth import origin_allowed
+from .auth import console_origins, origin_allowed
 from .boundary import Faults
 from .config import ConfigError, WebSocketConfig
 from .envelope import rfc3339
@@ -512,16 +512,9 @@ class WebSocketService:
                 self._handlers_done.set()
 
     def _origin_allowed(self, origin: str, host: str) -> bool:
-        """``allowed_origins``, or the origin of our own console: the host the client reached us by,
-        on the ``[http]`` server's port and scheme."""
-        own = []
-        if self.console is not None:
-            scheme, port = self.console
-            name = host.rpartition(":")[0] if host.count(":") == 1 or host.endswith("]") else host
-            name = name or host
-            own.append(f"{scheme}://{name}:{port}".lower())
-            if (scheme, port) in (("http", 80), ("https", 443)):
-                own.append(f"{scheme}://{name}".lower())
+        """``allowed_origins``, or the origin of our own console: the address (or ``localhost``) the
+        client reached us by, on the ``[http]`` server's port and scheme."""
+        own = console_origins(host, *self.console) if self.console is not None else []
         return origin_allowed(origin, self.cfg.allowed_origins, own)
 
     async def drain(self) -> None:

@@ -891,7 +891,8 @@ async def test_without_required_anonymous_has_every_right_and_a_token_only_its_o
 
 async def test_origins(nursery: trio.Nursery, tmp_dir: Path, keys: Keys) -> None:
     d = await start(nursery, tmp_dir, keys, with_http=True, auth={},
-                    websocket={"allowed_origins": ["https://*.example.com", "http://localhost:3000"]})
+                    websocket={"allowed_origins": ["https://*.example.com", "http://localhost:3000",
+                                                "http://console.example.com:*"]})
     port, http_port = d.endpoints.ws_port, d.endpoints.http_port
     with trio.fail_after(TIMEOUT_S):
         for origin, status in [
@@ -914,9 +915,14 @@ async def test_origins(nursery: trio.Nursery, tmp_dir: Path, keys: Keys) -> None
             assert response.status == status, origin
         assert (await handshake(port, {})).status == 101  # no Origin: an agent
         # the console's origin is the name the browser reached the daemon by: localhost, an address
-        for host in ("localhost", "127.0.0.1"):
+        for host in ("localhost", "127.0.0.1", "[::1]"):
             response = await handshake(port, {"Origin": f"http://{host}:{http_port}"}, host=f"{host}:{port}")
             assert response.status == 101, host
+        # DNS rebinding: a page loaded from http://rebind.evil.test:<http port>, whose name the attacker's DNS
+        # then points at 127.0.0.1, must not pass for the console; a console reached by name is listed
+        for name, status in (("rebind.evil.test", 403), ("console.example.com", 101)):
+            response = await handshake(port, {"Origin": f"http://{name}:{http_port}"}, host=f"{name}:{port}")
+            assert response.status == status, name
         async with client(d, origin="https://soc.example.com") as c:  # a real client, allowed
             await c.publish("from.the.browser")
         assert await rejected_status(d, [(b"origin", b"https://evil.test")]) == 403
