@@ -64,6 +64,7 @@ from .conftest import (
     InProcessDaemon,
     control_async,
     free_port,
+    reload_daemon,
     short_tmp_dir,
     start_daemon,
     start_daemon_from_file,
@@ -941,6 +942,46 @@ async def test_origin_check_applies_with_auth_required_too(nursery: trio.Nursery
         assert response.status == 101
 
 
+# ---- keys: rotation (docs/security.md) ------------------------------------------------------------------
+
+
+async def test_key_rotation_takes_a_restart(nursery: trio.Nursery, tmp_dir: Path, keys: Keys) -> None:
+    """A public key bundle verifies tokens of either key; the key files are read at start, so a changed
+    file takes effect on a restart (``reload`` names it among the keys that need one)."""
+    old_key, new_key = keys.rsa, rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    _write(tmp_dir / "both.pem", _public_pem(old_key) + _public_pem(new_key))
+    _write(tmp_dir / "new.pem", _public_pem(new_key))
+    new_secret = os.urandom(32).hex().encode()
+    _write(tmp_dir / "new.secret", new_secret)
+
+    def sign(key: Any, algorithm: str = "RS256") -> str:
+        return jwt.encode(claims("scanner-1", {"publish": ["scan.*"]}), key, algorithm=algorithm)
+
+    def auth(public: str, secret: str) -> dict[str, Any]:
+        return secured(keys, algorithms=["HS256", "RS256"], public_key_file=str(tmp_dir / public),
+                       hmac_secret_file=secret)
+
+    async def accepted(d: InProcessDaemon, signed: str) -> bool:
+        return (await handshake(d.endpoints.ws_port, {"Authorization": f"Bearer {signed}"})).status == 101
+
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as first:  # while the issuer moves to the new key: both verify
+            d = await start_daemon_from_file(first, tmp_dir, auth=auth("both.pem", keys.secret_file))
+            assert await accepted(d, sign(old_key)) and await accepted(d, sign(new_key))
+            assert await accepted(d, sign(keys.secret, "HS256"))
+            reply = await reload_daemon(d, tmp_dir, auth=auth("new.pem", str(tmp_dir / "new.secret")))
+            assert {"auth.public_key_file", "auth.hmac_secret_file"} <= set(reply["needs_restart"]), reply
+            assert await accepted(d, sign(old_key)) and await accepted(d, sign(keys.secret, "HS256"))
+            first.cancel_scope.cancel()
+        # restarted: the old key and the old secret are refused, the new ones verify
+        d = await start_daemon_from_file(nursery, tmp_dir, auth=auth("new.pem", str(tmp_dir / "new.secret")))
+        assert not await accepted(d, sign(old_key)) and not await accepted(d, sign(keys.secret, "HS256"))
+        assert await accepted(d, sign(new_key)) and await accepted(d, sign(new_secret, "HS256"))
+        async with client(d) as c:
+            reply = await error(c, {"op": "auth", "token": sign(old_key)}, "unauthorized")
+            assert reply["message"] == "token signature does not verify"
+
+
 # ---- 7. TLS --------------------------------------------------------------------------------------------
 
 
@@ -1131,7 +1172,7 @@ def test_readme_first_command_runs_anonymous_on_loopback() -> None:
 
 async def test_metrics_count_refusals_by_reason_and_right(nursery: trio.Nursery, tmp_dir: Path, keys: Keys,
                                                           bad_tokens: dict[str, tuple[Any, str]]) -> None:
-    d = await start(nursery, tmp_dir, keys, with_http=True)
+    d = await start(nursery, tmp_dir, keys, with_http=True, websocket={"allowed_origins": ["https://soc.example"]})
     bad = bad_tokens
     with trio.fail_after(TIMEOUT_S):
         async with client(d) as c:
@@ -1148,6 +1189,8 @@ async def test_metrics_count_refusals_by_reason_and_right(nursery: trio.Nursery,
             await error(c, {"op": "worker.hello", "types": ["x"]}, "forbidden")
             await error(c, {"op": "auth", "token": token(keys, "bob")}, "forbidden")
         assert (await handshake(d.endpoints.ws_port, {"Authorization": f"Bearer {bad['garbage'][0]}"})).status == 401
+        for _ in range(2):
+            assert (await handshake(d.endpoints.ws_port, {"Origin": "https://evil.test"})).status == 403
         text = await metrics(d)
     unauthorized = {reason: metric(text, "aivad_auth_unauthorized_total", reason=reason)
                     for reason in ("missing", "expired", "algorithm", "bad_signature", "bad_audience", "malformed")}
@@ -1156,6 +1199,10 @@ async def test_metrics_count_refusals_by_reason_and_right(nursery: trio.Nursery,
     forbidden = {right: metric(text, "aivad_auth_forbidden_total", right=right)
                  for right in ("subscribe", "publish", "dispatch", "work", "sub")}
     assert forbidden == {"subscribe": 4, "publish": 1, "dispatch": 1, "work": 1, "sub": 1}
+    assert metric(text, "aivad_requests_refused_total", reason="forbidden") == 8
+    # handshakes refused after they were read: by a bad Authorization header, by Origin
+    assert metric(text, "aivad_connections_refused_total", reason="unauthorized") == 1
+    assert metric(text, "aivad_connections_refused_total", reason="origin") == 2
     assert "# TYPE aivad_auth_unauthorized_total counter" in text
     assert "# TYPE aivad_auth_forbidden_total counter" in text
 
