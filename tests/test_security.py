@@ -1282,3 +1282,46 @@ async def test_aivad_token_is_accepted_end_to_end(nursery: trio.Nursery, tmp_dir
         async with client(d, bearer=minted) as c:
             await c.publish("incident.42.note", "on the handshake")
     assert await stored(d) == ["incident.42.note", "incident.42.note"]
+
+
+# ---- docs/security.md: the worked session is real --------------------------------------------------------
+
+
+def _session() -> tuple[dict[str, tuple[str, dict[str, Any]]], list[tuple[str, str]]]:
+    """The block marked ``security-session``: its tokens (name → sub, rights) and its →/← lines."""
+    text = (REPO / "docs" / "security.md").read_text(encoding="utf-8")
+    found = re.findall(r"^<!-- test: security-session -->\n```text\n(.*?)^```", text, re.S | re.M)
+    assert len(found) == 1
+    tokens = {m[0]: (m[1], json.loads(m[2]))
+              for m in re.findall(r'^# (T\d+): sub "([^"]+)", aivad (\{.*\})$', found[0], re.M)}
+    steps = [(line[0], line[2:]) for line in found[0].splitlines() if line[:2] in ("→ ", "← ")]
+    return tokens, steps
+
+
+def _like(documented: Any, real: Any) -> bool:
+    """``real`` is what the docs show, where the string ``"…"`` stands for any value."""
+    if documented == "…":
+        return True
+    if isinstance(documented, dict):
+        return isinstance(real, dict) and documented.keys() == real.keys() and all(
+            _like(value, real[key]) for key, value in documented.items())
+    return bool(documented == real)
+
+
+async def test_the_session_in_security_md_is_real(nursery: trio.Nursery, tmp_dir: Path, keys: Keys) -> None:
+    tokens, steps = _session()
+    assert set(tokens) == {"T1", "T2", "T3"} and len(steps) >= 20
+    minted = {name: token(keys, sub, rights) for name, (sub, rights) in tokens.items()}
+    d = await start(nursery, tmp_dir, keys)
+    with trio.fail_after(TIMEOUT_S):
+        async with client(d) as c:
+            for direction, line in steps:
+                frame = json.loads(line)
+                if direction == "→":
+                    if frame.get("token") in minted:
+                        frame["token"] = minted[frame["token"]]
+                    await c.send(frame)
+                else:
+                    real = await c.receive()
+                    assert _like(frame, real), f"documented {line}\n      real {json.dumps(real)}"
+            assert await no_more_messages(c)
