@@ -855,7 +855,8 @@ async def test_refresh_that_drops_a_work_grant_drains_the_worker(nursery: trio.N
                 pytest.fail(f"a worker without the work grant got {task}")
             # what it held when its rights changed it may still finish
             await w.ok({"op": "task.result", "task_id": held, "result": "first"})
-            assert (await admin.ok({"op": "task.status", "task_id": held}))["result"] == "first"
+            collected = await admin.ok({"op": "collect", "task_ids": [held], "timeout": 5})
+            assert collected["completed"] == {held: "first"}
             assert (await admin.ok({"op": "task.status", "task_id": queued}))["state"] == "queued"
 
 
@@ -1151,7 +1152,11 @@ def test_readme_first_command_runs_anonymous_on_loopback() -> None:
         control = directory / "aivad" / "control.sock"
         deadline = time.monotonic() + 20
         while not control.exists():
-            assert proc.poll() is None, (directory / "daemon.log").read_text()
+            if proc.poll() is not None:
+                log = (directory / "daemon.log").read_text()
+                if "Address already in use" in log:  # taken since the probe above
+                    pytest.skip("port 8765 (the embedded default) is in use on this machine")
+                pytest.fail(log)
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert stat.S_IMODE(control.stat().st_mode) == 0o600
