@@ -31,6 +31,7 @@ import ipaddress
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -1077,7 +1078,7 @@ def refusals(keys: Keys) -> Iterator[dict[str, subprocess.CompletedProcess[str]]
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        subprocess.run(["rm", "-rf", str(directory)], check=False)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.mark.parametrize("case", SERVE_CASES)
@@ -1169,7 +1170,7 @@ def test_readme_first_command_runs_anonymous_on_loopback() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        subprocess.run(["rm", "-rf", str(directory)], check=False)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 # ---- 9. audit: metrics, rate-limited logs without tokens -----------------------------------------------
