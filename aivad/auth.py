@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import binascii
 import fnmatch
+import ipaddress
 import logging
 import math
 import re
@@ -53,6 +54,7 @@ __all__ = [
     "Rights",
     "TokenVerifier",
     "Unauthorized",
+    "console_origins",
     "contains",
     "mint_token",
     "origin_allowed",
@@ -488,6 +490,36 @@ def mint_token(
 
 #: a longer Origin header cannot be a real one: refused before matching
 MAX_ORIGIN_LENGTH = 1024
+
+
+def console_origins(host: str, scheme: str, port: int) -> list[str]:
+    """The origins of the daemon's own ``[http]`` server (its console) for a browser that reached the
+    WebSocket by ``host`` (the handshake's ``Host``): ``scheme://name:port``, or ``[]``.
+
+    Only for a name nobody else can point at the daemon: an IP address or ``localhost``. Any other
+    name may be an attacker's, re-pointed at 127.0.0.1 after the victim's browser loaded the
+    attacker's page from it (DNS rebinding): that page's origin would look like the console's. A
+    console reached by such a name is listed in ``[websocket] allowed_origins``.
+    """
+    if host.startswith("["):  # [v6]:port or [v6]
+        name, _, rest = host[1:].partition("]")
+        if rest and not rest.startswith(":"):
+            return []
+        bracketed = True
+    else:
+        name, bracketed = host.rpartition(":")[0] if host.count(":") == 1 else host, False
+    if name.lower() != "localhost":
+        try:
+            address = ipaddress.ip_address(name)
+        except ValueError:
+            return []
+        if bracketed != (address.version == 6):
+            return []
+    authority = f"[{name}]" if bracketed else name
+    own = [f"{scheme}://{authority}:{port}".lower()]
+    if (scheme, port) in (("http", 80), ("https", 443)):
+        own.append(f"{scheme}://{authority}".lower())
+    return own
 
 
 def origin_allowed(origin: str, globs: Sequence[str], own: Sequence[str]) -> bool:

@@ -304,6 +304,14 @@ class Operations:
         """Whether a subscription may go on after ``caller``'s rights changed (a token refresh)."""
         return caller.rights.may_subscribe(pattern)
 
+    def rights_changed(self, caller: Caller, worker: Worker) -> None:
+        """A worker's token was refreshed: without a ``work`` grant for every one of its types any more,
+        it is drained (no new task; it finishes those it holds), as ``worker.hello`` would now be refused."""
+        if not worker.draining and not all(caller.rights.may_work(t) for t in worker.types):
+            log.info("worker %s (%s) drained: its refreshed token no longer grants work for all its types",
+                     worker.name, caller.sub)
+            self.dispatcher.drain_worker(worker)
+
     # ---- tasks ---------------------------------------------------------------------------------
 
     async def dispatch_many(self, caller: Caller, specs: Sequence[TaskSpec]) -> Pending:
@@ -344,16 +352,27 @@ class Operations:
         timeout_s: float,
         min_results: int | None,
     ) -> CollectResult:
-        """Wait for results of many tasks, each of a type ``caller`` may dispatch."""
+        """Wait for results of many tasks, each of a type ``caller`` may dispatch.
+
+        A group is open to anyone's dispatches, so the tasks that joined it while
+        this waited are judged too, before any result is handed out.
+        """
         self._gate(caller)
         if not caller.rights.admin:
             views = await self.dispatcher.views(task_ids) if task_ids is not None else await self.dispatcher.views(
                 group_id=group_id
             )
-            for view in views:
-                if not caller.rights.may_dispatch(view.type):
-                    raise self._forbidden("dispatch", view.type)
-        return await self.aggregator.collect(task_ids, group_id, timeout_s, min_results)
+            self._require_dispatch(caller, views)
+        result = await self.aggregator.collect(task_ids, group_id, timeout_s, min_results)
+        if not caller.rights.admin and task_ids is None:
+            self._require_dispatch(caller, await self.dispatcher.views([*result.completed, *result.failed,
+                                                                        *result.pending]))
+        return result
+
+    def _require_dispatch(self, caller: Caller, views: list[TaskView]) -> None:
+        for view in views:
+            if not caller.rights.may_dispatch(view.type):
+                raise self._forbidden("dispatch", view.type)
 
     # ---- workers -------------------------------------------------------------------------------
 

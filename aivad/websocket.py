@@ -31,7 +31,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
 
-from .auth import origin_allowed
+from .auth import console_origins, origin_allowed
 from .boundary import Faults, describe
 from .config import ConfigError, WebSocketConfig
 from .envelope import rfc3339
@@ -142,15 +142,16 @@ class Connection:
     # ---- identity (DESIGN §4.8) ---------------------------------------------
 
     def set_caller(self, caller: Caller) -> None:
-        """New rights (an ``auth``): subscriptions they no longer allow end with ``unsubscribed``."""
+        """New rights (an ``auth``): subscriptions they no longer allow end with ``unsubscribed``; a worker
+        they no longer let work all its types is drained."""
         self.caller = caller
         for pattern, sub in list(self.subscriptions.items()):
             if not self.service.ops.may_keep(caller, pattern):
                 del self.subscriptions[pattern]
                 self.service.ops.unsubscribe(sub)
                 self.offer(_frame({"op": "unsubscribed", "pattern": pattern, "reason": "forbidden"}))
-        if self.worker is not None and not all(caller.rights.may_work(t) for t in self.worker.types):
-            self.service.ops.worker_drain(self.worker)  # no new task; what it holds it may finish
+        if self.worker is not None:
+            self.service.ops.rights_changed(caller, self.worker)
         self._arm_auth_deadline()
 
     def _arm_auth_deadline(self) -> None:
@@ -534,16 +535,9 @@ class WebSocketService:
                 self._handlers_done.set()
 
     def _origin_allowed(self, origin: str, host: str) -> bool:
-        """``allowed_origins``, or the origin of our own console: the host the client reached us by,
-        on the ``[http]`` server's port and scheme."""
-        own = []
-        if self.console is not None:
-            scheme, port = self.console
-            name = host.rpartition(":")[0] if host.count(":") == 1 or host.endswith("]") else host
-            name = name or host
-            own.append(f"{scheme}://{name}:{port}".lower())
-            if (scheme, port) in (("http", 80), ("https", 443)):
-                own.append(f"{scheme}://{name}".lower())
+        """``allowed_origins``, or the origin of our own console: the address (or ``localhost``) the
+        client reached us by, on the ``[http]`` server's port and scheme."""
+        own = console_origins(host, *self.console) if self.console is not None else []
         return origin_allowed(origin, self.cfg.allowed_origins, own)
 
     async def drain(self) -> None:
