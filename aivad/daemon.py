@@ -40,7 +40,7 @@ from .router import Router
 from .sdnotify import Notifier, serve_watchdog
 from .stats import Ingest
 from .store import Store, serve_store
-from .websocket import WebSocketService, serve_websocket
+from .websocket import WebSocketService, serve_websocket, tls_context
 
 __all__ = ["Daemon", "Endpoints", "ReloadOutcome", "run_daemon"]
 
@@ -331,6 +331,8 @@ async def run_daemon(
     notifier = Notifier.from_environ() if handle_signals else Notifier.from_environ({})
     # key files are read once, here, before any service starts: a bad one is a ConfigError (exit 2)
     verifier = TokenVerifier(cfg.auth) if cfg.auth.hmac_secret_file or cfg.auth.public_key_file else None
+    if cfg.http.enabled and cfg.http.tls_cert_file:  # hypercorn loads it itself, later: try it now
+        tls_context(cfg.http.tls_cert_file, cfg.http.tls_key_file, "http")
     daemon = Daemon(cfg, config_path, notifier)
     async with trio.open_nursery() as root:
         # first: keeps pinging systemd while the store opens in its thread

@@ -769,13 +769,13 @@ async def serve_websocket(
     raise AssertionError("unreachable")
 
 
-def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+def tls_context(cert_file: str, key_file: str, section: str = "websocket") -> ssl.SSLContext:
     """A server TLS context from PEM files; an unusable pair is a ConfigError (``aivad serve`` exits 2)."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         context.load_cert_chain(cert_file, key_file)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"websocket.tls_cert_file: cannot use {cert_file} with {key_file}: {exc}") from None
+        raise ConfigError(f"{section}.tls_cert_file: cannot use {cert_file} with {key_file}: {exc}") from None
     return context
 
 

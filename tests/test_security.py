@@ -1045,8 +1045,7 @@ def _serve_cases(keys: Keys, directory: Path) -> dict[str, tuple[dict[str, Any],
 
 SERVE_CASES = ["websocket cert missing", "websocket key missing", "websocket cert without key",
                "websocket cert garbage", "websocket key of another cert", "http cert missing",
-               pytest.param("http cert garbage", marks=pytest.mark.xfail(
-                   strict=True, reason="hypercorn's ssl.SSLError escapes as a traceback, exit 1 (see report)")),
+               "http cert garbage",
                "websocket host 0.0.0.0 anonymous", "http host non-loopback anonymous", "hmac secret missing"]
 
 
