@@ -572,7 +572,9 @@ class Client:
         final error; ``attempts`` the attempt that ended it. A sync callback
         runs in the client's reader task (keep it short); an async one is
         started as a task of the client. Exceptions in callbacks are logged.
-        Callbacks not yet fired when the client closes are dropped.
+        Callbacks not yet fired when the client closes are dropped, and so
+        are they (logged) when the daemon ends those subscriptions (e.g.
+        ``forbidden`` after a token refresh narrowed the rights).
 
         Built on the ``task.completed`` / ``task.dead_lettered`` events, so a
         reconnect (or a daemon restart) loses nothing: the subscriptions resume
