@@ -19,7 +19,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from aivad.client._client import Client, connect
 from aivad.client._model import ClientOptions, CollectResult, Gap, Published, TaskStatus
 from aivad.client._subscription import Subscription
-from aivad.client._token import TokenProvider
+from aivad.client._token import TokenProvider, check_token_provider
 from aivad.envelope import Envelope
 
 __all__ = ["BlockingClient", "BlockingSubscription"]
@@ -99,6 +99,7 @@ class BlockingClient:
         options: ClientOptions | None = None,
         backend: str = "trio",
     ) -> None:
+        check_token_provider(token)
         self.url = url
         self._token = token
         self._options = options

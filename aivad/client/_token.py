@@ -47,7 +47,14 @@ import anyio.to_thread
 
 from aivad.client._model import AivadConnectionError, AivadError
 
-__all__ = ["CLOSE_UNAUTHENTICATED", "TokenProvider", "TokenSource", "token_expiry", "token_source"]
+__all__ = [
+    "CLOSE_UNAUTHENTICATED",
+    "TokenProvider",
+    "TokenSource",
+    "check_token_provider",
+    "token_expiry",
+    "token_source",
+]
 
 log = logging.getLogger(__name__)
 
@@ -99,22 +106,31 @@ def token_source(token: TokenProvider | None, refresh_before_s: float) -> TokenS
 
     Raises TypeError for anything but a string or a callable.
     """
+    check_token_provider(token)
     if token is None or token == "":
         return None
-    if not isinstance(token, str) and not callable(token):
-        raise TypeError("token must be a string or a callable returning one")
     return TokenSource(token, refresh_before_s)
+
+
+def check_token_provider(token: object) -> None:
+    """Raise TypeError unless ``token`` is None, a string or a callable."""
+    if token is not None and not isinstance(token, str) and not callable(token):
+        raise TypeError("token must be a string or a callable returning one")
 
 
 class TokenSource:
     """The current token of one client (or worker), and when to ask the callable again.
 
     Times: ``exp`` is wall clock; it is converted once, when a token is taken,
-    to the event loop's clock, which every deadline here uses.
+    to the event loop's clock, which every deadline here uses. So a source
+    belongs to one event loop: make it inside the loop that uses it.
     """
 
-    def __init__(self, provider: TokenProvider, refresh_before_s: float) -> None:
+    def __init__(
+        self, provider: TokenProvider, refresh_before_s: float, *, wall_clock: Callable[[], float] = time.time
+    ) -> None:
         self._provider = provider
+        self._wall_clock = wall_clock  # tests on a virtual clock pass one that moves with it
         self._refresh_before_s = refresh_before_s
         self._token: str | None = provider if isinstance(provider, str) else None
         #: bumped each time the token changes; 1 for a string token
@@ -125,7 +141,7 @@ class TokenSource:
         self._invalid = False  # the daemon refused this generation (401, 4001, a refused auth)
         self._asks = 0
         self._lock = anyio.Lock()
-        self._changed = anyio.Event()
+        self._changed: anyio.Event | None = None  # made by a waiter, set (and dropped) on each change
         if self._token is not None:
             _check_header_safe(self._token)
             self._exp = token_expiry(self._token)
@@ -208,6 +224,8 @@ class TokenSource:
     async def _wait_due_or_newer(self, seen: int) -> bool:
         """True when the refresh is due; False when the token changed meanwhile (someone else asked)."""
         while True:
+            if self._changed is None:
+                self._changed = anyio.Event()
             changed = self._changed
             at = self._refresh_at
             if at is not None and anyio.current_time() >= at:
@@ -258,12 +276,11 @@ class TokenSource:
         self._expires_at = self._refresh_at = None
         if self._exp is not None:
             self._schedule(self._exp, previous_exp)
-        self._changed.set()
-        self._changed = anyio.Event()
+        self._notify()
 
     def _schedule(self, exp: float, previous_exp: float | None) -> None:
         now = anyio.current_time()
-        remaining = exp - time.time()
+        remaining = exp - self._wall_clock()
         self._expires_at = now + remaining
         if remaining <= 0:
             # expired already: nothing to refresh ahead of; a connection presenting it is
@@ -276,8 +293,7 @@ class TokenSource:
         else:
             lead = min(self._refresh_before_s, remaining / 2)
             self._refresh_at = now + max(remaining - lead, _MIN_ASK_INTERVAL_S)
-        self._changed.set()
-        self._changed = anyio.Event()
+        self._notify()
 
     def _retry_later(self) -> None:
         """Plan another ask halfway to expiry; none when that is too close (then 4001 and a reconnect follow)."""
@@ -286,8 +302,13 @@ class TokenSource:
             half = (self._expires_at - anyio.current_time()) / 2
             if half >= _MIN_RETRY_S:
                 self._refresh_at = anyio.current_time() + half
-        self._changed.set()
-        self._changed = anyio.Event()
+        self._notify()
+
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
 
 def _check_header_safe(token: str) -> None:

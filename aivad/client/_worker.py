@@ -60,7 +60,13 @@ import attrs
 
 from aivad.client._client import decode_frame, encode_frame, open_connection
 from aivad.client._model import AivadConnectionError, AivadError, Backoff, ClientOptions
-from aivad.client._token import CLOSE_UNAUTHENTICATED, TokenProvider, token_source
+from aivad.client._token import (
+    CLOSE_UNAUTHENTICATED,
+    TokenProvider,
+    TokenSource,
+    check_token_provider,
+    token_source,
+)
 from aivad.client._ws import HandshakeRejected, WebSocketClosed, WebSocketConnection
 from aivad.envelope import check_topic
 
@@ -267,7 +273,10 @@ class Worker:
         self.shutdown_grace_s = shutdown_grace_s
         self.permanent_errors: tuple[type[BaseException], ...] = (PermanentError, *permanent_errors)
         self.options = options or ClientOptions()
-        self._tokens = token_source(token, self.options.token_refresh_before_s)
+        check_token_provider(token)
+        self._token = token
+        #: made in :meth:`run`: its deadlines are on the clock of the loop that runs
+        self._tokens: TokenSource | None = None
         self._handlers: dict[str, tuple[Handler, bool]] = {}
         self._active = False
         self._connects = 0
@@ -332,7 +341,9 @@ class Worker:
             raise ValueError("no handlers registered")
         if self._active:
             raise RuntimeError("this worker is already running")
+        tokens = token_source(self._token, self.options.token_refresh_before_s)  # a bad string raises here
         self._active = True
+        self._tokens = tokens
         self._stop_requested = anyio.Event()
         self._stopped = anyio.Event()
         self._ready = anyio.Event()
