@@ -11,8 +11,10 @@ Test policy for this module:
   to whole seconds, so 2 to 3 s), so several refreshes fit in a few seconds.
   What is asserted is the promise, not durations: no reconnect (so no 4001),
   every message once and in order, and the token callable asked again.
-- Each test runs under a real ``trio.fail_after``; the whole module stays
-  well under a minute.
+- Each test with sockets runs under a real ``trio.fail_after``; the whole
+  module stays well under a minute. The refresh policy itself (when the
+  callable is asked) is tested without sockets on trio's ``MockClock``, with a
+  wall clock that moves with it and exact times.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import trio.lowlevel
 import aivad.client
 from aivad.auth import Rights, mint_token
 from aivad.client import AivadError, BlockingClient, ClientOptions, TaskContext, Worker
-from aivad.client._token import token_expiry
+from aivad.client._token import TokenSource, token_expiry
 from tests.conftest import InProcessDaemon, start_daemon
 from tests.test_docs import marked_block, page
 
@@ -74,6 +76,127 @@ def ticker(client: aivad.client.Client, topic: str, published: list[int], until:
             await trio.sleep(0.05)
 
     return publish_until
+
+
+# ---- the refresh policy, on a virtual clock ----------------------------------------------
+
+T0 = 2_000_000_000.0  # the virtual wall clock's start (integral: mint_token counts whole seconds)
+
+
+class VirtualIdP:
+    """An async token callable on trio's clock: tokens of ``ttl_s`` from a wall clock moving
+    with it (so MockClock's jumps age them), or the same token again while ``stuck``."""
+
+    def __init__(self, ttl_s: float = 600.0) -> None:
+        self.start = trio.current_time()
+        self.ttl_s = ttl_s
+        self.asked_at: list[float] = []
+        self.stuck = False
+        self.token = ""
+
+    def wall(self) -> float:
+        return T0 + trio.current_time() - self.start
+
+    async def __call__(self) -> str:
+        self.asked_at.append(trio.current_time() - self.start)
+        if not (self.stuck and self.token):
+            # + 0.5: asks land on whole seconds of the wall clock; never round below one
+            self.token = mint_token(SECRET, sub="v", rights=Rights(), ttl_s=self.ttl_s, now=self.wall() + 0.5)
+        return self.token
+
+
+async def run_refresher(source: TokenSource, generation: int, for_s: float) -> list[tuple[float, int]]:
+    """Run ``keep_fresh`` for ``for_s`` virtual seconds; when it re-authenticated, with which generation."""
+    start = trio.current_time()
+    seen: list[tuple[float, int]] = []
+
+    async def reauthenticate(token: str, generation: int) -> None:
+        seen.append((trio.current_time() - start, generation))
+
+    with trio.move_on_after(for_s):
+        await source.keep_fresh(reauthenticate, generation)
+    return seen
+
+
+def test_token_expiry_reads_exp_without_verifying() -> None:
+    token = mint_token(os.urandom(32), sub="x", rights=Rights(), ttl_s=60, now=T0)  # a key nobody knows
+    assert token_expiry(token) == T0 + 60
+    for not_a_jwt in ("", "garbage", "a.b", "a.!!.c", "a." + "e30" + ".c", "a.eyJleHAiOiJzb29uIn0.c"):
+        assert token_expiry(not_a_jwt) is None  # {} and {"exp": "soon"} among them
+
+
+async def test_refresh_is_asked_ahead_of_each_expiry(autojump_clock: trio.testing.MockClock) -> None:
+    idp = VirtualIdP(ttl_s=600)
+    source = TokenSource(idp, refresh_before_s=60, wall_clock=idp.wall)
+    token, generation = await source.current()
+    assert (await source.current()) == (token, generation) and idp.asked_at == [0]  # not due: no ask
+    seen = await run_refresher(source, generation, 2000)
+    assert idp.asked_at == pytest.approx([0, 540, 1080, 1620], abs=1e-3)
+    assert seen == [(pytest.approx(t, abs=1e-3), g) for t, g in ((540, 2), (1080, 3), (1620, 4))]
+
+    # a token shorter than 2 × refresh_before_s is refreshed halfway
+    short = VirtualIdP(ttl_s=10)
+    source = TokenSource(short, refresh_before_s=60, wall_clock=short.wall)
+    await run_refresher(source, (await source.current())[1], 12)
+    assert short.asked_at == pytest.approx([0, 5, 10], abs=1e-3)
+
+
+async def test_the_same_token_again_is_retried_halfway_then_left_to_expire(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    idp = VirtualIdP(ttl_s=600)
+    idp.stuck = True
+    source = TokenSource(idp, refresh_before_s=60, wall_clock=idp.wall)
+    _, generation = await source.current()
+    seen = await run_refresher(source, generation, 700)
+    # 60 s before expiry, then half the rest each time, until less than 1 s would be left
+    assert idp.asked_at == pytest.approx([0, 540, 570, 585, 592.5, 596.25, 598.125], abs=1e-3)
+    assert seen == []  # nothing new to present
+    # expired (the daemon closed with 4001): the reconnect asks again
+    idp.stuck = False
+    token, newer = await source.current()
+    assert newer == generation + 1 and len(idp.asked_at) == 8
+    assert token_expiry(token) == pytest.approx(idp.wall() + 600, abs=1)
+
+
+async def test_one_ask_for_concurrent_connections_and_again_after_a_refusal(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    asks = 0
+
+    async def slow_idp() -> str:
+        nonlocal asks
+        asks += 1
+        await trio.sleep(1)
+        return mint_token(SECRET, sub="v", rights=Rights(), ttl_s=600)
+
+    source = TokenSource(slow_idp, refresh_before_s=60)
+    got: list[tuple[str, int]] = []
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(lambda: _append(got, source.current()))
+    assert asks == 1 and len(set(got)) == 1
+    _, generation = got[0]
+    source.invalidate(generation - 1)  # an older generation's refusal changes nothing
+    assert (await source.current())[1] == generation and asks == 1
+    source.invalidate(generation)  # HTTP 401 / close 4001 for the current one: ask again
+    await source.current()
+    assert asks == 2
+
+    failures = 0
+
+    async def failing_idp() -> str:
+        nonlocal failures
+        failures += 1
+        raise OSError("identity provider down")
+
+    with pytest.raises(aivad.client.AivadConnectionError, match="identity provider down"):
+        await TokenSource(failing_idp, refresh_before_s=60).current()
+    assert failures == 1
+
+
+async def _append(into: list[Any], value: Any) -> None:
+    into.append(await value)
 
 
 # ---- a string token ----------------------------------------------------------------------
