@@ -1,16 +1,16 @@
 """The Python client of aivad (DESIGN §4.6): anyio-based, so it runs under trio
 and asyncio, plus a blocking facade for synchronous agents.
 
-    async with aivad.client.connect("ws://127.0.0.1:8765/") as client:
+    async with aivad.client.connect("ws://127.0.0.1:8765/", token=fetch_token) as client:
         await client.publish("scan.completed", {"scan_id": "123"})
         async with client.subscribe("scan.#", since=0) as sub:
             async for env in sub:          # resumes by itself, never a duplicate
                 ...
 
-    with aivad.client.BlockingClient("ws://127.0.0.1:8765/") as client:
+    with aivad.client.BlockingClient("ws://127.0.0.1:8765/", token=os.environ["AIVAD_TOKEN"]) as client:
         client.publish("scan.completed", {"scan_id": "123"})
 
-    worker = aivad.client.Worker("ws://127.0.0.1:8765/", concurrency=4, name="scanner-1")
+    worker = aivad.client.Worker("ws://127.0.0.1:8765/", concurrency=4, name="scanner-1", token=fetch_token)
 
     @worker.handler("scan.run")
     async def scan(task: aivad.client.TaskContext) -> dict:
@@ -18,6 +18,12 @@ and asyncio, plus a blocking facade for synchronous agents.
         return {"open_ports": [22]}
 
     worker.run_forever()   # or: await worker.run() / async with worker.running(): ...
+
+``token=`` (DESIGN §4.8) is a JWT, or a callable (sync or async) returning one:
+a callable is asked again before each token expires and the new one is sent on
+every open connection; a string ends in ``AivadError("unauthorized")`` once it
+has expired. Without ``token=`` nothing is presented (a daemon with ``[auth]
+required = false``).
 """
 
 from aivad.client._blocking import BlockingClient, BlockingSubscription
@@ -35,6 +41,7 @@ from aivad.client._model import (
     TaskStatus,
 )
 from aivad.client._subscription import Subscription
+from aivad.client._token import TokenProvider
 from aivad.client._worker import PermanentError, TaskAbandoned, TaskContext, Worker, WorkerStatistics
 from aivad.client._ws import HandshakeRejected, WebSocketClosed
 from aivad.envelope import Envelope
@@ -59,6 +66,7 @@ __all__ = [
     "TaskAbandoned",
     "TaskContext",
     "TaskStatus",
+    "TokenProvider",
     "WebSocketClosed",
     "Worker",
     "WorkerStatistics",

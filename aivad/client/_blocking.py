@@ -19,6 +19,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from aivad.client._client import Client, connect
 from aivad.client._model import ClientOptions, CollectResult, Gap, Published, TaskStatus
 from aivad.client._subscription import Subscription
+from aivad.client._token import TokenProvider, check_token_provider
 from aivad.envelope import Envelope
 
 __all__ = ["BlockingClient", "BlockingSubscription"]
@@ -75,7 +76,7 @@ class BlockingSubscription:
 
 
 class BlockingClient:
-    """``with BlockingClient(url) as client: client.publish("a.b", {...})``.
+    """``with BlockingClient(url, token=…) as client: client.publish("a.b", {...})``.
 
     The same operations as :class:`~aivad.client.Client`, blocking. Thread-safe:
     calls from several threads are pipelined on the one connection.
@@ -84,12 +85,23 @@ class BlockingClient:
     ``__exit__`` (or ``close()``) closes subscriptions, the connection and the
     thread. Error handling: the async client's exceptions, unchanged.
     ``on_gap`` callbacks run on the portal thread.
+
+    ``token``: as for :func:`~aivad.client.connect` — a JWT, or a callable
+    returning one, asked again before each expiry (a plain function runs in a
+    worker thread of the portal's loop, so it may block, e.g. on an HTTP call).
     """
 
     def __init__(
-        self, url: str = "ws://127.0.0.1:8765/", *, options: ClientOptions | None = None, backend: str = "trio"
+        self,
+        url: str = "ws://127.0.0.1:8765/",
+        *,
+        token: TokenProvider | None = None,
+        options: ClientOptions | None = None,
+        backend: str = "trio",
     ) -> None:
+        check_token_provider(token)
         self.url = url
+        self._token = token
         self._options = options
         self._backend = backend
         self._stack: ExitStack | None = None
@@ -101,7 +113,7 @@ class BlockingClient:
         try:
             portal = stack.enter_context(start_blocking_portal(self._backend))
             cm: AbstractContextManager[Client] = portal.wrap_async_context_manager(
-                connect(self.url, options=self._options)
+                connect(self.url, token=self._token, options=self._options)
             )
             self._client = stack.enter_context(cm)
         except BaseException:

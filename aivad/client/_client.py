@@ -14,6 +14,15 @@ Why this shape:
 - **A connection per subscription** (see ``_subscription.py``): the daemon
   closes a slow consumer's whole connection (4008); a slow reader of one
   subscription must not take publishes or other subscriptions down with it.
+- **One refresher task per client** (``token=`` a callable, ``_token.py``):
+  it asks for the next token before the current one expires and sends
+  ``auth`` on the call connection and on every subscription's connection. A
+  subscription's own loop could not do it: a consumer busy with a message, or
+  one that simply stopped iterating (that is how it pushes back), would not
+  run it in time, and its connection would be closed with 4001. One task per
+  client is the same cost however many subscriptions there are, and the
+  subscriptions keep having no task of their own; they only read the ``auth``
+  reply among their frames.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from aivad.client._model import (
     RetryPolicy,
     TaskStatus,
 )
+from aivad.client._token import CLOSE_UNAUTHENTICATED, TokenProvider, TokenSource, token_source
 from aivad.client._ws import HandshakeRejected, WebSocketClosed, WebSocketConnection, connect_websocket
 from aivad.envelope import Envelope, check_pattern, check_topic
 
@@ -112,21 +122,56 @@ def reply_or_raise(frame: dict[str, Any]) -> dict[str, Any]:
     return frame
 
 
-async def open_connection(url: str, options: ClientOptions) -> WebSocketConnection:
-    """Connect to the daemon, mapping every way that can fail onto AivadConnectionError."""
+async def _open(url: str, options: ClientOptions, token: str | None) -> WebSocketConnection:
+    """One handshake, presenting ``token``; every way it can fail mapped onto our errors."""
+    headers = () if token is None else (("Authorization", f"Bearer {token}"),)
     try:
         return await connect_websocket(
             url,
             max_message_bytes=options.max_message_bytes,
             connect_timeout_s=options.connect_timeout_s,
             close_timeout_s=options.close_timeout_s,
+            headers=headers,
         )
     except HandshakeRejected as exc:
+        if exc.status == 401:
+            detail = exc.body.decode("utf-8", "replace").strip().removeprefix("aivad: ")[:200]
+            raise AivadError("unauthorized", f"{url}: the daemon refused the token (HTTP 401: {detail})") from exc
         raise AivadConnectionError(f"{url}: {exc}") from exc
     except TimeoutError as exc:
         raise AivadConnectionError(f"{url}: connect timed out after {options.connect_timeout_s} s") from exc
     except OSError as exc:
         raise AivadConnectionError(f"{url}: cannot connect: {exc}") from exc
+
+
+async def open_connection(
+    url: str, options: ClientOptions, tokens: TokenSource | None = None
+) -> tuple[WebSocketConnection, int]:
+    """Connect to the daemon, presenting the current token of ``tokens`` on the handshake.
+
+    Returns: the connection, and the generation of the token it presented (0: none).
+    Error handling: ``AivadError("unauthorized")`` when the daemon refuses the
+    token (HTTP 401) — retrying the same token is pointless, so a callable is
+    asked again once first and a string not at all; AivadConnectionError for
+    every other failure (also a token callable that raised), which is worth a
+    retry.
+    """
+    if tokens is None:
+        return await _open(url, options, None), 0
+    token, generation = await tokens.current()
+    try:
+        return await _open(url, options, token), generation
+    except AivadError:
+        tokens.invalidate(generation)
+        if not tokens.refreshable:
+            raise
+        log.info("%s: the daemon refused the token; asking the token callable again", url)
+    token, generation = await tokens.current()
+    try:
+        return await _open(url, options, token), generation
+    except AivadError:
+        tokens.invalidate(generation)
+        raise
 
 
 class _Slot:
@@ -143,11 +188,16 @@ class _Slot:
 class _Session:
     """One call connection: the reader task and the table of calls awaiting replies."""
 
-    def __init__(self, conn: WebSocketConnection, options: ClientOptions) -> None:
+    def __init__(
+        self, conn: WebSocketConnection, options: ClientOptions, tokens: TokenSource | None = None, token_gen: int = 0
+    ) -> None:
         self.conn = conn
         self._options = options
         self._pending: dict[int, _Slot] = {}
         self.lost: AivadConnectionError | None = None
+        self._tokens = tokens
+        #: the generation of the token this connection last presented (handshake or ``auth``)
+        self.token_gen = token_gen
 
     @property
     def in_flight(self) -> int:
@@ -165,6 +215,8 @@ class _Session:
                 if frame is not None:
                     self._route(frame)
         except WebSocketClosed as exc:
+            if exc.code == CLOSE_UNAUTHENTICATED and self._tokens is not None:
+                self._tokens.invalidate(self.token_gen)  # the next connection asks for a fresh one
             self._fail_all(AivadConnectionError(f"connection to the daemon closed: {exc}", exc.code))
 
     def _route(self, frame: dict[str, Any]) -> None:
@@ -211,10 +263,13 @@ class Client:
     All methods may be called concurrently from many tasks.
     """
 
-    def __init__(self, url: str, options: ClientOptions, task_group: anyio.abc.TaskGroup) -> None:
+    def __init__(
+        self, url: str, options: ClientOptions, task_group: anyio.abc.TaskGroup, tokens: TokenSource | None = None
+    ) -> None:
         self.url = url
         self.options = options
         self._tg = task_group
+        self._tokens = tokens
         self._session: _Session | None = None
         self._connect_lock = anyio.Lock()
         self._in_flight = anyio.Semaphore(options.max_in_flight)
@@ -241,12 +296,58 @@ class Client:
                 return session
             if self._closed:
                 raise AivadConnectionError("client is closed")
-            conn = await open_connection(self.url, self.options)
+            conn, token_gen = await open_connection(self.url, self.options, self._tokens)
             self._connects += 1
-            session = _Session(conn, self.options)
+            session = _Session(conn, self.options, self._tokens, token_gen)
             self._session = session
             self._tg.start_soon(session.run_reader, name=f"aivad client reader {self.url}")
+            tokens = self._tokens
+            if tokens is not None and tokens.token is not None and token_gen < tokens.generation:
+                # refreshed while we connected: the refresher saw no session to send it to
+                self._tg.start_soon(self._reauthenticate_session, session, tokens.token, tokens.generation)
             return session
+
+    # ---------------------------------------------------------------- tokens
+
+    async def _reauthenticate_all(self, token: str, generation: int) -> None:
+        """Present a refreshed token on every open connection (DESIGN §4.8 refresh).
+
+        Called by the client's one refresher task (:meth:`TokenSource.keep_fresh`
+        in the task group of :func:`connect`): the call connection gets an
+        ``auth`` call, each subscription's connection an ``auth`` frame whose
+        reply its own iterator reads (see ``Subscription._reauthenticate``).
+        Concurrently, so one stuck connection delays no other.
+        """
+        async with anyio.create_task_group() as tg:
+            session = self._session
+            if session is not None:
+                tg.start_soon(self._reauthenticate_session, session, token, generation)
+            for sub in list(self._subscriptions):
+                tg.start_soon(sub._reauthenticate, token, generation)
+
+    async def _reauthenticate_session(self, session: _Session, token: str, generation: int) -> None:
+        """``auth`` with the refreshed token on the call connection.
+
+        Error handling: a refused token is logged and the refresh retried later
+        (the daemon keeps the old identity until it expires); a lost connection
+        needs nothing (the next one presents the new token on its handshake).
+        """
+        tokens = self._tokens
+        if tokens is None or session.lost is not None or session.token_gen >= generation:
+            return
+        session.token_gen = generation
+        ref = self._ref()
+        try:
+            with anyio.fail_after(self.options.request_timeout_s):
+                reply = await session.call(ref, encode_frame({"op": "auth", "ref": ref, "token": token}, None))
+        except AivadError as exc:
+            log.warning("the daemon refused the refreshed token (%s); asking again later", exc)
+            tokens.refused(generation)
+        except (AivadConnectionError, TimeoutError) as exc:
+            log.info("token refresh on the call connection: %s", exc)
+        else:
+            tokens.note_expires_at(generation, reply.get("expires_at"))
+            log.debug("token refreshed on the call connection (sub %s)", reply.get("sub"))
 
     async def _call(
         self, op: str, fields: dict[str, Any], *, idempotent: bool, timeout_s: float | None = _DEFAULT
@@ -471,7 +572,9 @@ class Client:
         final error; ``attempts`` the attempt that ended it. A sync callback
         runs in the client's reader task (keep it short); an async one is
         started as a task of the client. Exceptions in callbacks are logged.
-        Callbacks not yet fired when the client closes are dropped.
+        Callbacks not yet fired when the client closes are dropped, and so
+        are they (logged) when the daemon ends those subscriptions (e.g.
+        ``forbidden`` after a token refresh narrowed the rights).
 
         Built on the ``task.completed`` / ``task.dead_lettered`` events, so a
         reconnect (or a daemon restart) loses nothing: the subscriptions resume
@@ -503,27 +606,45 @@ class Client:
 
 
 @asynccontextmanager
-async def connect(url: str = "ws://127.0.0.1:8765/", *, options: ClientOptions | None = None) -> AsyncIterator[Client]:
-    """Connect to the daemon at ``url``; ``async with connect(url) as client: ...``.
+async def connect(
+    url: str = "ws://127.0.0.1:8765/",
+    *,
+    token: TokenProvider | None = None,
+    options: ClientOptions | None = None,
+) -> AsyncIterator[Client]:
+    """Connect to the daemon at ``url``; ``async with connect(url, token=…) as client: ...``.
+
+    ``token``: a JWT (a string), or a callable (sync or async) returning one.
+    Every connection of the client presents it as ``Authorization: Bearer``.
+    A callable is asked again ``options.token_refresh_before_s`` (at most half
+    the token's life) before ``exp``, and the new token is sent with the
+    ``auth`` op on every open connection, so none is closed with 4001. A string
+    cannot be refreshed: at its expiry the daemon closes with 4001, the client
+    reconnects and the daemon refuses the expired token, which raises
+    ``AivadError("unauthorized")`` from the next call or iteration.
 
     Returns: a :class:`Client`, usable until the block ends.
-    Resource handling: the reader task lives in a task group owned by this
-    context; leaving it closes every subscription and connection (bounded by
-    ``close_timeout_s``).
+    Resource handling: the reader task (and, with a token callable, the one
+    refresher task) live in a task group owned by this context; leaving it
+    closes every subscription and connection (bounded by ``close_timeout_s``).
     Error handling: AivadConnectionError at once if the daemon cannot be
-    reached. An exception raised in the block propagates as itself, not wrapped
-    in an exception group.
+    reached, ``AivadError("unauthorized")`` at once if it refuses the token. An
+    exception raised in the block propagates as itself, not wrapped in an
+    exception group.
     """
     options = options or ClientOptions()
-    conn = await open_connection(url, options)  # outside the task group: fail fast, unwrapped
+    tokens = token_source(token, options.token_refresh_before_s)
+    conn, token_gen = await open_connection(url, options, tokens)  # outside the task group: fail fast, unwrapped
     body_error: BaseException | None = None
     try:
         async with anyio.create_task_group() as tg:
-            client = Client(url, options, tg)
-            session = _Session(conn, options)
+            client = Client(url, options, tg, tokens)
+            session = _Session(conn, options, tokens, token_gen)
             client._session = session
             client._connects = 1
             tg.start_soon(session.run_reader, name=f"aivad client reader {url}")
+            if tokens is not None and tokens.refreshable:
+                tg.start_soon(tokens.keep_fresh, client._reauthenticate_all, token_gen, name=f"aivad token {url}")
             try:
                 yield client
             except BaseException as exc:  # noqa: BLE001 - not swallowed: re-raised below

@@ -26,10 +26,13 @@ __all__ = [
 
 
 class AivadError(Exception):
-    """The daemon answered with an ``error`` frame (DESIGN §4.3).
+    """The daemon answered with an ``error`` frame (DESIGN §4.3), or refused us otherwise.
 
     ``code`` is one of the fixed codes (``bad_request``, ``overloaded``,
     ``timeout``, …) so callers can branch on it; ``message`` is for humans.
+    Also ``unauthorized`` when the daemon refused the token on the handshake
+    (HTTP 401), and the ``reason`` (``forbidden``) when it ended a
+    subscription with ``unsubscribed``.
     """
 
     def __init__(self, code: str, message: str = "") -> None:
@@ -40,12 +43,12 @@ class AivadError(Exception):
 
 class AivadConnectionError(ConnectionError):
     """No usable connection to the daemon: it could not be reached, or the
-    connection ended before the reply came.
+    connection ended before the reply came (also: a token callable raised).
 
     When it ends a call that is not idempotent (``dispatch``, ``request``), the
     daemon may or may not have acted on it. ``close_code`` is the WebSocket
     close code when the daemon closed the connection (4008 slow consumer,
-    1001 going away, 1009 frame too large), else None.
+    1001 going away, 1009 frame too large, 4001 token expired), else None.
     """
 
     def __init__(self, message: str, close_code: int | None = None) -> None:
@@ -76,6 +79,9 @@ class ClientOptions:
       a half-open TCP connection cannot stall it forever. None: off.
     - ``subscription_buffer``: messages a subscription holds that arrived
       before its ``ok``; more than that drops the connection and resumes.
+    - ``token_refresh_before_s``: with ``token=`` a callable, ask it for the
+      next token this long before the current one expires (at most half the
+      token's remaining life, so a short-lived token is refreshed halfway).
     """
 
     connect_timeout_s: float = 10.0
@@ -89,6 +95,7 @@ class ClientOptions:
     max_disconnected_s: float | None = None
     keepalive_s: float | None = 30.0
     subscription_buffer: int = 1024
+    token_refresh_before_s: float = 60.0
 
 
 @attrs.frozen

@@ -22,7 +22,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from aivad.client._model import TaskStatus
+from aivad.client._model import AivadError, TaskStatus
 
 if TYPE_CHECKING:
     from aivad.client._client import Client
@@ -67,6 +67,20 @@ class ResultWatcher:
                 del self._callbacks[task_id]
 
     async def _follow(self, sub: Subscription) -> None:
+        try:
+            await self._follow_events(sub)
+        except AivadError as exc:
+            # e.g. ``forbidden`` after a token refresh narrowed the rights: this watcher is done; the
+            # next ``on_result`` starts a new one (and hears the refusal itself)
+            log.error("on_result: the subscription to %s ended (%s); %d callbacks dropped",
+                      sub.pattern, exc, len(self._callbacks))
+            self._callbacks.clear()
+            if self._client._results is self:
+                self._client._results = None
+            for other in self._subs:
+                await other.aclose()
+
+    async def _follow_events(self, sub: Subscription) -> None:
         async for env in sub:
             payload = env.payload if isinstance(env.payload, dict) else {}
             task_id = payload.get("task_id")

@@ -11,6 +11,16 @@ Why a connection of its own, read directly by the iterating task:
 - no nursery lives inside an async generator (STYLE.md pitfalls): this is a
   plain object with ``__anext__``.
 
+Tokens (``connect(url, token=…)``): the connection presents the client's
+current token on its handshake. Refreshing it needs no task here either: the
+client's one refresher task sends ``auth`` on this connection
+(:meth:`Subscription._reauthenticate`, a send only) and the reply is read
+among the other frames by whoever iterates. That also covers a consumer that
+is not iterating (busy, or pushing back): its connection is refreshed all the
+same. A close 4001 (the token expired anyway) is one more reconnect, with a
+fresh token; ``{"op":"unsubscribed"}`` (a refresh narrowed the rights) ends
+the subscription with ``AivadError(reason)`` instead of resubscribing.
+
 Resume rule: the subscription remembers the last ``seq`` it yielded (or, when
 started with ``since=None``, the daemon's ``last_seq`` at the first
 ``subscribe``) and re-subscribes with ``since`` = that seq. Anything with
@@ -20,6 +30,7 @@ cannot produce a duplicate.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -36,6 +47,7 @@ from aivad.client._model import (
     Gap,
     SubscriptionStatistics,
 )
+from aivad.client._token import CLOSE_UNAUTHENTICATED
 from aivad.client._ws import HandshakeRejected, WebSocketClosed, WebSocketConnection
 from aivad.envelope import Envelope, check_pattern
 
@@ -49,7 +61,14 @@ log = logging.getLogger(__name__)
 #: Subscribe errors worth another try on a new connection; the rest are the caller's to fix.
 _RETRYABLE_CODES: Final = frozenset({"overloaded", "internal", "timeout"})
 _KEEPALIVE_REF: Final = "keepalive"
-_CLOSE_REASONS: Final = {4008: "slow consumer", 1001: "going away", 1006: "connection lost"}
+#: refs of our ``auth`` frames: this prefix and the token's generation
+_AUTH_REF: Final = "auth-"
+_CLOSE_REASONS: Final = {
+    4008: "slow consumer",
+    1001: "going away",
+    1006: "connection lost",
+    CLOSE_UNAUTHENTICATED: "token expired",
+}
 
 
 class _TimedOut:
@@ -72,10 +91,13 @@ class Subscription:
     (the latest :class:`Gap` the daemon reported, or None) and
     :meth:`statistics`.
 
-    Error handling: connection loss of any kind (4008, 1001, TCP reset, the
-    daemon restarting) is handled here with capped exponential backoff; only a
-    subscribe the daemon refuses for good (``bad_request``, ``forbidden``, …)
-    raises AivadError, and AivadConnectionError once ``max_disconnected_s`` is
+    Error handling: connection loss of any kind (4008, 1001, 4001, TCP reset,
+    the daemon restarting) is handled here with capped exponential backoff;
+    only a subscribe the daemon refuses for good (``bad_request``,
+    ``forbidden``, …), a token it refuses on the handshake (``unauthorized``)
+    or its ending the subscription (``unsubscribed``: ``AivadError(reason)``,
+    e.g. ``forbidden`` after a token refresh narrowed the rights) raise
+    AivadError, and AivadConnectionError once ``max_disconnected_s`` is
     exceeded. The iterator ends when the subscription or its client is closed.
     """
 
@@ -98,6 +120,9 @@ class Subscription:
         #: the history ``last_seq`` belongs to (DESIGN §4.3); sent back with every resume
         self.epoch = epoch
         self._conn: WebSocketConnection | None = None
+        self._tokens = client._tokens
+        #: the generation of the token ``_conn`` last presented (handshake or ``auth``)
+        self._token_gen = 0
         self._subscribed = False
         self._sub_ref: int | None = None
         self._ready: deque[Envelope] = deque()
@@ -210,7 +235,10 @@ class Subscription:
             if self._closed:
                 return
         try:
-            conn = await open_connection(self._client.url, self._options)
+            conn, token_gen = await open_connection(self._client.url, self._options, self._tokens)
+        except AivadError:
+            await self.aclose()  # the daemon refused the token (HTTP 401), a fresh one too
+            raise
         except AivadConnectionError as exc:
             rejected = exc.__cause__
             if isinstance(rejected, HandshakeRejected) and 400 <= rejected.status < 500:
@@ -224,8 +252,13 @@ class Subscription:
             await conn.aclose()
             return
         self._conn = conn
+        self._token_gen = token_gen
         self._ever_connected = True
         self._ping_outstanding = False
+        tokens = self._tokens
+        if tokens is not None and tokens.token is not None and token_gen < tokens.generation:
+            # refreshed while we connected (the refresher found no connection here): catch up first
+            await self._reauthenticate(tokens.token, tokens.generation)
         self._sub_ref = self._client._ref()
         frame: dict[str, Any] = {"op": "subscribe", "ref": self._sub_ref, "pattern": self.pattern}
         if self._floor is not None:
@@ -288,7 +321,23 @@ class Subscription:
             if len(self._ready) > self._options.subscription_buffer:
                 # Only possible while waiting for ``ok``; the store has them all, resume instead of growing.
                 await self._drop("more messages before the subscribe reply than subscription_buffer")
+        elif op == "unsubscribed":
+            if frame.get("pattern") != self.pattern:
+                log.debug("subscription %r: ignoring unsubscribed for pattern %r", self.pattern, frame.get("pattern"))
+                return
+            reason = frame.get("reason")
+            code = reason if isinstance(reason, str) and reason else "forbidden"
+            log.warning("subscription %r: ended by the daemon (%s)", self.pattern, code)
+            await self.aclose()
+            raise AivadError(code, f"the daemon ended the subscription to {self.pattern!r}")
         elif op == "error":
+            ref = frame.get("ref")
+            if isinstance(ref, str) and ref.startswith(_AUTH_REF):
+                log.warning("subscription %r: the daemon refused the refreshed token: %s: %s",
+                            self.pattern, frame.get("code"), frame.get("message"))
+                if self._tokens is not None and ref.removeprefix(_AUTH_REF).isdigit():
+                    self._tokens.refused(int(ref.removeprefix(_AUTH_REF)))
+                return
             log.warning(
                 "subscription %r: daemon reported %s: %s", self.pattern, frame.get("code"), frame.get("message")
             )
@@ -306,10 +355,30 @@ class Subscription:
                 self._ping_outstanding = False
                 return decode_frame(text)
         except WebSocketClosed as exc:
+            if exc.code == CLOSE_UNAUTHENTICATED and self._tokens is not None:
+                self._tokens.invalidate(self._token_gen)  # the reconnect asks for a fresh one
             reason = _CLOSE_REASONS.get(exc.code, exc.reason)
             await self._drop(f"closed with {exc.code} ({reason})", exc.code)
             return None
         return _TIMED_OUT
+
+    async def _reauthenticate(self, token: str, generation: int) -> None:
+        """Send ``auth`` with a refreshed token on this subscription's connection.
+
+        Called by the client's refresher task (and by ourselves after a
+        reconnect that raced a refresh). Only a send: the reply is read by
+        ``__anext__`` with the other frames (``ok`` ignored, ``error``
+        reported to the token source), so this never competes for ``receive``.
+        Error handling: a closed connection needs nothing (the reconnect
+        presents the new token on its handshake).
+        """
+        conn = self._conn
+        if conn is None or self._closed or self._token_gen >= generation:
+            return
+        self._token_gen = generation
+        frame = {"op": "auth", "ref": f"{_AUTH_REF}{generation}", "token": token}
+        with contextlib.suppress(WebSocketClosed):
+            await conn.send(encode_frame(frame, None))
 
     async def _keepalive(self) -> None:
         """After ``keepalive_s`` of silence ping; after another without an answer reconnect."""

@@ -27,6 +27,12 @@ Why this shape:
   that connection are cancelled (the daemon retries their tasks, and would
   ignore their results), and the worker reconnects with capped backoff and says
   ``worker.hello`` again.
+- **Tokens** (``Worker(url, token=…)``): each connection presents the token on
+  its handshake; with a callable, a refresher task in that connection's task
+  group asks for the next token before expiry and sends ``auth``, so the
+  connection (and the handlers running on it) is never closed with 4001. A
+  token the daemon refuses (HTTP 401, also after asking the callable once
+  more) ends :meth:`Worker.run` with ``AivadError("unauthorized")``.
 - **Drain, don't kill.** :meth:`Worker.stop` sends ``worker.drain`` (the daemon
   sends it no new task from then on, and hands back without counting an attempt
   any task that reached it in that instant), lets the running ones finish within
@@ -42,6 +48,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Final, TypeVar
 
 import anyio
@@ -53,6 +60,13 @@ import attrs
 
 from aivad.client._client import decode_frame, encode_frame, open_connection
 from aivad.client._model import AivadConnectionError, AivadError, Backoff, ClientOptions
+from aivad.client._token import (
+    CLOSE_UNAUTHENTICATED,
+    TokenProvider,
+    TokenSource,
+    check_token_provider,
+    token_source,
+)
 from aivad.client._ws import HandshakeRejected, WebSocketClosed, WebSocketConnection
 from aivad.envelope import check_topic
 
@@ -157,9 +171,11 @@ class TaskContext:
 class _Session:
     """One worker connection: replies to our refs, and the attempts it brought."""
 
-    def __init__(self, conn: WebSocketConnection, options: ClientOptions) -> None:
+    def __init__(self, conn: WebSocketConnection, options: ClientOptions, token_gen: int = 0) -> None:
         self.conn = conn
         self.options = options
+        #: the generation of the token this connection presented (handshake or ``auth``)
+        self.token_gen = token_gen
         self._next_ref = 0
         self._pending: dict[int, list[Any]] = {}  # ref → [event, reply]
         self.lost: AivadConnectionError | None = None
@@ -226,12 +242,16 @@ class Worker:
     - ``shutdown_grace_s``: how long :meth:`stop` lets running handlers finish before cancelling them.
     - ``permanent_errors``: exception types that fail a task with ``retryable: false``
       (besides :class:`PermanentError`).
+    - ``token``: a JWT, or a callable (sync or async) returning one, asked again
+      before each expiry (see :func:`aivad.client.connect`).
     - ``options``: connection knobs shared with the client (``connect_timeout_s``,
       ``reconnect_initial_s`` / ``reconnect_max_s``, ``max_disconnected_s`` — None:
-      reconnect forever —, ``max_frame_bytes``, ``request_timeout_s`` for hello/progress).
+      reconnect forever —, ``max_frame_bytes``, ``request_timeout_s`` for hello/progress,
+      ``token_refresh_before_s``).
 
     Error handling: a handler's exception fails its task, nothing else; an
-    exception of the worker itself (a refused ``worker.hello``) ends :meth:`run`.
+    exception of the worker itself (a refused ``worker.hello``, a refused
+    token) ends :meth:`run`.
     """
 
     def __init__(
@@ -242,6 +262,7 @@ class Worker:
         name: str | None = None,
         shutdown_grace_s: float = 10.0,
         permanent_errors: tuple[type[BaseException], ...] = (),
+        token: TokenProvider | None = None,
         options: ClientOptions | None = None,
     ) -> None:
         if not 1 <= concurrency <= 10_000:
@@ -252,6 +273,10 @@ class Worker:
         self.shutdown_grace_s = shutdown_grace_s
         self.permanent_errors: tuple[type[BaseException], ...] = (PermanentError, *permanent_errors)
         self.options = options or ClientOptions()
+        check_token_provider(token)
+        self._token = token
+        #: made in :meth:`run`: its deadlines are on the clock of the loop that runs
+        self._tokens: TokenSource | None = None
         self._handlers: dict[str, tuple[Handler, bool]] = {}
         self._active = False
         self._connects = 0
@@ -316,7 +341,9 @@ class Worker:
             raise ValueError("no handlers registered")
         if self._active:
             raise RuntimeError("this worker is already running")
+        tokens = token_source(self._token, self.options.token_refresh_before_s)  # a bad string raises here
         self._active = True
+        self._tokens = tokens
         self._stop_requested = anyio.Event()
         self._stopped = anyio.Event()
         self._ready = anyio.Event()
@@ -438,12 +465,14 @@ class Worker:
 
     async def _connect_once(self, backoff: Backoff) -> None:
         """Connect, say hello, read frames until the connection ends."""
-        conn = await open_connection(self.url, self.options)
-        session = _Session(conn, self.options)
+        conn, token_gen = await open_connection(self.url, self.options, self._tokens)
+        session = _Session(conn, self.options, token_gen)
         refused: AivadError | None = None
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._read_loop, session, tg.cancel_scope)
+                if self._tokens is not None and self._tokens.refreshable:
+                    tg.start_soon(self._tokens.keep_fresh, partial(self._reauthenticate, session), token_gen)
                 try:
                     reply = await session.call("worker.hello", {
                         "types": self.types, "concurrency": self.concurrency, "name": self.name})
@@ -481,8 +510,31 @@ class Worker:
                     log.info("worker %s: daemon reported %s: %s", self.name, frame.get("code"), frame.get("message"))
         except WebSocketClosed as exc:
             log.info("worker %s: connection closed (%d %s)", self.name, exc.code, exc.reason)
+            if exc.code == CLOSE_UNAUTHENTICATED and self._tokens is not None:
+                self._tokens.invalidate(session.token_gen)  # the reconnect asks for a fresh one
             session.mark_lost(AivadConnectionError(f"connection to the daemon closed: {exc}", exc.code))
             scope.cancel()
+
+    async def _reauthenticate(self, session: _Session, token: str, generation: int) -> None:
+        """``auth`` with a refreshed token on this connection (called by its refresher task).
+
+        Error handling: a refused token is logged and the refresh retried later
+        (the daemon keeps the old identity until it expires); a lost connection
+        needs nothing (the reconnect presents the new token on its handshake).
+        """
+        assert self._tokens is not None
+        if session.lost is not None or session.token_gen >= generation:
+            return
+        session.token_gen = generation
+        try:
+            reply = await session.call("auth", {"token": token})
+        except AivadError as exc:
+            log.warning("worker %s: the daemon refused the refreshed token (%s); asking again later", self.name, exc)
+            self._tokens.refused(generation)
+        except (AivadConnectionError, TimeoutError) as exc:
+            log.info("worker %s: token refresh: %s", self.name, exc)
+        else:
+            self._tokens.note_expires_at(generation, reply.get("expires_at"))
 
     # ---- one task ---------------------------------------------------------------------
 

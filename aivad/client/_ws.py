@@ -29,6 +29,7 @@ import logging
 import os
 import ssl
 from collections import deque
+from collections.abc import Sequence
 from typing import Final
 from urllib.parse import urlsplit
 
@@ -247,7 +248,9 @@ def _accept_token(key: bytes) -> bytes:
     return base64.b64encode(hashlib.sha1(key + _ACCEPT_GUID).digest())  # RFC 6455 fixes SHA-1 here
 
 
-async def _handshake(stream: anyio.abc.ByteStream, url: str, host_header: str, target: str) -> bytes:
+async def _handshake(
+    stream: anyio.abc.ByteStream, url: str, host_header: str, target: str, extra_headers: Sequence[tuple[str, str]]
+) -> bytes:
     """Upgrade to WebSocket; returns the bytes that came right after the 101 response."""
     key = base64.b64encode(os.urandom(16))
     http = h11.Connection(h11.CLIENT)
@@ -260,6 +263,7 @@ async def _handshake(stream: anyio.abc.ByteStream, url: str, host_header: str, t
             ("Connection", "Upgrade"),
             ("Sec-WebSocket-Key", key.decode()),
             ("Sec-WebSocket-Version", "13"),
+            *extra_headers,
         ],
     )
     await stream.send(http.send(request))
@@ -302,8 +306,11 @@ async def connect_websocket(
     connect_timeout_s: float = 10.0,
     close_timeout_s: float = 5.0,
     ssl_context: ssl.SSLContext | None = None,
+    headers: Sequence[tuple[str, str]] = (),
 ) -> WebSocketConnection:
     """Open a TCP connection to ``url`` and complete the WebSocket handshake.
+
+    ``headers`` are added to the upgrade request (``Authorization: Bearer …``).
 
     Returns: an open :class:`WebSocketConnection`; the caller must ``aclose()`` it.
     Error handling: OSError when the host cannot be reached or answers with
@@ -323,7 +330,7 @@ async def connect_websocket(
         else:
             stream = await anyio.connect_tcp(host, port)
         try:
-            received = await _handshake(stream, url, host_header, target)
+            received = await _handshake(stream, url, host_header, target, headers)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
