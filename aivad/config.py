@@ -139,6 +139,7 @@ class HttpConfig:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     max_body_bytes: int = _at_least(1_048_576, 1024)
+    read_timeout_s: float = _positive(30.0)
 
     def problems(self) -> list[str]:
         return _tls_problems(self.tls_cert_file, self.tls_key_file)

@@ -31,7 +31,7 @@ from .auth import TokenVerifier
 from .boundary import Faults, describe
 from .config import Config, ConfigError, load_config
 from .dispatcher import Dispatcher, TaskView, serve_dispatcher
-from .http import serve_http
+from .http import Api, serve_http
 from .logs import set_level
 from .metrics import LoopLag, MetricsRenderer, serve_loop_lag
 from .ops import Intake, Operations
@@ -375,7 +375,9 @@ async def run_daemon(
         await root.start(_serve_status, daemon)
         http_port = None
         if cfg.http.enabled:
-            http_port = await root.start(serve_http, cfg.http, daemon.readiness, MetricsRenderer(daemon))
+            ws_scheme = "wss" if cfg.websocket.tls_cert_file else "ws"
+            api = Api(cfg.http, daemon.ops, lambda: (ws_scheme, daemon.websocket.port))
+            http_port = await root.start(serve_http, cfg.http, daemon.readiness, MetricsRenderer(daemon), api)
             daemon.websocket.console = ("https" if cfg.http.tls_cert_file else "http", http_port)
         endpoints = Endpoints(daemon.websocket.port, cfg.control.socket, http_port)
         notifier.ready(daemon.summary())
