@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -189,8 +190,27 @@ class AmqpConfig:
 
 @attrs.frozen
 class RedisConfig:
-    enabled: bool = _field(False, lambda v: not v, "Redis scale-out is not available in this build yet")
-    url: str = "redis://127.0.0.1:6379/0"
+    """DESIGN §5: with ``enabled``, the history is a Redis log shared by every node of the same ``prefix``."""
+
+    enabled: bool = False
+    url: str = _field("redis://127.0.0.1:6379/0", lambda v: v.startswith(("redis://", "rediss://", "unix://")),
+                      "must be a redis://, rediss:// or unix:// URL")
+    prefix: str = _field("aivad:", lambda v: 0 < len(v) <= 100, "must be 1..100 characters")
+    ingest_stream: str = _field("aiva:events", lambda v: len(v) <= 255, "must be at most 255 characters")
+    ingest_channels: list[str] = attrs.field(factory=list)
+    op_timeout_s: float = _positive(5.0)
+    max_pending: int = _at_least(50_000, 1)
+    max_connections: int = _at_least(16, 4)
+    reconnect_max_s: float = _positive(10.0)
+
+
+@attrs.frozen
+class ClusterConfig:
+    """The node's place in a cluster (only with ``[redis] enabled``)."""
+
+    node_name: str = attrs.field(factory=lambda: socket.gethostname()[:200] or "aivad",
+                                 metadata={"check": (lambda v: 0 < len(v) <= 200, "must be 1..200 characters")})
+    heartbeat_interval_s: float = _positive(2.0)
 
 
 Strategy = Literal["round_robin", "least_connections", "affinity"]
@@ -267,6 +287,7 @@ class Config:
     limits: LimitsConfig = attrs.field(factory=LimitsConfig)
     system: SystemConfig = attrs.field(factory=SystemConfig)
     auth: AuthConfig = attrs.field(factory=AuthConfig)
+    cluster: ClusterConfig = attrs.field(factory=ClusterConfig)
 
     def problems(self) -> list[str]:
         """Safe by default (DESIGN §4.8): no listener beyond loopback serves anonymous clients every right."""

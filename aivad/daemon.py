@@ -29,9 +29,11 @@ from .alerts import Alerts, serve_system_events
 from .amqp import AmqpBridge, serve_amqp
 from .auth import TokenVerifier
 from .boundary import Faults, describe
+from .cluster import ClusterLog, serve_cluster_log
 from .config import Config, ConfigError, load_config
 from .dispatcher import Dispatcher, TaskView, serve_dispatcher
 from .http import Api, serve_http
+from .journal import Journal, serve_journal
 from .logs import set_level
 from .metrics import LoopLag, MetricsRenderer, serve_loop_lag
 from .ops import Intake, Operations
@@ -110,6 +112,11 @@ class Daemon:
             lambda kind, what, exc: self.alerts.alert("error", "unit_failed", f"{kind} ({what}): {describe(exc)}")
         )
         self.store: Store
+        #: where messages live: the embedded store, or the cluster's Redis log ([redis] enabled)
+        self.messages: Store | ClusterLog
+        self.cluster: ClusterLog | None = None
+        #: forwards this node's own commits (task.*, group.*, system.*, AMQP ingest) into the cluster log
+        self.journal: Journal | None = None
         self.router: Router
         self.websocket: WebSocketService
         self.dispatcher: Dispatcher
@@ -132,6 +139,8 @@ class Daemon:
             reasons.append("draining")
         if self.store.failure is not None:
             reasons.append(f"store: commits fail ({self.store.failure})")
+        if self.cluster is not None and self.cluster.failure is not None:
+            reasons.append(f"redis: {self.cluster.failure}")
         if self.amqp is not None:
             amqp = self.amqp.statistics()
             for queue, consuming in amqp.consuming.items():
@@ -200,6 +209,8 @@ class Daemon:
         self.ops.reconfigure(self.cfg.limits, self.cfg.tasks)
         self.dispatcher.cfg = self.aggregator.cfg = self.cfg.tasks
         self.store.reconfigure(self.cfg.store)
+        if self.cluster is not None:
+            self.cluster.reconfigure(self.cfg.store)
         set_level(self.cfg.log.level)
         self.alerts.reconfigure(self.cfg.system)
         if needs_restart:
@@ -212,6 +223,21 @@ class Daemon:
             self.alerts.alert("info", "store_recovered", "the store commits again")
         else:
             self.alerts.alert("error", "store_failed", f"the store cannot commit: {why}")
+
+    def redis_alert(self, why: str | None) -> None:
+        if why is None:
+            self.alerts.alert("info", "redis_back", "Redis is reachable again")
+        else:
+            self.alerts.alert("error", "redis_lost", f"Redis: {why}")
+
+    def journal_gap(self, why: str) -> None:
+        self.alerts.alert("error", "journal_gap", why)
+
+    def node_info(self) -> dict[str, Any]:
+        """What this node's heartbeat says of it (``status`` → ``cluster.nodes``)."""
+        ws = self.websocket.statistics() if hasattr(self, "websocket") else None
+        return {"connections": ws.connections if ws else 0, "subscriptions": ws.subscriptions if ws else 0,
+                "workers": len(self.dispatcher.workers) if hasattr(self, "dispatcher") else 0}
 
     def dead_letter_alert(self, view: TaskView) -> None:
         if view.state == "dead":
@@ -233,7 +259,7 @@ class Daemon:
             "subscriptions": ws.subscriptions,
             "rate_10s": round(ingest.rate_10s, 2),
             "rate_60s": round(ingest.rate_60s, 2),
-            "last_seq": store.last_seq,
+            "last_seq": self.messages.last_seq,
             "store_write_queue": store.write_queue_depth,
             "tasks_queued": tasks.tasks_by_state.get("queued", 0),
             "tasks_running": tasks.tasks_by_state.get("running", 0) + tasks.tasks_by_state.get("dispatched", 0),
@@ -250,7 +276,7 @@ class Daemon:
         rate = self.ingest.statistics().rate_10s
         queued = self.task_counts().get("queued", 0)
         return (f"{ws.connections} connections, {ws.subscriptions} subscriptions, {rate:.0f} msgs/s, "
-                f"{queued} tasks queued, last seq {self.store.last_seq}")
+                f"{queued} tasks queued, last seq {self.messages.last_seq}")
 
     def status(self) -> dict[str, Any]:
         """The ``status`` command's answer: a snapshot of every service."""
@@ -268,6 +294,8 @@ class Daemon:
             "control": {"socket": str(Path(self.cfg.control.socket).resolve()), "sessions": self.control.sessions},
             "store": {"path": str(Path(self.cfg.store.path).resolve()),
                       **attrs.asdict(store, filter=lambda a, _: a.name != "commit_seconds_buckets")},
+            **({"cluster": {**attrs.asdict(self.cluster.statistics()), "journal": self.journal.statistics()}}
+               if self.cluster is not None and self.journal is not None else {}),
             "router": attrs.asdict(router),
             "tasks": attrs.asdict(self.dispatcher.statistics()),
             "amqp": attrs.asdict(self.amqp.statistics()) if self.amqp else {"enabled": False},
@@ -288,6 +316,8 @@ class Daemon:
         await self.websocket.drain()
         if self.amqp is not None:
             await self.amqp.stop_consuming()
+        if self.cluster is not None:
+            await self.cluster.drain()
         await self.store.drain()
         log.info("drained; stopping")
         root.cancel()
@@ -341,7 +371,16 @@ async def run_daemon(
             await root.start(_watch_signals, daemon, root.cancel_scope)
         daemon.store = await root.start(serve_store, cfg.store)
         daemon.store.on_failure(daemon.store_alert)
-        daemon.router = Router(daemon.store, cfg.websocket.replay_batch)
+        daemon.messages = daemon.store
+        if cfg.redis.enabled:  # the history is the cluster's (DESIGN §5): a node is ready once it has it
+            daemon.cluster = daemon.messages = await root.start(
+                serve_cluster_log, cfg.redis, cfg.cluster, cfg.store, daemon.node_info
+            )
+            daemon.cluster.on_failure(daemon.redis_alert)
+        daemon.router = Router(daemon.messages, cfg.websocket.replay_batch)
+        if daemon.cluster is not None:
+            daemon.cluster.on_reset(daemon.router.overtake_all)
+            daemon.journal = await root.start(serve_journal, daemon.store, daemon.cluster, daemon.journal_gap)
         daemon.dispatcher = await root.start(serve_dispatcher, cfg.tasks, daemon.store, daemon.faults)
         daemon.aggregator = await root.start(
             serve_aggregator, cfg.tasks, daemon.dispatcher, daemon.store, daemon.faults
@@ -354,6 +393,7 @@ async def run_daemon(
             daemon.store.on_commit(daemon.amqp.forward_committed)  # task.*, group.*, system.* → events exchange
         daemon.ops = Operations(
             store=daemon.store,
+            messages=daemon.messages,
             router=daemon.router,
             dispatcher=daemon.dispatcher,
             aggregator=daemon.aggregator,

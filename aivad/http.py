@@ -253,7 +253,8 @@ def _hypercorn_config(cfg: HttpConfig) -> HypercornConfig:
     config.graceful_timeout = 1.0
     config.keep_alive_timeout = 30.0  # Prometheus keeps its connection between scrapes
     config.h11_max_incomplete_size = 16 * 1024  # request line and headers
-    config.read_timeout = max(1, round(cfg.read_timeout_s))  # (whole seconds) a peer that stops sending mid-request is dropped
+    # a peer that stops sending mid-request is dropped (hypercorn takes whole seconds)
+    config.read_timeout = max(1, round(cfg.read_timeout_s))
     if cfg.tls_cert_file:  # https: the console and the API over TLS
         config.certfile, config.keyfile = cfg.tls_cert_file, cfg.tls_key_file
     return config

@@ -19,12 +19,13 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import attrs
 
 from .aggregator import Aggregator, CollectResult
 from .auth import EVERYTHING, NOTHING, Rights, TokenVerifier, Unauthorized
+from .cluster import ClusterLog, LogWrite
 from .config import AuthConfig, LimitsConfig, TasksConfig
 from .dispatcher import Dispatcher, TaskView, Worker, WorkerLink, WorkerView
 from .envelope import Envelope
@@ -117,10 +118,16 @@ class OperationsStatistics:
     forbidden: dict[str, int]
 
 
+class Committing(Protocol):
+    """A write on its way into the store or the cluster log."""
+
+    async def wait(self) -> Any: ...
+
+
 class Pending:
     """A batch submitted together: per item, an error decided before the write, or its result after the commit."""
 
-    def __init__(self, size: int, rejected: dict[int, OpError], write: Write | None) -> None:
+    def __init__(self, size: int, rejected: dict[int, OpError], write: Committing | None) -> None:
         self._size = size
         self._rejected = rejected
         self._write = write
@@ -144,6 +151,7 @@ class Operations:
         self,
         *,
         store: Store,
+        messages: Store | ClusterLog,
         router: Router,
         dispatcher: Dispatcher,
         aggregator: Aggregator,
@@ -158,6 +166,8 @@ class Operations:
         verifier: TokenVerifier | None = None,
     ) -> None:
         self.store = store
+        #: where messages are appended and read (the embedded store, or the cluster's log)
+        self.messages = messages
         self.router = router
         self.dispatcher = dispatcher
         self.aggregator = aggregator
@@ -242,7 +252,7 @@ class Operations:
 
     async def publish_many(self, caller: Caller, envelopes: Sequence[Envelope]) -> Pending:
         """Store what ``caller`` may publish in one write; each item is decided on its own."""
-        submit = partial(self.store.submit_append, committed=self._counter(caller.ingress))
+        submit = partial(self.messages.submit_append, committed=self._counter(caller.ingress))
         return await self._submit(caller, "publish", envelopes, [e.type for e in envelopes], submit)
 
     async def _submit(
@@ -251,7 +261,7 @@ class Operations:
         kind: Literal["publish", "dispatch"],
         items: Sequence[T],
         names: list[str],
-        submit: Callable[[list[T]], Awaitable[Write]],
+        submit: Callable[[list[T]], Awaitable[Committing]],
     ) -> Pending:
         """Sift ``items`` (rights and rate, by topic or task type in ``names``), submit the rest in one write."""
         self._gate(caller)
@@ -272,8 +282,8 @@ class Operations:
         appended: Appended = result
         return appended
 
-    def _counter(self, ingress: str) -> Callable[[Write], None]:
-        def count(write: Write) -> None:
+    def _counter(self, ingress: str) -> Callable[[Any], None]:
+        def count(write: Write | LogWrite) -> None:
             self.ingest.count(ingress, len(write.messages))
 
         return count
@@ -283,7 +293,7 @@ class Operations:
         self._gate(caller)
         if not caller.rights.may_subscribe(pattern):
             raise self._forbidden("subscribe", pattern)
-        return await self.store.history(pattern, after, limit, client=True)
+        return await self.messages.history(pattern, after, limit, client=True)
 
     def subscribe(self, caller: Caller, pattern: str, since: int | None, epoch: str | None) -> Resume:
         """Where a subscription of ``pattern`` starting now begins (its reply's fields), if allowed."""

@@ -23,14 +23,31 @@ from typing import Any, Protocol
 import attrs
 
 from .patterns import PatternIndex
-from .store import Store, StoredMessage
+from .store import History, StoredMessage
 
-__all__ = ["Router", "Sink", "Subscription"]
+__all__ = ["MessageLog", "Router", "Sink", "Subscription"]
 
 log = logging.getLogger(__name__)
 
 #: builds a connection's wire bytes from (pattern as JSON, envelope as JSON)
 Encoder = Callable[[str, str], bytes]
+
+
+class MessageLog(Protocol):
+    """Where the router reads history and hears of commits: the embedded store, or the cluster log.
+
+    ``last_seq`` is the newest seq the router has been handed; it changes only in
+    the same synchronous step that calls the ``on_commit`` callbacks, which is
+    what lets a replay join the live stream without a gap (``Router.follow``).
+    """
+
+    last_seq: int
+    retention_floor: int
+    epoch: str
+
+    def on_commit(self, callback: Callable[[list[StoredMessage]], None]) -> None: ...
+
+    async def history(self, pattern: str, after: int, limit: int, *, client: bool = False) -> History: ...
 
 
 class Sink(Protocol):
@@ -103,9 +120,11 @@ class RouterStatistics:
 
 
 class Router:
-    def __init__(self, store: Store, replay_batch: int) -> None:
+    def __init__(self, store: MessageLog, replay_batch: int) -> None:
         self._store = store
         self._index: PatternIndex[Subscription] = PatternIndex()
+        #: the live subscriptions (those in the index), for ending them all at once
+        self._live: set[Subscription] = set()
         self.replay_batch = replay_batch
         self._deliveries = 0
         self._overflows = 0
@@ -134,12 +153,22 @@ class Router:
         for sub in overflowed:  # the index is not changed while it is being walked
             self._overflows += 1
             self._index.discard(sub.pattern, sub)
+            self._live.discard(sub)
             sub.sink.overflowed()
 
     def remove(self, sub: Subscription) -> None:
         if sub.live:
             sub.live = False
             self._index.discard(sub.pattern, sub)
+            self._live.discard(sub)
+
+    def overtake_all(self, why: str) -> None:
+        """What was routed can no longer be trusted (the cluster tail skipped a gap, or the history is
+        new): every live subscription ends as overtaken, so its client resumes and is told."""
+        for sub in list(self._live):
+            self.remove(sub)
+            sub.sink.overtaken()
+        log.warning("ended every live subscription: %s", why)
 
     def resume_point(self, since: int | None, epoch: str | None = None) -> Resume:
         """Where a subscription starting now begins, and what retention lost of its range.
@@ -186,6 +215,7 @@ class Router:
         # caught up with everything the router has been handed: from here on, live
         sub.live = True
         self._index.add(sub.pattern, sub)
+        self._live.add(sub)
 
     def statistics(self) -> RouterStatistics:
         return RouterStatistics(len(self._index), self._deliveries, self._overflows)

@@ -331,6 +331,10 @@ class Redis:
             _stop_pid(self._proc, 10)
             self._proc = None
 
+    def flushall(self) -> None:
+        """Lose everything (as a Redis without persistence does when it restarts)."""
+        subprocess.run(["redis-cli", "-p", str(self.port), "flushall"], check=True, capture_output=True, timeout=10)
+
     def restart(self, down_s: float = 0.0) -> None:
         """Stop and start again on the same port and data directory."""
         self.stop_server()

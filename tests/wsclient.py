@@ -60,11 +60,16 @@ class TestClient:
 
 @asynccontextmanager
 async def connect(url: str, **kwargs: Any) -> AsyncIterator[TestClient]:
-    async with open_websocket_url(url, **kwargs) as ws:
-        yield TestClient(ws)
-    # trio-websocket's client leaves its TCP stream open when the peer resets it during the
-    # closing handshake (a slow consumer closed with 4008): close it, or its GC warns
-    await trio.aclose_forcefully(ws._stream)
+    stream = None
+    try:
+        async with open_websocket_url(url, **kwargs) as ws:
+            stream = ws._stream
+            yield TestClient(ws)
+    finally:
+        # trio-websocket's client leaves its TCP stream open when the peer resets it (a slow
+        # consumer closed with 4008, a node killed): close it, or its GC warns
+        if stream is not None:
+            await trio.aclose_forcefully(stream)
 
 
 async def no_more_messages(client: TestClient, wait_s: float = 0.2) -> bool:

@@ -1,0 +1,245 @@
+"""Several aivad nodes as one cluster on Redis (DESIGN §5), with real `aivad serve` processes.
+
+Test policy: a real redis-server (the session's ``redis_server``; each test its own
+key prefix, so tests share the server without sharing a cluster), two or three
+real ``aivad serve`` subprocesses per test on free ports with their own temp dirs,
+real WebSocket clients. Node deaths are real (``kill -9``), Redis restarts are real.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import trio
+from trio_websocket import ConnectionClosed
+
+from tests.brokers import Redis
+from tests.conftest import DaemonProcess, short_tmp_dir
+from tests.wsclient import TestClient, connect
+
+
+class Cluster:
+    """Nodes of one cluster: the same Redis, the same prefix, each its own ports and directory."""
+
+    def __init__(self, redis: Redis, **sections: dict[str, Any]) -> None:
+        self.redis = redis
+        self.prefix = f"t{uuid.uuid4().hex[:8]}:"
+        self.sections = sections
+        self.nodes: list[DaemonProcess] = []
+
+    def node(self, name: str, **extra: dict[str, Any]) -> DaemonProcess:
+        sections = {**self.sections, **extra}
+        sections["redis"] = {"enabled": True, "url": self.redis.url, "prefix": self.prefix,
+                             **sections.get("redis", {})}
+        sections["cluster"] = {"node_name": name, "heartbeat_interval_s": 0.5, **sections.get("cluster", {})}
+        node = DaemonProcess(short_tmp_dir(), **sections)
+        node.start()
+        self.nodes.append(node)
+        return node
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+@pytest.fixture
+def cluster(redis_server: Redis) -> Iterator[Cluster]:
+    made = Cluster(redis_server)
+    try:
+        yield made
+    finally:
+        made.stop()
+
+
+async def messages_until(client: TestClient, n: int) -> list[dict[str, Any]]:
+    with trio.fail_after(20):
+        return [frame["msg"] for frame in await client.messages(n)]
+
+
+async def test_a_message_published_on_one_node_reaches_subscribers_on_both_once_in_order(cluster: Cluster) -> None:
+    a, b = cluster.node("a"), cluster.node("b")
+    async with connect(a.ws_url) as on_a, connect(b.ws_url) as on_b, connect(a.ws_url) as pub_a, \
+            connect(b.ws_url) as pub_b:
+        await on_a.ok({"op": "subscribe", "pattern": "x.#"})
+        await on_b.ok({"op": "subscribe", "pattern": "x.#"})
+        seqs = []
+        for i in range(20):
+            publisher = pub_a if i % 2 else pub_b
+            seqs.append((await publisher.publish("x.y", i))["seq"])
+        assert seqs == sorted(seqs) and len(set(seqs)) == 20  # one seq, cluster-wide
+        got_a, got_b = await messages_until(on_a, 20), await messages_until(on_b, 20)
+        assert [m["seq"] for m in got_a] == [m["seq"] for m in got_b] == seqs
+        assert [m["payload"] for m in got_a] == list(range(20))
+
+
+async def test_de_duplication_and_history_are_cluster_wide(cluster: Cluster) -> None:
+    a, b = cluster.node("a"), cluster.node("b")
+    async with connect(a.ws_url) as on_a, connect(b.ws_url) as on_b:
+        first = await on_a.publish("d.x", 1, message_id="same-id")
+        again = await on_b.publish("d.x", 2, message_id="same-id")
+        assert (again["seq"], again["duplicate"]) == (first["seq"], True)
+        history = await on_b.ok({"op": "history", "pattern": "d.#"})
+        assert [m["payload"] for m in history["messages"]] == [1]
+
+
+async def test_resume_on_another_node_without_gap_or_duplicate(cluster: Cluster) -> None:
+    a, b = cluster.node("a"), cluster.node("b")
+    async with connect(a.ws_url) as sub, connect(a.ws_url) as pub:
+        ok = await sub.ok({"op": "subscribe", "pattern": "r.#"})
+        epoch = ok["epoch"]
+        for i in range(5):
+            await pub.publish("r.x", i)
+        seen = await messages_until(sub, 5)
+    async with connect(b.ws_url) as pub_b:
+        for i in range(5, 10):
+            await pub_b.publish("r.x", i)
+    async with connect(b.ws_url) as sub_b:  # a node this client never talked to
+        resumed = await sub_b.ok({"op": "subscribe", "pattern": "r.#", "since": seen[-1]["seq"], "epoch": epoch})
+        assert resumed["recovered"] is True and resumed["epoch"] == epoch
+        rest = await messages_until(sub_b, 5)
+    assert [m["payload"] for m in seen + rest] == list(range(10))
+
+
+async def test_status_shows_every_live_node(cluster: Cluster) -> None:
+    a, b = cluster.node("a"), cluster.node("b")
+    with trio.fail_after(10):
+        while True:
+            status = a.control({"cmd": "status"})["status"]
+            if len(status["cluster"]["nodes"]) == 2:
+                break
+            await trio.sleep(0.1)
+    assert status["cluster"]["node_name"] == "a" and status["ready"] is True
+    assert [n["name"] for n in status["cluster"]["nodes"]] == ["a", "b"]
+    b.stop()  # a clean stop forgets the node at once
+    with trio.fail_after(10):
+        while len(a.control({"cmd": "status"})["status"]["cluster"]["nodes"]) != 1:
+            await trio.sleep(0.1)
+
+
+@pytest.fixture
+def own_redis() -> Iterator[Redis]:
+    """A redis-server of this test's own (it gets restarted or flushed), with an AOF."""
+    server = Redis(appendonly=True, appendfsync="always").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def _publish_all(url: str, n: int, start: int, acked: list[int], topic: str = "load.x") -> None:
+    """Publish ``n`` messages; keep the seq of each acknowledged one; retry what was refused (overloaded).
+    Ends early, quietly, when the node goes away (its connection resets)."""
+    with contextlib.suppress(ConnectionClosed):
+        await _publish(url, n, start, acked, topic)
+
+
+async def _publish(url: str, n: int, start: int, acked: list[int], topic: str) -> None:
+    async with connect(url) as pub:
+        for i in range(start, start + n):
+            while True:
+                reply = await pub.request({"op": "publish", "type": topic, "payload": i, "message_id": f"m{i}"})
+                if reply["op"] == "ok":
+                    acked.append(reply["seq"])
+                    break
+                assert reply["code"] == "overloaded", reply
+                await trio.sleep(0.05)
+
+
+async def test_redis_restarted_under_load_loses_nothing_acknowledged_and_readyz_says_why(own_redis: Redis) -> None:
+    cluster = Cluster(own_redis, http={"enabled": True, "port": 0})
+    try:
+        a, b = cluster.node("a"), cluster.node("b")
+        acked: list[int] = []
+        async with connect(b.ws_url) as sub:
+            await sub.ok({"op": "subscribe", "pattern": "load.#"})
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_publish_all, a.ws_url, 300, 0, acked)
+                with trio.fail_after(20):
+                    while len(acked) < 100:
+                        await trio.sleep(0.01)
+                await trio.to_thread.run_sync(own_redis.stop_server)
+                with trio.fail_after(20):  # not ready while Redis is gone
+                    while a.control({"cmd": "status"})["status"]["ready"]:
+                        await trio.sleep(0.05)
+                assert any("redis" in r for r in a.control({"cmd": "status"})["status"]["not_ready_because"])
+                await trio.to_thread.run_sync(own_redis.start)
+            with trio.fail_after(30):
+                while not a.control({"cmd": "status"})["status"]["ready"]:
+                    await trio.sleep(0.05)
+            got = await messages_until(sub, 300)
+        assert [m["payload"] for m in got] == list(range(300))  # in order, once, nothing lost
+        assert sorted(acked) == [m["seq"] for m in got]
+    finally:
+        cluster.stop()
+
+
+async def test_a_node_killed_under_load_loses_nothing_acknowledged(cluster: Cluster) -> None:
+    a, b = cluster.node("a"), cluster.node("b")
+    acked: list[int] = []
+    async with connect(b.ws_url) as sub:
+        await sub.ok({"op": "subscribe", "pattern": "load.#"})
+        with trio.move_on_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_publish_all, a.ws_url, 100_000, 0, acked)
+                with trio.fail_after(20):
+                    while len(acked) < 200:
+                        await trio.sleep(0.01)
+                a.kill()  # kill -9 mid-stream: the publisher's connection resets
+        got = await messages_until(sub, len(acked))
+    stored = {m["seq"] for m in got}
+    assert set(acked) <= stored  # every acknowledged publish reached the subscriber on the other node
+    assert [m["seq"] for m in got] == sorted(stored)
+
+
+async def test_the_epoch_after_the_log_is_lost(own_redis: Redis) -> None:
+    lost = Cluster(own_redis)
+    try:
+        a = lost.node("a")
+        async with connect(a.ws_url) as c:
+            ok = await c.ok({"op": "subscribe", "pattern": "e.#"})
+            for i in range(3):
+                await c.publish("e.x", i)
+            await messages_until(c, 3)
+            await trio.to_thread.run_sync(own_redis.flushall)
+            # the live subscription ends (the history it followed is gone) ...
+            with trio.fail_after(20), pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await c.receive()
+            assert closed.value.reason.code == 4008
+        async with connect(a.ws_url) as c:  # ... and its resume is told: another epoch
+            again = await c.ok({"op": "subscribe", "pattern": "e.#", "since": 3, "epoch": ok["epoch"]})
+            assert again["epoch"] != ok["epoch"] and again["epoch_changed"] is True and again["recovered"] is False
+            await c.publish("e.x", "new")
+            (msg,) = await messages_until(c, 1)
+            assert msg["payload"] == "new" and msg["seq"] > 3  # seqs are not handed out twice
+    finally:
+        lost.stop()
+
+
+async def test_task_events_of_one_node_reach_subscribers_on_every_node_once(cluster: Cluster) -> None:
+    """The journal: what a node commits itself (task.* with its task) reaches the cluster log once."""
+    a, b = cluster.node("a"), cluster.node("b")
+    async with connect(b.ws_url) as watch_b, connect(a.ws_url) as worker_a, connect(a.ws_url) as caller:
+        await watch_b.ok({"op": "subscribe", "pattern": "task.#"})
+        await worker_a.ok({"op": "worker.hello", "types": ["j.run"], "concurrency": 1})
+        task_id = (await caller.ok({"op": "dispatch", "type": "j.run", "payload": 7}))["task_id"]
+        with trio.fail_after(20):
+            while (frame := await worker_a.receive()).get("op") != "task":
+                pass
+        await worker_a.send({"op": "task.result", "task_id": frame["task"]["task_id"], "result": 49})
+        events = []
+        with trio.fail_after(20):
+            while not events or events[-1]["type"] != "task.completed":
+                events.append((await watch_b.messages(1))[0]["msg"])
+        assert {e["payload"]["task_id"] for e in events} == {task_id}
+        seqs = [e["seq"] for e in events]
+        assert seqs == sorted(set(seqs))
+        history = await watch_b.ok({"op": "history", "pattern": "task.#"})
+        assert [m["seq"] for m in history["messages"]] == seqs  # in the log once each
+    with trio.fail_after(10):
+        while a.control({"cmd": "status"})["status"]["cluster"]["journal"]["behind"] != 0:
+            await trio.sleep(0.1)
