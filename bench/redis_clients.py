@@ -7,7 +7,7 @@ Usage::
 Uses the server at ``AIVAD_BENCH_REDIS_URL`` if set, else starts a private
 redis-server with tests/brokers.py (installs it when missing) and stops it after.
 
-The two candidates of issue 12, doing what aivad/redis.py does:
+The two candidates of issue 12, doing what aivad/redis/ does:
 
 * **coredis** (anyio) called from trio tasks directly: no thread, no bridge.
 * **redis-py** (``redis.asyncio``, the design card's package) on its own asyncio
@@ -37,7 +37,7 @@ d. CPU per message in this process (all threads, getrusage) during b, c and e;
 e. reading the log back as a tail catching up or a history does: ``XREAD
    COUNT 500`` from the start over a batch-100 log, each entry turned into
    (seq, type, JSON with seq). coredis both with the raw reply (what
-   aivad/redis.py does: ``create_request`` with a pass-through callback) and
+   aivad/redis/log.py does: ``create_request`` with a pass-through callback) and
    with its typed ``StreamEntry`` replies.
 
 The machine is shared and its load comes in bursts longer than a whole suite,

@@ -1,4 +1,4 @@
-"""The Redis log engine (aivad/redis.py) against a real redis-server.
+"""The Redis log engine (aivad/redis/log.py) against a real redis-server.
 
 Policy: every test gets its own key prefix on the session's server (tests that
 stop or restart Redis start their own); producers and inspection use redis-py's
