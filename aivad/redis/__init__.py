@@ -8,11 +8,10 @@ docs/architecture.md "Redis client").
 * :mod:`.client` — settings, connections, the errors callers see, scripts, supervision;
 * :mod:`.lua` — every Lua script (each one atomic step in Redis);
 * :mod:`.log` — the cluster log: append (one seq, de-duplication), history, tail, retention, node heartbeats;
-* :mod:`.tasks` — the task book: tasks, their states and the dead-letter queue, shared by every node;
 * :mod:`.ingress` — Redis ingress: a stream through a consumer group, pub/sub channels.
 
-Every key is ``<prefix>{log}:<name>`` (one hash slot): the scripts of the log
-and of the task book touch each other's keys in one atomic step.
+Every key is ``<prefix>{log}:<name>`` (one hash slot), so a script may touch
+any of the log's keys in one atomic step.
 """
 
 from .client import (
