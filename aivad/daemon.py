@@ -38,6 +38,7 @@ from .logs import set_level
 from .metrics import LoopLag, MetricsRenderer, serve_loop_lag
 from .ops import Intake, Operations
 from .protocol import OpError
+from .redis_ingest import RedisIngest, serve_redis_ingest
 from .router import Router
 from .sdnotify import Notifier, serve_watchdog
 from .stats import Ingest
@@ -117,6 +118,7 @@ class Daemon:
         self.cluster: ClusterLog | None = None
         #: forwards this node's own commits (task.*, group.*, system.*, AMQP ingest) into the cluster log
         self.journal: Journal | None = None
+        self.redis_ingest: RedisIngest | None = None
         self.router: Router
         self.websocket: WebSocketService
         self.dispatcher: Dispatcher
@@ -296,6 +298,7 @@ class Daemon:
                       **attrs.asdict(store, filter=lambda a, _: a.name != "commit_seconds_buckets")},
             **({"cluster": {**attrs.asdict(self.cluster.statistics()), "journal": self.journal.statistics()}}
                if self.cluster is not None and self.journal is not None else {}),
+            **({"redis_ingress": self.redis_ingest.statistics()} if self.redis_ingest is not None else {}),
             "router": attrs.asdict(router),
             "tasks": attrs.asdict(self.dispatcher.statistics()),
             "amqp": attrs.asdict(self.amqp.statistics()) if self.amqp else {"enabled": False},
@@ -408,6 +411,9 @@ async def run_daemon(
             verifier=verifier,
         )
         slow_consumer = daemon.alerts.listener("warning", "slow_consumer")
+        if daemon.cluster is not None and (cfg.redis.ingest_stream or cfg.redis.ingest_channels):
+            daemon.redis_ingest = await root.start(serve_redis_ingest, cfg.redis, daemon.cluster.redis, daemon.ops,
+                                                   daemon.store, cfg.cluster.node_name, daemon.faults)
         daemon.websocket = await root.start(serve_websocket, cfg.websocket, daemon.ops, daemon.faults, slow_consumer)
         daemon.control = await root.start(control.serve_control, cfg.control, daemon.ops, daemon.faults)
         await root.start(serve_loop_lag, daemon.loop_lag)

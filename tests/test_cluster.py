@@ -25,8 +25,8 @@ from tests.wsclient import TestClient, connect
 class Cluster:
     """Nodes of one cluster: the same Redis, the same prefix, each its own ports and directory."""
 
-    def __init__(self, redis: Redis, **sections: dict[str, Any]) -> None:
-        self.redis = redis
+    def __init__(self, server: Redis, /, **sections: dict[str, Any]) -> None:
+        self.redis = server
         self.prefix = f"t{uuid.uuid4().hex[:8]}:"
         self.sections = sections
         self.nodes: list[DaemonProcess] = []

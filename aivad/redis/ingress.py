@@ -293,6 +293,10 @@ class RedisIngress:
         for entry, reason in entries:
             log.warning("redis ingress %s: dead-lettered entry %s: %s", self.stream, entry.entry_id, reason)
 
+    def redeliver(self) -> None:
+        """Read this consumer's own pending entries again first (the caller could not commit them)."""
+        self._pending_from = "0"
+
     def statistics(self) -> IngressStatistics:
         return IngressStatistics(self.stream, self.group, self.consumer, self.read_entries, self.claimed, self.acked,
                                  self.rejected)
