@@ -103,7 +103,8 @@ export class DlqView {
 
   #confirmPurge() {
     const text = /** @type {HTMLElement} */ (this.purgeDialog.querySelector("[data-role=text]"));
-    text.textContent = `All ${this.#count} dead letters listed here (and any that arrived since) are deleted; ` +
+    const listed = this.#count === 1 ? "The dead letter listed here" : `All ${this.#count} dead letters listed here`;
+    text.textContent = `${listed} (and any that arrived since) are deleted; ` +
       "dead tasks can no longer be replayed. This cannot be undone.";
     this.purgeDialog.returnValue = "";
     this.purgeDialog.showModal();
@@ -113,7 +114,7 @@ export class DlqView {
     try {
       const { purged } = await this.api.call("dlq.purge", { yes: true });
       showError(this.section, null);
-      notify(this.section, `Purged ${purged} dead letters.`);
+      notify(this.section, `Purged ${purged} dead letter${purged === 1 ? "" : "s"}.`);
       this.refresh();
     } catch (error) {
       showError(this.section, error);
