@@ -200,14 +200,19 @@ def browser() -> Iterator[Browser]:
 
 @pytest.fixture
 def page(browser: Browser) -> Iterator[Page]:
-    """A fresh tab in its own context (its own sessionStorage); fails the test on an uncaught page error."""
+    """A fresh tab in its own context (its own sessionStorage). Fails the test on an uncaught page
+    error, and on any request to another host than the local daemon (the console needs no CDN)."""
     context = browser.new_context()
     tab = context.new_page()
     errors: list[str] = []
+    elsewhere: list[str] = []
     tab.on("pageerror", lambda error: errors.append(str(error)))
+    tab.on("request", lambda request: None if request.url.startswith("http://127.0.0.1:")
+           else elsewhere.append(request.url))
     yield tab
     context.close()
     assert errors == [], f"the page raised: {errors}"
+    assert elsewhere == [], f"the page fetched from elsewhere: {elsewhere}"
 
 
 @pytest.fixture
