@@ -85,7 +85,7 @@ export class Sampler {
     this.samples.push({
       at: Date.now(),
       uptime: Number(status.uptime_s ?? 0),
-      stored: Number(status.store?.last_seq ?? 0),
+      stored: Number(messageLog(status)?.last_seq ?? 0),
       deliveries: Number(status.router?.deliveries ?? 0),
     });
     if (this.samples.length > this.keep) this.samples.splice(0, this.samples.length - this.keep);
@@ -144,6 +144,15 @@ export class StatusView {
 }
 
 /**
+ * Where the daemon's messages live, for their seq: the cluster's Redis log when
+ * clustered (DESIGN §5), else the embedded store.
+ * @param {any} status
+ */
+function messageLog(status) {
+  return status.cluster ?? status.store;
+}
+
+/**
  * The facts an operator looks at first.
  * @param {any} status
  */
@@ -154,8 +163,8 @@ function summary(status) {
     ["draining", status.draining ? "yes" : "no"],
     ["version", status.version],
     ["uptime", typeof status.uptime_s === "number" ? uptime(status.uptime_s) : null],
-    ["last seq", status.store?.last_seq],
-    ["messages kept", status.store?.stored_messages],
+    ["last seq", messageLog(status)?.last_seq],
+    ["messages kept", status.cluster ? null : status.store?.stored_messages],
     ["ingest rate", status.ingest ? `${status.ingest.rate_10s}/s (10 s) · ${status.ingest.rate_60s}/s (1 min)` : null],
     ["connections", status.websocket?.connections],
     ["subscriptions", status.router?.subscriptions],
@@ -179,24 +188,30 @@ function services(status) {
 }
 
 /**
- * The cluster's nodes (DESIGN §5: this node's `node_name` and every live node
- * seen), when the status has a `cluster` section. Columns are whatever fields
- * the nodes have.
+ * The cluster (DESIGN §5), when the status has a `cluster` section: its own
+ * facts (this node's name, the log's epoch and last seq, a Redis failure),
+ * then one row per live node, this node's marked. Columns are whatever fields
+ * the nodes have, so a field added to the heartbeat shows without a console change.
  * @param {any} cluster
  * @returns {Node[]}
  */
 function clusterNodes(cluster) {
   if (cluster === null || typeof cluster !== "object") return [];
-  const raw = cluster.nodes ?? [];
+  const { nodes: raw = [], ...facts } = cluster;
   /** @type {Record<string, unknown>[]} */
   const nodes = Array.isArray(raw) ? raw : Object.entries(raw).map(([name, info]) => ({ name, ...(/** @type {object} */ (info)) }));
   const columns = [...new Set(nodes.flatMap((n) => Object.keys(n)))];
+  const nameOf = (/** @type {Record<string, unknown>} */ n) => n.node_name ?? n.name ?? n.node;
   return [
     el("h3", null, "Cluster"),
-    el("p", null, `This node: ${show(cluster.node_name)} · ${nodes.length} live nodes`),
+    definitionList(Object.entries(facts), "facts cluster-facts"),
+    el("p", null, `${nodes.length} live node${nodes.length === 1 ? "" : "s"}; this one is ${show(cluster.node_name)}.`),
     el("table", { className: "grid cluster" },
       el("thead", null, el("tr", null, columns.map((c) => el("th", { scope: "col" }, c)))),
-      el("tbody", null, nodes.map((n) => el("tr", null, columns.map((c) => el("td", null, show(formatCell(n[c])))))))),
+      el("tbody", null, nodes.map((n) => el("tr", {
+        "data-node": show(nameOf(n)),
+        className: nameOf(n) === cluster.node_name ? "self" : null,
+      }, columns.map((c) => el("td", null, show(formatCell(n[c])))))))),
   ];
 }
 
