@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import threading
 import time
 import urllib.error
@@ -41,6 +42,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 import aivad.client
 from aivad.auth import Rights, mint_token
 from aivad.client import PermanentError, TaskContext
+from tests.brokers import Redis
 from tests.conftest import DaemonProcess, free_port
 
 CHROMIUM = os.environ.get("AIVAD_CHROMIUM", "/usr/bin/chromium")
@@ -546,6 +548,8 @@ def test_status_shows_services_amqp_state_and_a_rates_chart(tmp_dir: Path, page:
         for key, value in status["amqp"].items():
             if isinstance(value, bool):
                 expect(amqp).to_contain_text(f"{key}{str(value).lower()}")
+        expect(summary).to_contain_text("AMQPnot connected")
+        expect(summary).to_contain_text("Redisoff")
         expect(page.locator("#status-cluster")).to_be_empty()  # no [redis]: no cluster
 
         agents.run(publish_many, daemon.ws_url, "rate.sample", 300)
@@ -557,6 +561,36 @@ def test_status_shows_services_amqp_state_and_a_rates_chart(tmp_dir: Path, page:
         assert len(points.split()) >= 2
     finally:
         daemon.stop()
+
+
+def test_status_shows_the_cluster_nodes(tmp_dir: Path, page: Page, redis_server: Redis) -> None:
+    """Two nodes on one Redis (DESIGN §5): the status of either shows both, itself marked."""
+    prefix = f"console-{secrets.token_hex(4)}:"
+    nodes: list[ConsoleDaemon] = []
+    try:
+        for name in ("node-a", "node-b"):
+            (tmp_dir / name).mkdir()
+            nodes.append(ConsoleDaemon(tmp_dir / name,
+                                       redis={"enabled": True, "url": redis_server.url, "prefix": prefix},
+                                       cluster={"node_name": name, "heartbeat_interval_s": 0.5}))
+            nodes[-1].start()
+        a, b = nodes
+        b.api("publish", {"type": "cluster.hello", "payload": 1})
+        status = wait_until(lambda: len((s := a.api("status")["status"])["cluster"]["nodes"]) == 2 and s,
+                            "both nodes in the status")
+        open_console(page, a, "#/status")
+        rows = page.locator("#status-cluster tr[data-node]")
+        expect(rows).to_have_count(2)
+        assert sorted(rows.evaluate_all("rows => rows.map(r => r.dataset.node)")) == ["node-a", "node-b"]
+        expect(page.locator("#status-cluster tr.self")).to_have_attribute("data-node", "node-a")
+        expect(page.locator("#status-cluster")).to_contain_text(f"epoch{status['cluster']['epoch']}")
+        summary = page.locator("#status-summary")
+        expect(summary).to_contain_text("Redisconnected")
+        # the seq is the cluster's: node-b's message counts on node-a
+        expect(summary).to_contain_text(f"last seq{a.api('status')['status']['cluster']['last_seq']}")
+    finally:
+        for node in nodes:
+            node.stop()
 
 
 def re_at_least(n: int) -> Any:

@@ -13,7 +13,7 @@
  * @module aivad/console-status
  */
 
-import { ApiError, byId, definitionList, el, show, uptime } from "./console-lib.js";
+import { ApiError, byId, dateTime, definitionList, el, show, uptime } from "./console-lib.js";
 import { showError } from "./console-tasks.js";
 
 /** @typedef {import("./console-lib.js").Api} Api */
@@ -166,11 +166,27 @@ function summary(status) {
     ["last seq", messageLog(status)?.last_seq],
     ["messages kept", status.cluster ? null : status.store?.stored_messages],
     ["ingest rate", status.ingest ? `${status.ingest.rate_10s}/s (10 s) · ${status.ingest.rate_60s}/s (1 min)` : null],
+    // an enabled bridge reports its statistics; a disabled one only {"enabled": false}
+    ["AMQP", brokerState(status.amqp && status.amqp.enabled !== false, status.amqp?.connected === true,
+      status.amqp?.last_error)],
+    ["Redis", brokerState(status.cluster !== undefined, !status.cluster?.failure, status.cluster?.failure)],
     ["connections", status.websocket?.connections],
     ["subscriptions", status.router?.subscriptions],
     ["tasks", Object.entries(tasks).map(([state, n]) => `${state} ${n}`).join(" · ")],
     ["workers", status.tasks?.workers],
   ], "facts summary");
+}
+
+/**
+ * "off", "connected" or "not connected (why)": the AMQP bridge's and the Redis log's state.
+ * @param {unknown} enabled
+ * @param {boolean} connected
+ * @param {unknown} failure
+ */
+function brokerState(enabled, connected, failure) {
+  if (!enabled) return "off";
+  if (connected) return "connected";
+  return failure ? `not connected (${failure})` : "not connected";
 }
 
 /**
@@ -211,7 +227,7 @@ function clusterNodes(cluster) {
       el("tbody", null, nodes.map((n) => el("tr", {
         "data-node": show(nameOf(n)),
         className: nameOf(n) === cluster.node_name ? "self" : null,
-      }, columns.map((c) => el("td", null, show(formatCell(n[c])))))))),
+      }, columns.map((c) => el("td", null, c === "last_seen" ? dateTime(/** @type {any} */ (n[c])) : show(formatCell(n[c])))))))),
   ];
 }
 
