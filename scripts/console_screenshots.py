@@ -2,11 +2,14 @@
 """Take the screenshots of docs/console.md from a real run: ``docs/console/*.png``.
 
     .venv/bin/python scripts/console_screenshots.py [--out docs/console] [--chromium /usr/bin/chromium]
+        [--chart-seconds 60] [--no-cluster]
 
 What it does, so the pictures show a daemon at work and can be taken again after
 any change to the console:
 
-1. starts a real ``aivad serve`` (a temp directory, free ports, ``[http] enabled``);
+1. starts a real ``aivad serve`` (a temp directory, free ports, ``[http] enabled``)
+   — with ``redis-server`` on PATH, two of them as the nodes of a cluster on a
+   throwaway Redis, so the status shows the cluster (``--no-cluster``: one, alone);
 2. runs real agents against it with the Python client: a worker (``scan.run``
    succeeds, ``enrich.lookup`` fails once then succeeds, ``report.build`` fails
    for good), and a publisher of findings at a rate that changes over time;
@@ -61,7 +64,7 @@ def free_port() -> int:
 class Daemon:
     """A real ``aivad serve`` in a temp directory, with the HTTP API on."""
 
-    def __init__(self, directory: Path, auth_secret: str | None = None) -> None:
+    def __init__(self, directory: Path, auth_secret: str | None = None, extra: list[str] | None = None) -> None:
         self.directory = directory
         self.ws_port, self.http_port = free_port(), free_port()
         lines = [
@@ -73,7 +76,7 @@ class Daemon:
         if auth_secret is not None:
             (directory / "jwt.secret").write_text(auth_secret)
             lines += ["[auth]", "required = true", f'hmac_secret_file = "{directory / "jwt.secret"}"']
-        (directory / "config.toml").write_text("\n".join(lines) + "\n")
+        (directory / "config.toml").write_text("\n".join(lines + (extra or [])) + "\n")
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -110,6 +113,34 @@ class Daemon:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(15)
+
+
+def cluster_config(redis_url: str, node_name: str) -> list[str]:
+    """Config lines of one node of a cluster on ``redis_url`` (DESIGN §5)."""
+    return ["[redis]", "enabled = true", f'url = "{redis_url}"', 'prefix = "aivad-shots:"',
+            "[cluster]", f'node_name = "{node_name}"', "heartbeat_interval_s = 1.0"]
+
+
+@contextlib.contextmanager
+def redis_server(directory: Path) -> Iterator[str]:
+    """A throwaway redis-server on loopback (no persistence); its URL."""
+    port = free_port()
+    log = open(directory / "redis.log", "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                             "--appendonly", "no", "--dir", str(directory)], stdout=log, stderr=log)
+    log.close()
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"redis-server did not start: {(directory / 'redis.log').read_text()}")
+            time.sleep(0.1)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 # ---- agents: a worker and a publisher, on one trio loop in a thread ----------------------
@@ -258,35 +289,42 @@ def main() -> int:
     parser.add_argument("--chromium", default=os.environ.get("AIVAD_CHROMIUM", "/usr/bin/chromium"))
     parser.add_argument("--chart-seconds", type=float, default=60,
                         help="how long the status page samples before its screenshot (default: 60)")
+    parser.add_argument("--no-cluster", action="store_true",
+                        help="one daemon without Redis (by default, with redis-server on PATH, two cluster nodes)")
     args = parser.parse_args()
     if not Path(args.chromium).exists():
         print(f"{args.chromium} not found: install Debian's chromium (apt-get install chromium)", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     directory = Path(tempfile.mkdtemp(prefix="aivad-shots-"))
-    (directory / "main").mkdir()
-    (directory / "auth").mkdir()
-    daemon = Daemon(directory / "main")
-    auth_daemon = Daemon(directory / "auth", auth_secret=secrets.token_hex(32))
-    ready, stopping = threading.Event(), threading.Event()
-    agents = threading.Thread(target=run_agents, args=(daemon.ws_url, ready, stopping), daemon=True)
+    for name in ("main", "peer", "auth", "redis"):
+        (directory / name).mkdir()
+    clustered = not args.no_cluster and shutil.which("redis-server") is not None
+    if not clustered:
+        print("no cluster in the status screenshot (redis-server not found, or --no-cluster)", file=sys.stderr)
     try:
-        daemon.start()
-        auth_daemon.start()
-        agents.start()
-        if not ready.wait(20):
-            raise RuntimeError("the worker did not connect")
-        seed_tasks(daemon)
-        with chromium(args.chromium) as browser:
-            shoot(browser, daemon, auth_daemon, args.out, args.chart_seconds)
+        with contextlib.ExitStack() as stack:
+            redis_url = stack.enter_context(redis_server(directory / "redis")) if clustered else None
+            daemon = Daemon(directory / "main", extra=cluster_config(redis_url, "node-1") if redis_url else None)
+            peers = [Daemon(directory / "peer", extra=cluster_config(redis_url, "node-2"))] if redis_url else []
+            auth_daemon = Daemon(directory / "auth", auth_secret=secrets.token_hex(32))
+            for started in (daemon, *peers, auth_daemon):
+                started.start()
+                stack.callback(started.stop)
+            ready, stopping = threading.Event(), threading.Event()
+            agents = threading.Thread(target=run_agents, args=(daemon.ws_url, ready, stopping), daemon=True)
+            agents.start()
+            stack.callback(agents.join, 10)
+            stack.callback(stopping.set)
+            if not ready.wait(20):
+                raise RuntimeError("the worker did not connect")
+            seed_tasks(daemon)
+            with chromium(args.chromium) as browser:
+                shoot(browser, daemon, auth_daemon, args.out, args.chart_seconds)
     except (RuntimeError, urllib.error.URLError) as exc:
         print(f"screenshots failed: {exc}", file=sys.stderr)
         return 1
     finally:
-        stopping.set()
-        agents.join(10)
-        daemon.stop()
-        auth_daemon.stop()
         shutil.rmtree(directory, ignore_errors=True)
     for png in sorted(args.out.glob("*.png")):
         print(f"{png.relative_to(REPO) if png.is_relative_to(REPO) else png}  {png.stat().st_size // 1024} KiB")
