@@ -9,6 +9,7 @@ reply on both. ``tail`` streams, so it lives with the control edge alone.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -76,8 +77,23 @@ async def _workers(ops: Operations, caller: Caller, request: dict[str, Any]) -> 
 
 
 def _letter_row(letter: DeadLetter) -> dict[str, Any]:
-    """A dead letter in a list: its detail left out, its body cut (``dlq.show`` has them whole)."""
-    return {**attrs.asdict(letter), "detail": None, "body": letter.body[:200]}
+    """A dead letter in a list: its detail left out, its body cut (``dlq.show`` has them whole).
+
+    A dead task's ``type`` is read from its whole body (the task's spec) first, so a list can
+    say which tasks died without a ``dlq.show`` per row; null for other kinds.
+    """
+    return {**attrs.asdict(letter), "detail": None, "body": letter.body[:200], "type": _task_type(letter)}
+
+
+def _task_type(letter: DeadLetter) -> str | None:
+    if letter.kind != "task":
+        return None
+    try:
+        spec = json.loads(letter.body)
+    except ValueError:
+        return None
+    task_type = spec.get("type") if isinstance(spec, dict) else None
+    return task_type if isinstance(task_type, str) else None
 
 
 async def _dlq_list(ops: Operations, caller: Caller, request: dict[str, Any]) -> dict[str, Any]:

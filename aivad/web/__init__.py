@@ -1,7 +1,9 @@
-"""Static web assets shipped in the package: ``client.js``, the browser client (DESIGN §4.9).
+"""Static web assets shipped in the package (DESIGN §4.9): ``client.js``, the
+browser client, and the web console (``console.html`` and its modules).
 
-The HTTP server serves them (``GET /client.js``); a web application that would
-rather serve the client from its own origin can read the same bytes here.
+The HTTP server serves them (``GET /client.js``, ``GET /console``,
+``GET /console/<asset>``); a web application that would rather serve the client
+from its own origin can read the same bytes here.
 """
 
 from __future__ import annotations
@@ -10,8 +12,21 @@ from importlib import resources
 
 __all__ = ["ASSETS", "read_asset"]
 
+_JS = "text/javascript; charset=utf-8"
+
 #: the files a server may hand out, and their media types
-ASSETS = {"client.js": "text/javascript; charset=utf-8"}
+ASSETS = {
+    "client.js": _JS,
+    # the console: a page, its style sheet and its ES modules (console.js imports the others)
+    "console.html": "text/html; charset=utf-8",
+    "console.css": "text/css; charset=utf-8",
+    "console.js": _JS,
+    "console-lib.js": _JS,
+    "console-tail.js": _JS,
+    "console-tasks.js": _JS,
+    "console-dlq.js": _JS,
+    "console-status.js": _JS,
+}
 
 
 def read_asset(name: str) -> bytes:
