@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/cluster.py            # full run, ~3-4 minutes on 2 vCPU
+    python bench/cluster.py            # full run, ~1.5 minutes on 2 vCPU
     python bench/cluster.py --quick    # smoke test, < 60 s
     python bench/cluster.py --json     # the same figures as one JSON object on stdout
 
@@ -15,7 +15,7 @@ temporary directory that is removed at the end:
 * ``a`` and ``b``: two ``aivad serve`` nodes of one cluster — ``[redis] enabled``
   on that server with a random ``prefix``, ``[cluster] node_name`` "a" and "b".
   The history is the Redis log; every node tails it and fans out to its own
-  subscribers, local and remote messages alike (docs/cluster.md).
+  subscribers, local and remote messages alike (aivad/cluster.py).
 
 Measured, in one run, with the same clients (bench/fanout.py's asyncio WebSocket
 client: it reads a timestamp per message and costs a few µs per delivery) and
