@@ -394,6 +394,37 @@ async def wait_quiet(max_wait_s: float, threshold: float = 0.5) -> float:
             return max(0.0, other)
 
 
+async def publish(pub: Conn, messages: int, make: Callable[[], str], *, window: int, rate: float | None,
+                  started: float) -> None:
+    """Send ``messages`` publishes on ``pub``, at most ``window`` unacknowledged, several frames per write;
+    paced at ``rate`` messages/s from ``started`` (a ``perf_counter`` time) when given, else as fast as acks allow."""
+    acks, sent = 0, 0
+    room = asyncio.Event()
+
+    def on_ack() -> None:
+        nonlocal acks
+        acks += 1
+        room.set()
+
+    pub.on_ack = on_ack
+    while sent < messages:
+        if rate is not None:
+            due = int((time.perf_counter() - started) * rate) + 1
+            if due <= sent:
+                await asyncio.sleep((sent + 1) / rate - (time.perf_counter() - started))
+                continue
+            k = min(due - sent, window - (sent - acks), messages - sent)
+        else:
+            k = min(64, window - (sent - acks), messages - sent)
+        if k <= 0:
+            room.clear()
+            await room.wait()
+            continue
+        pub.write(b"".join(client_frame(pub.dialect.publish(make())) for _ in range(k)))
+        sent += k
+        await asyncio.sleep(0)
+
+
 async def measure(server: Server, subscribers: int, messages: int, *, window: int, payload_bytes: int,
                   rate: float | None = None, timeout_s: float = 180.0) -> dict[str, Any]:
     """Connect N subscribers and a publisher, publish ``messages``, wait for every delivery."""
@@ -404,41 +435,16 @@ async def measure(server: Server, subscribers: int, messages: int, *, window: in
     sink = Sink(subscribers, messages)
     for c in subs:
         c.sink = sink
-    acks = 0
-    room = asyncio.Event()
-
-    def on_ack() -> None:
-        nonlocal acks
-        acks += 1
-        room.set()
-
-    pub.on_ack = on_ack
     make = payload_json(payload_bytes)
     await asyncio.sleep(0.2)  # let the server settle after the connections
     gc.collect()
     gc.disable()  # no collector pauses inside the timed part (the client allocates little)
     srv_cpu0, cli_cpu0, busy0 = cpu_seconds(server.pid), self_cpu_seconds(), machine_busy_seconds()
     started = time.perf_counter()
-    sent = 0
     error = ""
     try:
         async with asyncio.timeout(timeout_s):
-            while sent < messages:
-                if rate is not None:
-                    due = int((time.perf_counter() - started) * rate) + 1
-                    if due <= sent:
-                        await asyncio.sleep((sent + 1) / rate - (time.perf_counter() - started))
-                        continue
-                    k = min(due - sent, window - (sent - acks), messages - sent)
-                else:
-                    k = min(64, window - (sent - acks), messages - sent)
-                if k <= 0:
-                    room.clear()
-                    await room.wait()
-                    continue
-                pub.write(b"".join(client_frame(pub.dialect.publish(make())) for _ in range(k)))
-                sent += k
-                await asyncio.sleep(0)
+            await publish(pub, messages, make, window=window, rate=rate, started=started)
             waits: list[asyncio.Future[Any]] = [sink.done, *(c.closed for c in subs)]
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     except TimeoutError:
