@@ -9,6 +9,7 @@ real WebSocket clients. Node deaths are real (``kill -9``), Redis restarts are r
 from __future__ import annotations
 
 import contextlib
+import signal
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -114,7 +115,8 @@ async def test_status_shows_every_live_node(cluster: Cluster) -> None:
             await trio.sleep(0.1)
     assert status["cluster"]["node_name"] == "a" and status["ready"] is True
     assert [n["name"] for n in status["cluster"]["nodes"]] == ["a", "b"]
-    b.stop()  # a clean stop forgets the node at once
+    b.signal(signal.SIGTERM)  # a clean stop forgets the node at once, and exits 0
+    assert await trio.to_thread.run_sync(b.wait) == 0, b.log()
     with trio.fail_after(10):
         while len(a.control({"cmd": "status"})["status"]["cluster"]["nodes"]) != 1:
             await trio.sleep(0.1)

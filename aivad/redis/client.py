@@ -146,6 +146,8 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
     OSError,
     trio.TooSlowError,  # our own op_timeout_s
+    anyio.ClosedResourceError,  # a connection coredis closed under us (the pool shutting down)
+    anyio.BrokenResourceError,
 )
 _CLIENT_ERRORS: tuple[type[BaseException], ...] = (coredis.exceptions.RedisError, *_CONNECTION_ERRORS)
 _TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
