@@ -9,9 +9,15 @@ real WebSocket clients. Node deaths are real (``kill -9``), Redis restarts are r
 from __future__ import annotations
 
 import contextlib
+import json
+import re
+import shlex
 import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +25,8 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from tests.brokers import Redis
-from tests.conftest import DaemonProcess, short_tmp_dir
+from tests.conftest import DaemonProcess, free_port, short_tmp_dir
+from tests.test_docs import fenced_blocks
 from tests.wsclient import TestClient, connect
 
 
@@ -245,3 +252,83 @@ async def test_task_events_of_one_node_reach_subscribers_on_every_node_once(clus
     with trio.fail_after(10):
         while a.control({"cmd": "status"})["status"]["cluster"]["journal"]["behind"] != 0:
             await trio.sleep(0.1)
+
+
+# ---- docs/cluster.md's example, run as written -----------------------------------------------
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "cluster.md"
+
+
+def doc_example() -> tuple[dict[str, str], list[str]]:
+    """The two-node example of docs/cluster.md: its node configs by file name, and its command lines."""
+    blocks = fenced_blocks(DOC.read_text(encoding="utf-8"))
+    configs = {}
+    for lang, body, before in blocks:
+        named = re.search(r"`(node-\w+\.toml)`", before)
+        if lang == "toml" and named:
+            configs[named.group(1)] = body
+    commands = next(body for lang, body, _ in blocks if lang == "sh" and "aivad serve" in body)
+    return configs, commands.splitlines()
+
+
+def aivad(line: str) -> list[str]:
+    """A documented ``.venv/bin/aivad …`` line as this interpreter runs it."""
+    words = shlex.split(line.removesuffix("&").strip())
+    assert words[0] == ".venv/bin/aivad", line
+    return [sys.executable, "-m", "aivad", *words[1:]]
+
+
+def spawn(line: str, cwd: Path, *, output: bool) -> subprocess.Popen[str]:
+    """A documented line ending in ``&``: started in ``cwd``, its stdout a pipe when ``output``."""
+    return subprocess.Popen(aivad(line), cwd=cwd, text=True, stdout=subprocess.PIPE if output else subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+async def test_the_two_node_example_of_the_docs_runs_as_written(redis_server: Redis) -> None:
+    configs, commands = doc_example()
+    assert set(configs) == {"node-a.toml", "node-b.toml"} and len(commands) == 6
+    here = short_tmp_dir()
+    # what must differ on a test machine: Redis's address, a prefix of this test's own, free ports
+    for name, text in configs.items():
+        text = text.replace("redis://127.0.0.1:6379/0", redis_server.url)
+        text = text.replace("enabled = true\n", f'enabled = true\nprefix = "doc{uuid.uuid4().hex[:8]}:"\n', 1)
+        text = re.sub(r"^port = \d+$", f"port = {free_port()}", text, flags=re.MULTILINE)
+        (here / name).write_text(text)
+    prefix = re.search(r'prefix = "(\w+:)"', (here / "node-a.toml").read_text())
+    assert prefix is not None
+    (here / "node-b.toml").write_text(re.sub(r'prefix = "\w+:"', f'prefix = "{prefix.group(1)}"',
+                                             (here / "node-b.toml").read_text()))
+    background: list[subprocess.Popen[str]] = []
+    try:
+        for line in commands[:2]:  # the two nodes
+            background.append(spawn(line, here, output=False))
+
+        def run(line: str) -> str:
+            done = subprocess.run(aivad(line), cwd=here, capture_output=True, text=True, timeout=20)
+            assert done.returncode == 0, (line, done.stdout, done.stderr)
+            return done.stdout
+
+        with trio.fail_after(30):
+            while True:
+                with contextlib.suppress(AssertionError):
+                    status = json.loads(run(commands[5] + " --json"))
+                    if len(status["cluster"]["nodes"]) == 2:
+                        break
+                await trio.sleep(0.2)
+        tail = spawn(commands[2], here, output=True)
+        background.append(tail)
+        with trio.fail_after(20):  # the tail on b has subscribed
+            while json.loads(run(".venv/bin/aivad status --config node-b.toml --json"))["router"]["subscriptions"] < 1:
+                await trio.sleep(0.1)
+        run(commands[3])  # publish on a
+        history = run(commands[4])  # history on b
+        assert "demo.hello" in history and '"a"' in history
+        assert tail.stdout is not None
+        first = await trio.to_thread.run_sync(tail.stdout.readline)
+        assert "demo.hello" in first  # delivered live on b
+    finally:
+        for proc in reversed(background):
+            proc.terminate()
+            proc.wait(15)
+            if proc.stdout is not None:
+                proc.stdout.close()
