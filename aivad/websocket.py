@@ -129,6 +129,8 @@ class Connection:
         # made at the first publish / first waiting op: a connection that only
         # subscribes (most of them) carries no replier task, channel or semaphore
         self._pending: trio.MemorySendChannel[_Pending] | None = None
+        #: publishes and dispatches awaiting their commit: max_inflight_publishes permits, one per item
+        self._inflight: trio.Semaphore | None = None
         self._batch_op = ""
         self._batch: list[tuple[Any, Any]] = []
         self._background: trio.Semaphore | None = None
@@ -180,7 +182,12 @@ class Connection:
     # ---- the Sink protocol of the router -----------------------------------
 
     def offer(self, frame: bytes) -> bool:
-        if self._queued_bytes + len(frame) > self._max_bytes:
+        """Queue a live message unless the byte or frame bound is reached (then: a slow consumer).
+
+        A message bigger than the byte bound still goes to a client that has nothing queued:
+        a client that keeps up is not closed for one large message (memory stays within the
+        bound plus that message)."""
+        if self._queued_bytes and self._queued_bytes + len(frame) > self._max_bytes:
             return False
         try:
             self._outbox.send_nowait(frame)
@@ -302,7 +309,13 @@ class Connection:
                 else _frame({"op": "ok", "ref": ref, **reply(r)})
                 for ref, r in zip(refs, await batch.wait(), strict=True)
             ]
+            self._release(len(refs))
             await self.put(b"".join(frames))
+
+    def _release(self, n: int) -> None:
+        assert self._inflight is not None
+        for _ in range(n):
+            self._inflight.release()
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         """Run frames in order; take what is already read ahead, so publishes among them share a commit."""
@@ -338,6 +351,10 @@ class Connection:
         self._batch = []
         refs = [ref for ref, _ in held]
         items = [item for _, item in held]
+        if self._inflight is None:
+            self._inflight = trio.Semaphore(self.service.cfg.max_inflight_publishes)
+        for _ in refs:  # a batch is at most max_inflight_publishes: this cannot wait on itself
+            await self._inflight.acquire()
         ops = self.service.ops
         reply: Callable[[Any], dict[str, Any]]
         try:
@@ -346,6 +363,7 @@ class Connection:
             else:
                 batch, reply = await ops.dispatch_many(self.caller, items), _dispatch_reply
         except OpError as exc:
+            self._release(len(refs))
             await self.put(b"".join(self.service.error_frame(r, exc.code, exc.message) for r in refs))
             return
         if self._pending is None:

@@ -160,6 +160,24 @@ async def test_a_client_that_reads_nothing_while_big_messages_flow_is_closed_400
         proc.stop()
 
 
+async def test_one_message_bigger_than_the_send_buffer_reaches_a_client_that_keeps_up(tmp_dir: Path) -> None:
+    """send_buffer_bytes bounds what waits for a client, not the size of one message: a subscriber
+    with nothing queued gets a 300 KB message through a 64 KiB buffer and stays connected."""
+    proc = DaemonProcess(tmp_dir, websocket={"send_buffer_bytes": 65536, "max_frame_bytes": 400_000})
+    proc.start()
+    try:
+        with trio.fail_after(30):
+            async with connect(proc.ws_url) as sub, connect(proc.ws_url) as pub:
+                await sub.ok({"op": "subscribe", "pattern": "big.#"})
+                for i in range(3):
+                    await pub.publish("big.blob", str(i) * 300_000)
+                    assert (await sub.next_message())["msg"]["payload"] == str(i) * 300_000
+                assert proc.control({"cmd": "status"})["status"]["websocket"]["slow_consumer_closes"] == 0
+                assert (await sub.ok({"op": "ping"}))["op"] == "pong"
+    finally:
+        proc.stop()
+
+
 def _rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
