@@ -87,7 +87,7 @@ import random
 import socket
 import sqlite3
 import threading
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from decimal import Decimal
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, Protocol, TypeVar
@@ -169,6 +169,10 @@ class Sink(Protocol):
     async def read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any: ...
 
     async def add_dead_letter(self, kind: str, reason: str, body: str, detail: dict[str, Any]) -> int: ...
+
+
+#: ``await settled(seq)``: returns once the store's commits through ``seq`` are where an ack may promise them
+Settled = Callable[[int], Awaitable[None]]
 
 
 class TaskSink(Protocol):
@@ -668,8 +672,12 @@ class AmqpBridge:
     """
 
     def __init__(self, cfg: AmqpConfig, store: Sink, ingest: Counter | None = None,
-                 dispatcher: TaskSink | None = None, alert: Alert | None = None) -> None:
+                 dispatcher: TaskSink | None = None, alert: Alert | None = None,
+                 settled: Settled | None = None) -> None:
         self._cfg = cfg
+        #: in a cluster: waits until the local commits through a seq are in the cluster's log, so an
+        #: ack means "in the history every node serves", not only in this node's journal
+        self._settled = settled
         self._alert: Alert = alert or (lambda level, code, message: None)
         self._store = store
         self._ingest = ingest
@@ -1010,6 +1018,8 @@ class AmqpBridge:
                 raise AmqpLost(f"the store failed a batch of {len(rows)}: {describe(exc)}") from exc
             finally:
                 self._ingesting -= ids
+            if self._settled is not None and results:
+                await self._settled(max(r.seq for r in results))
             dups = sum(1 for r in results if r.duplicate)
             self._duplicates += dups
             self._stored += len(results) - dups
@@ -1310,6 +1320,7 @@ async def serve_amqp(
     dispatcher: TaskSink | None = None,
     faults: Faults | None = None,
     alert: Alert | None = None,
+    settled: Settled | None = None,
     task_status: trio.TaskStatus[AmqpBridge] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Run the AMQP bridge until cancelled (DESIGN §4.5).
@@ -1331,7 +1342,7 @@ async def serve_amqp(
     serves on, ``statistics().stopped`` and /readyz say why. Without ``faults``
     (tests of the bridge alone) a bug propagates.
     """
-    bridge = AmqpBridge(cfg, store, ingest, dispatcher, alert)
+    bridge = AmqpBridge(cfg, store, ingest, dispatcher, alert, settled)
     await bridge._load_outbox()
     bridge._thread.start()
     if dispatcher is not None:

@@ -389,10 +389,13 @@ async def run_daemon(
             serve_aggregator, cfg.tasks, daemon.dispatcher, daemon.store, daemon.faults
         )
         daemon.dispatcher.on_end.append(daemon.dead_letter_alert)
+        # in a cluster an AMQP ack waits until the delivery is in the cluster log, not only in the journal
+        settled = daemon.journal.forwarded_through if daemon.journal is not None else None
         if cfg.amqp.enabled:  # started() at once: readiness of the embedded path does not wait on the broker
             daemon.amqp = await root.start(partial(serve_amqp, cfg.amqp, daemon.store, ingest=daemon.ingest,
                                                    dispatcher=daemon.dispatcher, faults=daemon.faults,
-                                                   alert=daemon.alerts.alert))
+                                                   alert=daemon.alerts.alert,
+                                                   settled=settled))
             daemon.store.on_commit(daemon.amqp.forward_committed)  # task.*, group.*, system.* → events exchange
         daemon.ops = Operations(
             store=daemon.store,

@@ -68,12 +68,23 @@ class Journal:
         self.cursor = cursor
         self._on_gap = on_gap
         self._wake = trio.Event()
+        self._moved = trio.Event()
         self.forwarded = 0
 
     def committed(self, messages: list[StoredMessage]) -> None:
         """The store's after-commit hook: there is something to forward."""
         if messages:
             self._wake.set()
+
+    async def forwarded_through(self, seq: int) -> None:
+        """Return once the local commits through ``seq`` are in the cluster log.
+
+        What an edge that commits to the local store (the AMQP bridge) awaits before it
+        acknowledges: its producer's message is then in the history every node serves,
+        and a node that dies after the ack loses nothing of it.
+        """
+        while self.cursor < seq:
+            await self._moved.wait()
 
     def statistics(self) -> dict[str, int]:
         """``status`` → ``cluster.journal``: the cursor, what waits (local messages not yet in the log), what went."""
@@ -112,6 +123,8 @@ class Journal:
             through = found.messages[-1].seq if len(found.messages) == BATCH else through
         await (await self._store.submit(lambda conn, _: _write_cursor(conn, through))).wait()
         self.cursor = through
+        self._moved.set()
+        self._moved = trio.Event()
 
 
 def _without_seq(text: str) -> object:
