@@ -154,6 +154,34 @@ class Daemon:
         return self.dispatcher.statistics().tasks_by_state
 
     def extra_metrics(self) -> list[Any]:
+        return self._amqp_metrics() + self._cluster_metrics()
+
+    def _cluster_metrics(self) -> list[Any]:
+        """This node's view of the cluster (every node serves its own /metrics: scrape them all)."""
+        if self.cluster is None or self.journal is None:
+            return []
+        cluster, journal = self.cluster.statistics(), self.journal.statistics()
+        metrics: list[Any] = [
+            GaugeMetricFamily("aivad_cluster_nodes", "Live nodes of the cluster, as this node sees them.",
+                              value=len(cluster.nodes)),
+            GaugeMetricFamily("aivad_cluster_redis_up", "1 while Redis answers this node.",
+                              value=int(cluster.failure is None)),
+            GaugeMetricFamily("aivad_cluster_last_seq", "The newest seq of the cluster log this node has read.",
+                              value=cluster.last_seq),
+            GaugeMetricFamily("aivad_cluster_journal_behind", "Local commits not yet forwarded into the cluster log.",
+                              value=journal["behind"]),
+        ]
+        if self.redis_ingest is not None and self.redis_ingest.stream is not None:
+            stream = self.redis_ingest.stream.statistics()
+            metrics.append(CounterMetricFamily("aivad_redis_ingress_dead_letters",
+                                               "Ingest stream entries dead-lettered (bad entries).",
+                                               value=self.redis_ingest.dead_lettered))
+            metrics.append(CounterMetricFamily("aivad_redis_ingress_claimed",
+                                               "Ingest stream entries taken over from another consumer.",
+                                               value=stream.claimed))
+        return metrics
+
+    def _amqp_metrics(self) -> list[Any]:
         if self.amqp is None:
             return []
         amqp = self.amqp.statistics()

@@ -8,6 +8,7 @@ client). Poison entries are real entries; a node's death is a real ``kill -9``.
 from __future__ import annotations
 
 import json
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -17,6 +18,7 @@ import redis
 import trio
 
 from tests.brokers import Redis
+from tests.conftest import free_port
 from tests.test_cluster import Cluster, messages_until
 from tests.wsclient import connect
 
@@ -63,7 +65,8 @@ async def test_stream_entries_are_stored_once_in_order_poison_is_dead_lettered_a
         redis_server: Redis, stream: str, producer: redis.Redis) -> None:
     cluster = ingress_cluster(redis_server, stream)
     try:
-        a = cluster.node("a", http={"enabled": True, "port": 0})
+        http_port = free_port()
+        a = cluster.node("a", http={"enabled": True, "port": http_port})
         async with connect(a.ws_url) as sub:
             await sub.ok({"op": "subscribe", "pattern": "in.#"})
             producer.xadd(stream, {"type": "in.x", "payload": json.dumps({"n": 1})})
@@ -86,6 +89,11 @@ async def test_stream_entries_are_stored_once_in_order_poison_is_dead_lettered_a
         status = a.control({"cmd": "status"})["status"]["redis_ingress"]
         assert status["dead_lettered"] == len(POISON) and status["stream"]["acked"] == 4 + len(POISON)  # every entry
         assert a.control({"cmd": "status"})["status"]["ingest"]["by_ingress"]["redis"] == 3
+        metrics = await trio.to_thread.run_sync(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10).read().decode())
+        for line in ('aivad_messages_ingested_total{ingress="redis"} 3.0', "aivad_cluster_nodes 1.0",
+                     "aivad_cluster_redis_up 1.0", f"aivad_redis_ingress_dead_letters_total {len(POISON)}.0"):
+            assert line in metrics, line
     finally:
         cluster.stop()
 
