@@ -9,13 +9,14 @@ it was refused is stored, delivered or dispatched.
 from __future__ import annotations
 
 import shutil
+import sqlite3
 from pathlib import Path
 
 import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from tests.conftest import DaemonProcess, InProcessDaemon, start_daemon
+from tests.conftest import DaemonProcess, InProcessDaemon, control_async, start_daemon
 from tests.wsclient import connect, no_more_messages
 
 
@@ -203,3 +204,32 @@ async def test_a_write_that_makes_no_way_ends_the_connection_after_write_timeout
                     await trio.sleep(0.1)
     finally:
         proc.stop()
+
+
+def _lock_the_store(path: str) -> sqlite3.Connection:
+    """Another process's write lock on the daemon's real database: its commits wait (busy_timeout)."""
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    return blocker
+
+
+async def test_max_inflight_publishes_counts_publishes_awaiting_their_commit(nursery: trio.Nursery,
+                                                                            tmp_dir: Path) -> None:
+    """With commits held, a client that pipelines 100 publishes has at most max_inflight_publishes
+    of them submitted: one write of 4 is committing and at most one more (not one per batch) waits behind it."""
+    d = await start_daemon(nursery, tmp_dir, websocket={"max_inflight_publishes": 4})
+    async with connect(d.ws_url) as c:
+        await c.publish("warm.up", 0)
+        blocker = _lock_the_store(d.cfg.store.path)
+        try:
+            for i in range(100):
+                await c.send({"op": "publish", "type": "inflight.x", "payload": i, "ref": i})
+            await trio.sleep(0.5)
+            store = (await control_async(d.control_path, {"cmd": "status"}))["status"]["store"]
+            assert store["write_queue_depth"] <= 1, store["write_queue_depth"]
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        with trio.fail_after(20):
+            replies = [await c.receive() for _ in range(100)]
+        assert [r["ref"] for r in replies] == list(range(100)) and {r["op"] for r in replies} == {"ok"}
