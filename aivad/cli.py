@@ -115,8 +115,26 @@ def _print_status(status: dict[str, Any]) -> None:
     for section in ("amqp", "http"):
         if section in status:
             rows.append((section, ", ".join(f"{k} {v}" for k, v in status[section].items())))
+    rows += _cluster_rows(status.get("cluster"))
     for name, text in rows:
         print(f"{name:>10}  {text}")
+
+
+def _cluster_rows(cluster: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """The cluster's log, this node's journal, and a row per live node (``[redis] enabled``)."""
+    if cluster is None:
+        return []
+    redis = "Redis ok" if cluster["failure"] is None else f"Redis FAILING: {cluster['failure']}"
+    journal = cluster.get("journal") or {}
+    rows = [("cluster", f"node {cluster['node_name']}, log epoch {cluster['epoch']}, last seq {cluster['last_seq']}, "
+                        f"{redis}, journal behind {journal.get('behind', 0)}")]
+    now = time.time()
+    for node in cluster["nodes"]:
+        seen = now - float(node.get("last_seen", now))
+        rows.append(("node", f"{node['name']}: {node.get('connections', 0)} connections, "
+                             f"{node.get('subscriptions', 0)} subscriptions, {node.get('workers', 0)} workers, "
+                             f"seen {max(0.0, seen):.1f}s ago"))
+    return rows
 
 
 # ---- subcommands --------------------------------------------------------------

@@ -326,6 +326,8 @@ async def test_the_two_node_example_of_the_docs_runs_as_written(redis_server: Re
         assert tail.stdout is not None
         first = await trio.to_thread.run_sync(tail.stdout.readline)
         assert "demo.hello" in first  # delivered live on b
+        human = run(commands[5])  # status on a, as printed for people: the cluster and both nodes
+        assert "cluster  node a" in human and "node  a:" in human and "node  b:" in human, human
     finally:
         for proc in reversed(background):
             proc.terminate()
