@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -118,6 +119,7 @@ class ClusterLog:
         self._appended = 0
         self._duplicates = 0
         self.nodes: list[NodeInfo] = []
+        self._on_name_taken: list[Callable[[str], None]] = []
 
     # ---- what the router and the operations use (the store's shape) -------------------
 
@@ -128,6 +130,10 @@ class ClusterLog:
     def on_failure(self, callback: Callable[[str | None], None]) -> None:
         """Call ``callback(why)`` when Redis starts failing, ``callback(None)`` when it works again."""
         self._on_failure.append(callback)
+
+    def on_name_taken(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(why)`` when another process heartbeats under this node's name."""
+        self._on_name_taken.append(callback)
 
     def on_reset(self, callback: Callable[[str], None]) -> None:
         """Call ``callback(why)`` when live subscribers must resume: the tail skipped a gap, or the log is new."""
@@ -307,10 +313,24 @@ class ClusterLog:
         self._cfg = cfg
 
     async def _heartbeat_loop(self, interval_s: float, info: Callable[[], dict[str, Any]]) -> NoReturn:
+        """Say this node is alive; learn the others. A heartbeat of this name from another
+        process (two nodes given one ``node_name``) is logged and announced, once."""
+        instance = uuid.uuid4().hex
+        told = False
         while True:
             try:
-                await self.redis.heartbeat(self.node_name, info(), ttl_s=3 * interval_s)
+                # read before writing: what stands under this name now was written by the last heartbeat of it
                 self.nodes = await self.redis.live_nodes()
+                await self.redis.heartbeat(self.node_name, {**info(), "instance": instance}, ttl_s=3 * interval_s)
+                other = next((n for n in self.nodes if n.name == self.node_name
+                              and n.info.get("instance", instance) != instance), None)
+                if other is not None and not told:
+                    told = True
+                    why = f"another process runs as cluster node {self.node_name!r}: give each node its own " \
+                          "[cluster] node_name"
+                    log.error("cluster: %s", why)
+                    for callback in self._on_name_taken:
+                        callback(why)
             except RedisUnavailable as exc:
                 self._set_failure(f"unreachable: {exc}")
             except EpochChanged:

@@ -408,6 +408,7 @@ async def run_daemon(
                 serve_cluster_log, cfg.redis, cfg.cluster, cfg.store, daemon.node_info
             )
             daemon.cluster.on_failure(daemon.redis_alert)
+            daemon.cluster.on_name_taken(lambda why: daemon.alerts.alert("error", "node_name_taken", why))
         daemon.router = Router(daemon.messages, cfg.websocket.replay_batch)
         if daemon.cluster is not None:
             daemon.cluster.on_reset(daemon.router.overtake_all)

@@ -334,3 +334,14 @@ async def test_the_two_node_example_of_the_docs_runs_as_written(redis_server: Re
             proc.wait(15)
             if proc.stdout is not None:
                 proc.stdout.close()
+
+
+async def test_two_nodes_given_one_name_are_told(cluster: Cluster) -> None:
+    a = cluster.node("same")
+    async with connect(a.ws_url) as watch:
+        await watch.ok({"op": "subscribe", "pattern": "system.alert"})
+        cluster.node("same")
+        with trio.fail_after(20):
+            while (alert := (await watch.messages(1))[0]["msg"])["payload"]["code"] != "node_name_taken":
+                pass
+    assert "node_name" in alert["payload"]["message"]
