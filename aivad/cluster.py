@@ -320,9 +320,10 @@ class ClusterLog:
         while True:
             try:
                 # read before writing: what stands under this name now was written by the last heartbeat of it
-                self.nodes = await self.redis.live_nodes()
+                before = await self.redis.live_nodes()
                 await self.redis.heartbeat(self.node_name, {**info(), "instance": instance}, ttl_s=3 * interval_s)
-                other = next((n for n in self.nodes if n.name == self.node_name
+                self.nodes = await self.redis.live_nodes()
+                other = next((n for n in before if n.name == self.node_name
                               and n.info.get("instance", instance) != instance), None)
                 if other is not None and not told:
                     told = True
