@@ -34,7 +34,7 @@ import trio
 from .cluster import ClusterLog
 from .envelope import Envelope
 from .protocol import OpError
-from .store import Store, StoredMessage
+from .store import Store, StoreClosed, StoredMessage
 
 __all__ = ["Journal", "serve_journal"]
 
@@ -101,6 +101,9 @@ class Journal:
                 continue
             try:
                 await self._forward_next()
+            except StoreClosed:  # draining: the log takes no more; the rest waits in the store for the next start
+                log.info("journal: draining, %d local messages wait for the next start", self.statistics()["behind"])
+                await trio.sleep_forever()
             except OpError as exc:  # the log is unreachable or overloaded: the rest waits in the store
                 log.warning("journal: forwarding after local seq %d waits: %s", self.cursor, exc.message)
                 await trio.sleep(delay)
