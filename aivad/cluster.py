@@ -93,6 +93,8 @@ class ClusterStatistics:
     duplicates: int
     failure: str | None
     nodes: list[dict[str, Any]]
+    #: messages answered ``overloaded`` because [redis] max_pending were already waiting
+    overloaded: int = 0
 
 
 class ClusterLog:
@@ -118,6 +120,7 @@ class ClusterLog:
         self._writer_done = trio.Event()
         self._appended = 0
         self._duplicates = 0
+        self._overloaded = 0
         self.nodes: list[NodeInfo] = []
         self._on_name_taken: list[Callable[[str], None]] = []
 
@@ -182,7 +185,7 @@ class ClusterLog:
         nodes = [{"name": n.name, **n.info, "last_seen": n.last_seen} for n in self.nodes]
         return ClusterStatistics(self.node_name, self.epoch, self.last_seq, self.retention_floor,
                                  self._send.statistics().current_buffer_used, stats.appended, stats.duplicates,
-                                 self.failure, nodes)
+                                 self.failure, nodes, self._overloaded)
 
     # ---- failure bookkeeping -------------------------------------------------------------
 
@@ -225,6 +228,7 @@ class ClusterLog:
         try:
             results = await self.redis.append_rows(rows)
         except RedisOverloaded as exc:
+            self._overloaded += len(rows)
             error = OpError("overloaded", str(exc))
         except RedisUnavailable as exc:
             self._set_failure(f"unreachable: {exc}")

@@ -170,6 +170,8 @@ class Daemon:
                               value=cluster.last_seq),
             GaugeMetricFamily("aivad_cluster_journal_behind", "Local commits not yet forwarded into the cluster log.",
                               value=journal["behind"]),
+            CounterMetricFamily("aivad_cluster_overloaded", "Publishes refused: [redis] max_pending already waiting.",
+                                value=cluster.overloaded),
         ]
         if self.redis_ingest is not None and self.redis_ingest.stream is not None:
             stream = self.redis_ingest.stream.statistics()

@@ -345,3 +345,15 @@ async def test_two_nodes_given_one_name_are_told(cluster: Cluster) -> None:
             while (alert := (await watch.messages(1))[0]["msg"])["payload"]["code"] != "node_name_taken":
                 pass
     assert "node_name" in alert["payload"]["message"]
+
+
+async def test_publishes_beyond_max_pending_are_overloaded_and_counted(cluster: Cluster) -> None:
+    a = cluster.node("a", redis={"max_pending": 1})
+    async with connect(a.ws_url) as c:
+        for i in range(200):  # pipelined: many wait for Redis at once
+            await c.send({"op": "publish", "type": "p.x", "payload": i, "ref": i})
+        with trio.fail_after(20):
+            replies = [await c.receive() for _ in range(200)]
+    refused = [r for r in replies if r["op"] == "error"]
+    assert refused and {r["code"] for r in refused} == {"overloaded"}
+    assert a.control({"cmd": "status"})["status"]["cluster"]["overloaded"] == len(refused)
