@@ -145,3 +145,21 @@ async def test_channel_messages_are_stored_with_the_channel_as_type(
         assert channels["stored"] == 2 and channels["received"] == 2
     finally:
         cluster.stop()
+
+
+async def test_an_ingest_key_of_another_type_ends_the_reader_alone_and_the_node_serves_on(
+        redis_server: Redis, stream: str, producer: redis.Redis) -> None:
+    producer.set(stream, "not a stream")  # a misconfiguration, not Redis being away: not retried forever
+    cluster = ingress_cluster(redis_server, stream)
+    try:
+        a = cluster.node("a")
+        async with connect(a.ws_url) as c:
+            await c.ok({"op": "subscribe", "pattern": "system.alert", "since": 0})  # it failed at the start
+            with trio.fail_after(20):
+                while (alert := (await c.messages(1))[0]["msg"])["payload"]["code"] != "unit_failed":
+                    pass
+            assert "redis.ingress" in alert["payload"]["message"]
+            assert (await c.publish("still.serving", 1))["seq"] > 0
+        assert a.control({"cmd": "status"})["status"]["ready"] is True
+    finally:
+        cluster.stop()
