@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import trio
 from trio_websocket import ConnectionClosed
 
 from tests.brokers import Redis
 from tests.conftest import DaemonProcess, free_port, short_tmp_dir
 from tests.test_docs import fenced_blocks
-from tests.wsclient import TestClient, connect
+from tests.wsclient import TestClient, connect, no_more_messages
 
 
 class Cluster:
@@ -357,3 +358,36 @@ async def test_publishes_beyond_max_pending_are_overloaded_and_counted(cluster: 
     refused = [r for r in replies if r["op"] == "error"]
     assert refused and {r["code"] for r in refused} == {"overloaded"}
     assert a.control({"cmd": "status"})["status"]["cluster"]["overloaded"] == len(refused)
+
+
+FOREIGN_ENTRIES: list[dict[str, Any]] = [
+    {"x": "y"},  # not the script's fields at all
+    {"t": "1", "type": "h.x", "d": "[1, 2]"},  # a body that is not an object
+    {"t": "1", "type": "h.x", "d": '{"a":'},  # not JSON
+    {"t": "1", "type": "h..x", "d": "{}"},  # not a topic
+    {"t": "1", "type": b"h.\xff", "d": "{}"},  # not UTF-8
+]
+
+
+async def test_foreign_entries_in_the_log_are_skipped_and_every_node_serves_on(cluster: Cluster) -> None:
+    """Anyone with write access to Redis can add entries to the log's stream: a node reads past
+    those its script did not write, delivers none of them, and goes on serving."""
+    a, b = cluster.node("a"), cluster.node("b")
+    producer = redis.Redis.from_url(cluster.redis.url)
+    meta, stream = f"{cluster.prefix}{{log}}:meta", f"{cluster.prefix}{{log}}:stream"
+    try:
+        async with connect(a.ws_url) as on_a, connect(b.ws_url) as on_b:
+            await on_a.ok({"op": "subscribe", "pattern": "#"})
+            await on_b.ok({"op": "subscribe", "pattern": "h.#"})
+            await on_a.publish("h.x", "before")
+            for fields in FOREIGN_ENTRIES:  # as the next seqs, the way the script would add them
+                seq = producer.hincrby(meta, "seq", 1)
+                producer.xadd(stream, fields, id=f"{seq}-0")
+            await on_b.publish("h.x", "after")
+            got_a, got_b = await messages_until(on_a, 2), await messages_until(on_b, 2)
+            assert [m["payload"] for m in got_a] == [m["payload"] for m in got_b] == ["before", "after"]
+            history = await on_b.ok({"op": "history", "pattern": "#"})
+            assert [m["payload"] for m in history["messages"]] == ["before", "after"]
+            assert await no_more_messages(on_a)
+    finally:
+        producer.close()

@@ -107,7 +107,7 @@ import coredis
 import trio
 import trio.lowlevel
 
-from aivad.envelope import Envelope, compile_pattern
+from aivad.envelope import Envelope, check_topic, compile_pattern
 from aivad.store import Appended, StoredMessage
 
 from .client import (
@@ -257,11 +257,34 @@ def _with_seq(body: bytes, seq: int) -> str:
     return f'{body[:-1].decode()},"seq":{seq}}}'
 
 
-def _message(entry: Sequence[Any]) -> StoredMessage:
-    """A raw stream entry of the log → StoredMessage (seq, type, envelope JSON with seq)."""
+#: entries of the log stream that its append script did not write (another writer), skipped so far
+_foreign_entries = 0
+
+
+def _entry(entry: Sequence[Any]) -> tuple[int, StoredMessage | None]:
+    """A raw stream entry of the log → its seq, and the message (seq, type, envelope JSON with seq).
+
+    The message is None for an entry the append script did not write — other
+    fields, a type that is not a topic, a body that is not a JSON object — as
+    anyone with write access to Redis can add: it is skipped (logged, never
+    delivered), and readers move past its seq.
+    """
+    global _foreign_entries
     ident, fields = entry
     seq = int(ident[:ident.index(b"-")])
-    return StoredMessage(seq, fields[3].decode(), _with_seq(fields[5], seq))
+    try:
+        if fields is None or len(fields) != 6 or fields[0] != b"t" or fields[2] != b"type" or fields[4] != b"d":
+            raise ValueError("not an entry of the append script")
+        topic = check_topic(fields[3].decode())
+        if not isinstance(json.loads(fields[5]), dict):
+            raise ValueError("the body is not a JSON object")
+        return seq, StoredMessage(seq, topic, _with_seq(fields[5], seq))
+    except (ValueError, UnicodeDecodeError) as exc:  # BadMessage is a ValueError
+        _foreign_entries += 1
+        if _foreign_entries in (1, 10, 100) or _foreign_entries % 1000 == 0:
+            log.warning("redis log: skipped the foreign entry %s (%s); %d so far", _text(ident), exc,
+                        _foreign_entries)
+        return seq, None
 
 
 # ---- the log ---------------------------------------------------------------------------------
@@ -522,9 +545,8 @@ class RedisLog:
                     cursor = floor
             scanned += len(entries)
             for entry in entries:
-                message = _message(entry)
-                cursor = message.seq
-                if matches(message.type):
+                cursor, message = _entry(entry)
+                if message is not None and matches(message.type):
                     messages.append(message)
                     if len(messages) == limit:
                         break
@@ -548,7 +570,8 @@ class RedisLog:
         """
         return LogTail(self, after, count or self.settings.tail_count)
 
-    async def _tail_read(self, position: int, count: int) -> tuple[list[StoredMessage], str, int, int]:
+    async def _tail_read(self, position: int, count: int
+                         ) -> tuple[list[tuple[int, StoredMessage | None]], str, int, int]:
         block_ms = max(1, round(self.settings.tail_block_s * 1000))
         timeout = self.settings.tail_block_s + self.settings.op_timeout_s
         with self._guard("tail"), trio.fail_after(timeout):
@@ -560,7 +583,7 @@ class RedisLog:
             raw_epoch, raw_floor, raw_seq = await meta
         self._tail_reads += 1
         entries = found.get(self._stream.encode(), ()) if found else ()
-        return [_message(e) for e in entries], _text(raw_epoch), _int(raw_floor), _int(raw_seq)
+        return [_entry(e) for e in entries], _text(raw_epoch), _int(raw_floor), _int(raw_seq)
 
     # ---- retention ------------------------------------------------------------------
 
@@ -671,23 +694,23 @@ class LogTail:
     async def read(self) -> TailBatch:
         while True:
             position = self.position
-            messages, epoch, floor, counter = await self._log._tail_read(position, self._count)
+            read, epoch, floor, counter = await self._log._tail_read(position, self._count)
             if epoch != self.epoch:
                 raise EpochChanged(self.epoch, epoch or None)
             if counter < position:
                 raise LogRewound(epoch, counter, position)
             gap = None
-            if messages:
-                first = messages[0].seq
+            if read:  # (foreign entries among them count for the position, not as messages)
+                first = read[0][0]
                 if first > position + 1 and floor > position:
                     gap = Gap(position + 1, min(floor, first - 1))
-                self.position = messages[-1].seq
+                self.position = read[-1][0]
             elif floor > position:
                 gap = Gap(position + 1, floor)
                 self.position = floor
-            if messages or gap:
+            if read or gap:
                 self._log._saw(self.position)
-                return TailBatch(messages, gap, self.position)
+                return TailBatch([m for _, m in read if m is not None], gap, self.position)
 
 
 @contextlib.asynccontextmanager
