@@ -389,5 +389,14 @@ async def test_foreign_entries_in_the_log_are_skipped_and_every_node_serves_on(c
             history = await on_b.ok({"op": "history", "pattern": "#"})
             assert [m["payload"] for m in history["messages"]] == ["before", "after"]
             assert await no_more_messages(on_a)
+        # heartbeats that are not: the nodes' list skips them, status goes on
+        nodes, expiry = f"{cluster.prefix}{{log}}:nodes", f"{cluster.prefix}{{log}}:node-expiry"
+        for name, info in (("evil1", "not json"), ("evil2", '{"info": 5}'), ("evil3", "[]")):
+            producer.hset(nodes, name, info)
+            producer.zadd(expiry, {name: 2**52})
+        await trio.sleep(1.5)  # three heartbeats
+        for node in (a, b):
+            status = node.control({"cmd": "status"})["status"]
+            assert [n["name"] for n in status["cluster"]["nodes"]] == ["a", "b"] and status["ready"] is True
     finally:
         producer.close()

@@ -645,8 +645,15 @@ class RedisLog:
             reply = await _LIVE_NODES(self._client, self._node_keys, [limit])
         nodes = []
         for i in range(1, len(reply), 2):
-            obj = json.loads(reply[i + 1])
-            nodes.append(NodeInfo(_text(reply[i]), obj["info"], obj["last_seen_ms"] / 1000, obj["expires_ms"] / 1000))
+            try:  # written by the heartbeat script — or by anyone who can write to Redis
+                name, obj = _text(reply[i]), json.loads(reply[i + 1])
+                info = obj["info"]
+                if not isinstance(info, dict):
+                    raise TypeError("info is not an object")
+                nodes.append(NodeInfo(name[:200], info, float(obj["last_seen_ms"]) / 1000,
+                                      float(obj["expires_ms"]) / 1000))
+            except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
+                log.warning("redis: skipped a heartbeat that is not one (%s)", exc)
         return sorted(nodes, key=lambda n: n.name)
 
     async def forget_node(self, node_name: str) -> None:
