@@ -117,3 +117,15 @@ async def test_named_status_fields_exist(daemon: Any) -> None:
     assert len(named) >= 15
     for section, name in sorted(named):
         assert name in status.get(section, {}), f"'{SECTION}' names status.{section}.{name}; status has no such field"
+
+
+def test_every_alert_code_is_in_the_system_events_table() -> None:
+    """A ``system.alert`` code raised anywhere in aivad/ is a row of operations.md's table, and back."""
+    raised: set[str] = set()
+    for path in (REPO / "aivad").rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        raised |= set(re.findall(r"""alert\(\s*"(?:info|warning|error)",\s*"(\w+)\"""", text))
+        raised |= set(re.findall(r"""listener\(\s*"(?:info|warning|error)",\s*"(\w+)\"""", text))
+    section = (REPO / "docs" / "operations.md").read_text(encoding="utf-8").split("## System events", 1)[1]
+    table = set(re.findall(r"^\| `(\w+)` \|", section.split("\n## ", 1)[0], flags=re.MULTILINE))
+    assert raised and raised == table, (raised - table, table - raised)
