@@ -400,3 +400,35 @@ async def test_foreign_entries_in_the_log_are_skipped_and_every_node_serves_on(c
             assert [n["name"] for n in status["cluster"]["nodes"]] == ["a", "b"] and status["ready"] is True
     finally:
         producer.close()
+
+
+async def test_a_nodes_journal_survives_kill_9_while_redis_is_away(own_redis: Redis) -> None:
+    """Task events committed on a node while Redis is gone wait in its journal; the node is
+    killed with them unforwarded; started again, it forwards them into the cluster log, once."""
+    cluster = Cluster(own_redis)
+    try:
+        a, b = cluster.node("a"), cluster.node("b")
+        await trio.to_thread.run_sync(own_redis.stop_server)
+        async with connect(a.ws_url) as worker, connect(a.ws_url) as caller:
+            await worker.ok({"op": "worker.hello", "types": ["k.run"], "concurrency": 1})
+            task_id = (await caller.ok({"op": "dispatch", "type": "k.run", "payload": 1}))["task_id"]
+            with trio.fail_after(20):
+                while (frame := await worker.receive()).get("op") != "task":
+                    pass
+            await worker.send({"op": "task.result", "task_id": frame["task"]["task_id"], "result": 2})
+            with trio.fail_after(20):
+                while (await caller.ok({"op": "task.status", "task_id": task_id}))["state"] != "completed":
+                    await trio.sleep(0.05)
+        assert a.control({"cmd": "status"})["status"]["cluster"]["journal"]["behind"] > 0
+        a.kill()
+        await trio.to_thread.run_sync(own_redis.start)
+        a.start()
+        async with connect(b.ws_url) as c:
+            with trio.fail_after(30):
+                while not (done := (await c.ok({"op": "history", "pattern": "task.completed"}))["messages"]):
+                    await trio.sleep(0.1)
+            events = (await c.ok({"op": "history", "pattern": "task.#"}))["messages"]
+        assert [m["payload"]["task_id"] for m in done] == [task_id]
+        assert len({m["message_id"] for m in events}) == len(events)  # each event once
+    finally:
+        cluster.stop()
