@@ -99,7 +99,7 @@ class Api:
         self._quotas: OrderedDict[str, Quota] = OrderedDict()
 
     def _quota(self, address: str) -> Quota:
-        quota = self._quotas.pop(address, None) or Quota(self.ops.limits)
+        quota = self._quotas.pop(address, None) or self.ops.quota()
         self._quotas[address] = quota
         if len(self._quotas) > MAX_PEERS:
             self._quotas.popitem(last=False)

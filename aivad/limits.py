@@ -17,29 +17,31 @@ __all__ = ["Admission", "GateStatistics", "PeerGate", "TokenBucket"]
 
 
 class TokenBucket:
-    """``rate_per_s`` tokens a second, at most ``burst`` saved up; 0 means no limit.
+    """Tokens that refill at a rate, at most ``burst`` saved up; a rate of 0 means no limit.
 
+    The rate and burst are given at each :meth:`take`, not kept: a bucket follows a
+    reloaded ``[limits]`` at once (its saved tokens are cut to a smaller burst).
     Time is trio's clock, so tests drive it with ``MockClock``.
     """
 
-    __slots__ = ("_burst", "_rate", "_stamp", "_tokens")
+    __slots__ = ("_stamp", "_tokens")
 
-    def __init__(self, rate_per_s: float, burst: float) -> None:
-        self._rate = rate_per_s
-        self._burst = max(burst, 1.0)
-        self._tokens = self._burst
-        self._stamp = trio.current_time() if rate_per_s else 0.0
+    def __init__(self) -> None:
+        self._tokens: float | None = None  # full at the first take
+        self._stamp = 0.0
 
-    def take(self, n: int = 1) -> bool:
+    def take(self, rate_per_s: float, burst: float, n: int = 1) -> bool:
         """Take ``n`` tokens if there are that many (then True); else take none (False)."""
-        if not self._rate:
+        if not rate_per_s:
             return True
+        burst = max(burst, 1.0)
         now = trio.current_time()
-        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
+        tokens = burst if self._tokens is None else min(burst, self._tokens + (now - self._stamp) * rate_per_s)
         self._stamp = now
-        if self._tokens < n:
+        if tokens < n:
+            self._tokens = tokens
             return False
-        self._tokens -= n
+        self._tokens = tokens - n
         return True
 
 

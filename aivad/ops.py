@@ -48,11 +48,24 @@ AUDIT_INTERVAL_S = 10.0
 
 
 class Quota:
-    """One connection's (or one HTTP peer's) publish and dispatch rates: token buckets from ``[limits]``."""
+    """One connection's (or one HTTP peer's) publish and dispatch rates: token buckets.
 
-    def __init__(self, cfg: LimitsConfig) -> None:
-        self.publish = TokenBucket(cfg.publish_rate_per_s, cfg.publish_burst)
-        self.dispatch = TokenBucket(cfg.dispatch_rate_per_s, cfg.dispatch_burst)
+    The rates are ``[limits]`` as they are at each request (``limits()``), so a reload
+    reaches the connections already open.
+    """
+
+    __slots__ = ("_dispatch", "_limits", "_publish")
+
+    def __init__(self, limits: Callable[[], LimitsConfig]) -> None:
+        self._limits = limits
+        self._publish = TokenBucket()
+        self._dispatch = TokenBucket()
+
+    def take(self, kind: Literal["publish", "dispatch"]) -> bool:
+        cfg = self._limits()
+        if kind == "publish":
+            return self._publish.take(cfg.publish_rate_per_s, cfg.publish_burst)
+        return self._dispatch.take(cfg.dispatch_rate_per_s, cfg.dispatch_burst)
 
 
 @attrs.frozen
@@ -185,6 +198,10 @@ class Operations:
         self._forbidden_by_right: Counter[str] = Counter()
         self._audit = Throttle(log, AUDIT_INTERVAL_S)
 
+    def quota(self) -> Quota:
+        """A new connection's (or HTTP peer's) rates, following ``[limits]`` through reloads."""
+        return Quota(lambda: self.limits)
+
     def reconfigure(self, limits: LimitsConfig, tasks: TasksConfig) -> None:
         self.limits = limits
         self.tasks = tasks
@@ -243,7 +260,7 @@ class Operations:
         allowed = caller.rights.may_publish(name) if kind == "publish" else caller.rights.may_dispatch(name)
         if not allowed:
             return self._forbidden(kind, name)
-        if caller.quota is not None and not getattr(caller.quota, kind).take():
+        if caller.quota is not None and not caller.quota.take(kind):
             self._refused[f"{kind}_rate"] += 1
             return OpError("overloaded", f"{kind} rate limit of this connection reached: slow down")
         return None

@@ -36,7 +36,7 @@ from .boundary import Faults, describe
 from .config import ConfigError, WebSocketConfig
 from .envelope import rfc3339
 from .limits import Admission, PeerGate
-from .ops import Caller, Operations, Pending, Quota
+from .ops import Caller, Operations, Pending
 from .protocol import (
     OpError,
     decode_request,
@@ -526,7 +526,7 @@ class WebSocketService:
             self.refused["origin"] += 1
             await request.reject(403, body=b"aivad: this origin is not allowed (websocket.allowed_origins)\n")
             return
-        caller = self.ops.caller("websocket", peer, Quota(self.ops.limits))
+        caller = self.ops.caller("websocket", peer, self.ops.quota())
         authorization = headers.get(b"authorization")
         if authorization is not None:
             scheme, _, token = authorization.decode("latin-1").partition(" ")

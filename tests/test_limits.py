@@ -16,7 +16,14 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from tests.conftest import DaemonProcess, InProcessDaemon, control_async, start_daemon
+from tests.conftest import (
+    DaemonProcess,
+    InProcessDaemon,
+    control_async,
+    reload_daemon,
+    start_daemon,
+    start_daemon_from_file,
+)
 from tests.wsclient import connect, no_more_messages
 
 
@@ -177,6 +184,23 @@ async def test_one_message_bigger_than_the_send_buffer_reaches_a_client_that_kee
                 assert (await sub.ok({"op": "ping"}))["op"] == "pong"
     finally:
         proc.stop()
+
+
+async def test_a_reload_of_limits_reaches_connections_already_open(nursery: trio.Nursery, tmp_dir: Path) -> None:
+    """[limits] is live: a connection opened under a rate of 2 publishes gets the new rate at once."""
+    tight = {"publish_rate_per_s": 0.001, "publish_burst": 2}
+    d = await start_daemon_from_file(nursery, tmp_dir, limits=tight)
+    with trio.fail_after(10):
+        async with connect(d.ws_url) as c:
+            replies = [await c.request({"op": "publish", "type": "r.x", "payload": i}) for i in range(3)]
+            assert [r["op"] for r in replies] == ["ok", "ok", "error"]
+            reply = await reload_daemon(d, tmp_dir, limits={"publish_rate_per_s": 0.0})
+            assert reply["ok"] is True, reply
+            replies = [await c.request({"op": "publish", "type": "r.x", "payload": i}) for i in range(20)]
+            assert {r["op"] for r in replies} == {"ok"}  # no limit now, on the same connection
+            await reload_daemon(d, tmp_dir, limits=tight)
+            replies = [await c.request({"op": "publish", "type": "r.x", "payload": i}) for i in range(3)]
+            assert [r["op"] for r in replies] == ["error"] * 3  # limited again: its burst was spent before
 
 
 def _rss_kb(pid: int) -> int:
