@@ -179,7 +179,7 @@ def serve_relay(port: int, workers: int) -> None:
     trio.run(main)
 
 
-def bench_relay(tmp: Path, workers: int, kind: str, args: argparse.Namespace) -> dict[str, float]:
+def bench_relay(tmp: Path, workers: int, kind: str, args: argparse.Namespace) -> dict[str, Any]:
     port = free_port()
     child = ChildServer("relay", python_argv(__file__, "--serve-relay", str(port), "--relay-workers", str(workers)),
                         port, tmp / f"relay-w{workers}.log").start()
@@ -251,14 +251,16 @@ def run_aivad_driver(
     daemon_pid: int,
     worker_pids: list[int],
     request_sweep: int = 0,
-) -> dict[str, float]:
+    request_rates: tuple[float, ...] = (),
+) -> dict[str, Any]:
     """Throughput, open-loop latency at half of it, sequential requests; with ``request_sweep`` > 0, also
-    ``request`` paced at half the peak and that many bisection steps for the highest rate with p99 < 20 ms."""
+    ``request`` paced at half the peak and that many bisection steps for the highest rate with p99 < 20 ms;
+    then ``request`` paced at each of ``request_rates`` for 8 s, with the daemon's CPU per request."""
     import trio
 
     import aivad.client
 
-    async def main() -> dict[str, float]:
+    async def main() -> dict[str, Any]:
         options = aivad.client.ClientOptions(keepalive_s=None, max_in_flight=1024)
         async with aivad.client.connect(url, options=options) as client:
             arrived: dict[str, float] = {}
@@ -348,10 +350,16 @@ def run_aivad_driver(
                               f"p50 {step['p50']:.1f} ms p99 {step['p99']:.1f} ms", flush=True)
                     if step["p99"] < REQUEST_P99_MS:
                         best = max(best, rate)
+                fixed = []
+                for rate in request_rates:
+                    daemon_before = cpu_seconds(daemon_pid)
+                    step = await paced_requests(client, rate, int(rate * 8))
+                    fixed.append({**step, "cpu_daemon_ms": (cpu_seconds(daemon_pid) - daemon_before) / int(rate * 8)
+                                  * 1000})
                 nursery.cancel_scope.cancel()
         return {**cpu, "rate": throughput_value, "half_rate": achieved, "p50": percentile(latencies, 50),
                 "p99": percentile(latencies, 99), "seq_p50": percentile(seq, 50), "seq_p99": percentile(seq, 99),
-                **paced, "req_best_rate": best}
+                **paced, "req_best_rate": best, "fixed": fixed}
 
     return trio.run(main)
 
@@ -402,7 +410,7 @@ def _cpu_per_round_trip(before: dict[str, float], after: dict[str, float], n: in
     return {f"cpu_{k}_ms": (after[k] - before[k]) / n * 1000 for k in before}
 
 
-def bench_aivad(tmp: Path, workers: int, kind: str, args: argparse.Namespace) -> dict[str, float]:
+def bench_aivad(tmp: Path, workers: int, kind: str, args: argparse.Namespace) -> dict[str, Any]:
     child, url, sock = start_aivad(tmp, f"aivad-w{workers}")
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -410,7 +418,7 @@ def bench_aivad(tmp: Path, workers: int, kind: str, args: argparse.Namespace) ->
         wait_workers(sock, workers)
         return run_aivad_driver(
             url, args.tasks, args.latency_tasks, args.sequential, child.pid, [p.pid for p in procs],
-            args.request_sweep,
+            args.request_sweep, tuple(float(r) for r in args.request_rates.split(",") if r),
         )
     finally:
         stop_procs(procs)
@@ -493,6 +501,8 @@ def main() -> None:
                    help="aivad worker processes: aivad.client.Worker, or a lean raw protocol loop")
     p.add_argument("--request-sweep", type=int, default=5,
                    help="bisection steps for the highest paced request rate with p99 < 20 ms (0: no paced requests)")
+    p.add_argument("--request-rates", default="",
+                   help="comma-separated rates: request paced at each for 8 s, with the daemon's CPU per request")
     p.add_argument("--no-celery", action="store_true")
     p.add_argument("--quick", action="store_true", help="a smoke run: few tasks")
     p.add_argument("--no-ceiling", action="store_true", help="skip the empty-relay ceiling")
@@ -540,6 +550,11 @@ def main() -> None:
                           f"{'met' if a['req_p99'] < REQUEST_P99_MS else 'NOT met'}); highest paced request rate "
                           f"with p99 < 20 ms: {a['req_best_rate']:.0f}/s ({a['req_best_rate'] / a['rate']:.0%} of the "
                           f"dispatch peak)", flush=True)
+                for f in a["fixed"]:
+                    print(f"         request paced at {f['rate']:.0f}/s ({f['achieved']:.0f}/s achieved): p50 "
+                          f"{f['p50']:.1f} ms p99 {f['p99']:.1f} ms; daemon CPU "
+                          f"{f['cpu_daemon_ms']:.2f} ms per request",
+                          flush=True)
                 c = None
                 if not args.no_celery:
                     assert amqp_url is not None
