@@ -146,9 +146,10 @@ class Aggregator:
                     if view.task_id not in self._dispatcher.tasks:
                         take(view)
             else:
-                # only the ids not running now can have ended before: those alone are read
-                running = self._dispatcher.tasks
-                looked_up = [t for t in dict.fromkeys(task_ids) if t not in running]
+                # watched before the read (one that ends meanwhile is handed over); only the ids not
+                # running now can have ended before: those alone are read
+                watched |= self._watch(task_ids, waiter)
+                looked_up = [t for t in dict.fromkeys(task_ids) if t not in watched]
                 if looked_up:
                     found = await self._dispatcher.views(looked_up)
                     known = {v.task_id for v in found} | set(self._dispatcher.tasks)
