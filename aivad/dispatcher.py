@@ -28,7 +28,6 @@ import logging
 import sqlite3
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, Protocol
@@ -242,8 +241,9 @@ class Dispatcher:
         self._nursery = nursery
         self._faults = faults
         self.tasks: dict[str, TaskState] = {}
-        #: group_id → its tasks not yet ended (group.completed is due when it reaches 0)
-        self.groups_running: Counter[str] = Counter()
+        #: group_id → the ids of its tasks not yet ended, in the order they were queued
+        #: (group.completed is due when none is left)
+        self.group_tasks: dict[str, dict[str, None]] = {}
         self.workers: dict[str, Worker] = {}
         self._by_type: dict[str, list[Worker]] = {}
         self._rings: dict[str, tuple[list[int], list[Worker]]] = {}
@@ -310,7 +310,7 @@ class Dispatcher:
         """A task not yet ended: in ``tasks``, and counted in its group."""
         self.tasks[task.spec.task_id] = task
         if task.spec.group_id is not None:
-            self.groups_running[task.spec.group_id] += 1
+            self.group_tasks.setdefault(task.spec.group_id, {})[task.spec.task_id] = None
 
     def _enqueue(self, task: TaskState) -> None:
         priority = task.spec.priority
@@ -642,10 +642,11 @@ class Dispatcher:
     def _end(self, task: TaskState, view: TaskView) -> None:
         """After the commit that ended ``task``: forget it, count it, tell ``on_end``."""
         self.tasks.pop(task.spec.task_id, None)
-        if task.spec.group_id is not None:
-            self.groups_running[task.spec.group_id] -= 1
-            if not self.groups_running[task.spec.group_id]:
-                del self.groups_running[task.spec.group_id]
+        group_id = task.spec.group_id
+        if group_id is not None and (running := self.group_tasks.get(group_id)) is not None:
+            running.pop(task.spec.task_id, None)
+            if not running:
+                del self.group_tasks[group_id]
         if task.state == "completed":
             self._completed += 1
         else:
@@ -696,6 +697,14 @@ class Dispatcher:
         if found is not None and task is not None:  # memory is ahead of the store for live tasks
             found = attrs.evolve(found, state=task.state, attempts=task.attempts, history=list(task.history))
         return found
+
+    async def types_of(self, task_ids: list[str]) -> list[str]:
+        """The types of the known tasks among ``task_ids``: from memory, the store read only for the rest."""
+        types = {t: task.spec.type for t in task_ids if (task := self.tasks.get(t)) is not None}
+        rest = [t for t in task_ids if t not in types]
+        if rest:
+            types |= {v.task_id: v.type for v in await self.views(rest)}
+        return [types[t] for t in task_ids if t in types]  # in the given order
 
     async def views(
         self,

@@ -386,20 +386,21 @@ class Operations:
         """
         self._gate(caller)
         if not caller.rights.admin:
-            views = await self.dispatcher.views(task_ids) if task_ids is not None else await self.dispatcher.views(
-                group_id=group_id
-            )
-            self._require_dispatch(caller, views)
+            if task_ids is not None:  # the running ones' types are in memory
+                self._require_dispatch(caller, await self.dispatcher.types_of(task_ids))
+            else:
+                self._require_dispatch(caller, [v.type for v in await self.dispatcher.views(group_id=group_id)])
         result = await self.aggregator.collect(task_ids, group_id, timeout_s, min_results)
         if not caller.rights.admin and task_ids is None:
-            self._require_dispatch(caller, await self.dispatcher.views([*result.completed, *result.failed,
-                                                                        *result.pending]))
+            self._require_dispatch(
+                caller, await self.dispatcher.types_of([*result.completed, *result.failed, *result.pending])
+            )
         return result
 
-    def _require_dispatch(self, caller: Caller, views: list[TaskView]) -> None:
-        for view in views:
-            if not caller.rights.may_dispatch(view.type):
-                raise self._forbidden("dispatch", view.type)
+    def _require_dispatch(self, caller: Caller, types: list[str]) -> None:
+        for task_type in types:
+            if not caller.rights.may_dispatch(task_type):
+                raise self._forbidden("dispatch", task_type)
 
     # ---- workers -------------------------------------------------------------------------------
 

@@ -20,7 +20,10 @@ For each worker count W, in the same run:
   throughput = N / (last result - first submit). Then the latency of one round
   trip — dispatch call → its ``task.completed`` at the driver — at half that
   peak rate, open loop (sends on a fixed schedule, not when the previous one
-  returned), and sequential ``request_response`` calls.
+  returned), and sequential ``request_response`` calls. Then ``request``
+  (``request_response``) paced open loop at half the dispatch peak, and a
+  bisection (``--request-sweep`` steps, ~2 s each) for the highest paced
+  request rate whose p99 stays under 20 ms.
 * **Celery** 5 with the same RabbitMQ as broker, the ``rpc://`` result backend,
   a no-op task, ``worker --pool=prefork --concurrency=W`` (defaults otherwise);
   the driver submits N ``delay()`` then ``get()``s each result; sequential
@@ -50,7 +53,9 @@ import tempfile
 import textwrap
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -174,7 +179,7 @@ def serve_relay(port: int, workers: int) -> None:
     trio.run(main)
 
 
-def bench_relay(tmp: Path, workers: int, kind: str, args: argparse.Namespace) -> dict[str, float]:
+def bench_relay(tmp: Path, workers: int, kind: str, args: argparse.Namespace) -> dict[str, Any]:
     port = free_port()
     child = ChildServer("relay", python_argv(__file__, "--serve-relay", str(port), "--relay-workers", str(workers)),
                         port, tmp / f"relay-w{workers}.log").start()
@@ -239,13 +244,23 @@ def wait_workers(sock: Path, n: int, timeout_s: float = 30.0) -> None:
 
 
 def run_aivad_driver(
-    url: str, tasks: int, latency_tasks: int, sequential: int, daemon_pid: int, worker_pids: list[int]
-) -> dict[str, float]:
+    url: str,
+    tasks: int,
+    latency_tasks: int,
+    sequential: int,
+    daemon_pid: int,
+    worker_pids: list[int],
+    request_sweep: int = 0,
+    request_rates: tuple[float, ...] = (),
+) -> dict[str, Any]:
+    """Throughput, open-loop latency at half of it, sequential requests; with ``request_sweep`` > 0, also
+    ``request`` paced at half the peak and that many bisection steps for the highest rate with p99 < 20 ms;
+    then ``request`` paced at each of ``request_rates`` for 8 s, with the daemon's CPU per request."""
     import trio
 
     import aivad.client
 
-    async def main() -> dict[str, float]:
+    async def main() -> dict[str, Any]:
         options = aivad.client.ClientOptions(keepalive_s=None, max_in_flight=1024)
         async with aivad.client.connect(url, options=options) as client:
             arrived: dict[str, float] = {}
@@ -302,12 +317,7 @@ def run_aivad_driver(
                     t = time.perf_counter()
                     sent[await client.dispatch(TASK_TYPE, i)] = t
 
-                async with trio.open_nursery() as senders:
-                    for i in range(latency_tasks):
-                        delay = start + i / rate - time.perf_counter()
-                        if delay > 0:
-                            await trio.sleep(delay)
-                        senders.start_soon(send_one, i)
+                await open_loop(send_one, rate, latency_tasks, start)
                 await all_done.wait()
                 latencies = sorted((arrived[t] - s) * 1000 for t, s in sent.items())
                 achieved = latency_tasks / (max(arrived.values()) - start)
@@ -318,11 +328,72 @@ def run_aivad_driver(
                     await client.request_response(TASK_TYPE, None, timeout=10)
                     seq.append((time.perf_counter() - t) * 1000)
                 seq.sort()
+
+                paced: dict[str, float] = {}
+                best = 0.0
+                if request_sweep:
+                    # request paced at half the dispatch peak, then a bisection for the highest paced
+                    # rate whose p99 stays under 20 ms (each step ~2 s of requests, at least 300)
+                    half = await paced_requests(client, peak / 2, latency_tasks)
+                    paced = {f"req_{k}": v for k, v in half.items()}
+                    low, high = 0.0, peak
+                    step = half
+                    rate = peak / 2
+                    for _ in range(request_sweep):
+                        if step["p99"] < REQUEST_P99_MS:
+                            low = best = max(best, rate)
+                        else:
+                            high = rate
+                        rate = (low + high) / 2
+                        step = await paced_requests(client, rate, max(300, int(rate * 2)))
+                        print(f"           request sweep: {rate:.0f}/s offered, {step['achieved']:.0f}/s achieved, "
+                              f"p50 {step['p50']:.1f} ms p99 {step['p99']:.1f} ms", flush=True)
+                    if step["p99"] < REQUEST_P99_MS:
+                        best = max(best, rate)
+                fixed = []
+                for rate in request_rates:
+                    daemon_before = cpu_seconds(daemon_pid)
+                    step = await paced_requests(client, rate, int(rate * 8))
+                    fixed.append({**step, "cpu_daemon_ms": (cpu_seconds(daemon_pid) - daemon_before) / int(rate * 8)
+                                  * 1000})
                 nursery.cancel_scope.cancel()
         return {**cpu, "rate": throughput_value, "half_rate": achieved, "p50": percentile(latencies, 50),
-                "p99": percentile(latencies, 99), "seq_p50": percentile(seq, 50), "seq_p99": percentile(seq, 99)}
+                "p99": percentile(latencies, 99), "seq_p50": percentile(seq, 50), "seq_p99": percentile(seq, 99),
+                **paced, "req_best_rate": best, "fixed": fixed}
 
     return trio.run(main)
+
+
+REQUEST_P99_MS = 20.0
+
+
+async def open_loop(call: Callable[[int], Awaitable[None]], rate: float, n: int, start: float) -> None:
+    """Start ``call(i)`` for i < n on a fixed schedule from ``start`` (not when the previous one returned)."""
+    import trio
+
+    async with trio.open_nursery() as senders:
+        for i in range(n):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await trio.sleep(delay)
+            senders.start_soon(call, i)
+
+
+async def paced_requests(client: Any, rate: float, n: int) -> dict[str, float]:
+    """``n`` ``request_response`` calls sent open loop at ``rate``/s: offered and achieved rate, p50, p99."""
+    latencies: list[float] = []
+    start = time.perf_counter()
+
+    async def one(i: int) -> None:
+        t = time.perf_counter()
+        await client.request_response(TASK_TYPE, i, timeout=30)
+        latencies.append((time.perf_counter() - t) * 1000)
+
+    await open_loop(one, rate, n, start)
+    elapsed = time.perf_counter() - start
+    latencies.sort()
+    return {"rate": rate, "achieved": n / elapsed, "p50": percentile(latencies, 50),
+            "p99": percentile(latencies, 99)}
 
 
 def _cpu_snapshot(daemon_pid: int, worker_pids: list[int]) -> dict[str, float]:
@@ -339,14 +410,15 @@ def _cpu_per_round_trip(before: dict[str, float], after: dict[str, float], n: in
     return {f"cpu_{k}_ms": (after[k] - before[k]) / n * 1000 for k in before}
 
 
-def bench_aivad(tmp: Path, workers: int, kind: str, args: argparse.Namespace) -> dict[str, float]:
+def bench_aivad(tmp: Path, workers: int, kind: str, args: argparse.Namespace) -> dict[str, Any]:
     child, url, sock = start_aivad(tmp, f"aivad-w{workers}")
     procs: list[subprocess.Popen[bytes]] = []
     try:
         procs = start_workers(url, workers, kind, tmp / f"aivad-workers-{workers}.log")
         wait_workers(sock, workers)
         return run_aivad_driver(
-            url, args.tasks, args.latency_tasks, args.sequential, child.pid, [p.pid for p in procs]
+            url, args.tasks, args.latency_tasks, args.sequential, child.pid, [p.pid for p in procs],
+            args.request_sweep, tuple(float(r) for r in args.request_rates.split(",") if r),
         )
     finally:
         stop_procs(procs)
@@ -427,6 +499,10 @@ def main() -> None:
     p.add_argument("--workers", default="1,8", help="worker counts, comma separated")
     p.add_argument("--worker-kind", choices=("client", "raw"), default="client",
                    help="aivad worker processes: aivad.client.Worker, or a lean raw protocol loop")
+    p.add_argument("--request-sweep", type=int, default=5,
+                   help="bisection steps for the highest paced request rate with p99 < 20 ms (0: no paced requests)")
+    p.add_argument("--request-rates", default="",
+                   help="comma-separated rates: request paced at each for 8 s, with the daemon's CPU per request")
     p.add_argument("--no-celery", action="store_true")
     p.add_argument("--quick", action="store_true", help="a smoke run: few tasks")
     p.add_argument("--no-ceiling", action="store_true", help="skip the empty-relay ceiling")
@@ -467,6 +543,18 @@ def main() -> None:
                 print(f"         CPU per round trip: {a['cpu_machine_ms']:.2f} ms on the machine (daemon "
                       f"{a['cpu_daemon_ms']:.2f}, workers {a['cpu_workers_ms']:.2f}, driver {a['cpu_driver_ms']:.2f})",
                       flush=True)
+                if args.request_sweep:
+                    print(f"         request paced at half peak ({a['req_rate']:.0f}/s offered, "
+                          f"{a['req_achieved']:.0f}/s achieved): p50 {a['req_p50']:.1f} ms "
+                          f"p99 {a['req_p99']:.1f} ms (goal p99 < 20 ms: "
+                          f"{'met' if a['req_p99'] < REQUEST_P99_MS else 'NOT met'}); highest paced request rate "
+                          f"with p99 < 20 ms: {a['req_best_rate']:.0f}/s ({a['req_best_rate'] / a['rate']:.0%} of the "
+                          f"dispatch peak)", flush=True)
+                for f in a["fixed"]:
+                    print(f"         request paced at {f['rate']:.0f}/s ({f['achieved']:.0f}/s achieved): p50 "
+                          f"{f['p50']:.1f} ms p99 {f['p99']:.1f} ms; daemon CPU "
+                          f"{f['cpu_daemon_ms']:.2f} ms per request",
+                          flush=True)
                 c = None
                 if not args.no_celery:
                     assert amqp_url is not None

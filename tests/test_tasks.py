@@ -266,6 +266,22 @@ async def test_no_eligible_worker_waits_queued_and_request_times_out(daemon: InP
             assert partial == {**partial, "completed": {}, "failed": {}, "pending": [task_id], "reason": "timeout"}
 
 
+async def test_request_answers_the_final_error_of_a_task_that_dies(daemon: InProcessDaemon) -> None:
+    """A request is answered by the end of its task: the error of the last attempt, not the first."""
+    with trio.fail_after(15):
+        async with connect(daemon.ws_url) as w, connect(daemon.ws_url) as caller:
+            worker = TestWorker(w)
+            await worker.hello(["flaky"])
+            await caller.send({"op": "request", "type": "flaky", "timeout": 10, "ref": 7,
+                               "retry_policy": {"max_attempts": 2, "backoff_factor": 0.01}})
+            for error in ("first try", "final try"):
+                task = await worker.next_task()
+                await worker.send("task.fail", task_id=task["task_id"], error=error)
+            reply = await caller.receive()
+            assert (reply["op"], reply["ref"], reply["code"]) == ("error", 7, "internal")
+            assert reply["message"] == f"task {task['task_id']} failed: final try"
+
+
 async def test_request_response_and_collect_min_results_and_groups(daemon: InProcessDaemon) -> None:
     with trio.fail_after(15):
         async with connect(daemon.ws_url) as w, connect(daemon.ws_url) as caller, connect(daemon.ws_url) as watch:
