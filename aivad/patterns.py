@@ -20,7 +20,8 @@ class _Node(Generic[S]):
 
     def __init__(self) -> None:
         self.children: dict[str, _Node[S]] = {}
-        self.subscribers: set[S] = set()
+        #: made at the first subscriber: the nodes along a pattern's path hold none (a set is 216 bytes)
+        self.subscribers: set[S] | None = None
         self.pattern = ""
 
 
@@ -39,6 +40,8 @@ class PatternIndex(Generic[S]):
         for word in pattern.split("."):
             node = node.children.setdefault(word, _Node())
         node.pattern = pattern
+        if node.subscribers is None:
+            node.subscribers = set()
         if subscriber not in node.subscribers:
             node.subscribers.add(subscriber)
             self._count += 1
@@ -52,10 +55,12 @@ class PatternIndex(Generic[S]):
                 return
             path.append(child)
         node = path[-1]
-        if subscriber not in node.subscribers:
+        if node.subscribers is None or subscriber not in node.subscribers:
             return
         node.subscribers.discard(subscriber)
         self._count -= 1
+        if not node.subscribers:
+            node.subscribers = None
         # prune empty branches so a churn of patterns does not grow the trie forever
         for depth in range(len(words), 0, -1):
             child = path[depth]

@@ -1,11 +1,14 @@
 """The WebSocket edge: trio-websocket server, one nursery per connection, DESIGN §4.3 ops.
 
-Each connection has three tasks: the reader (parses frames, runs ops in order),
-the replier (answers pipelined ``publish`` ops in order, after their commit) and
-the sender (writes whatever is queued in its bounded outbox). The sender takes
-everything already queued and writes it with one ``send_all`` of pre-built
-frames — serialised once per message, shared by every subscriber — which is
-where the fan-out speed comes from (docs/performance.md).
+Each connection has the handler task (reads frames, runs ops in order),
+trio-websocket's reader task, and the sender (writes whatever is queued in its
+bounded outbox). The replier (answers pipelined ``publish`` ops in order, after
+their commit), the auth-deadline task and tasks for waiting ops are made when a
+connection first needs them: most connections only subscribe, and what an idle
+connection holds is what thousands of them cost (docs/performance.md). The
+sender takes everything already queued and writes it with one ``send_all`` of
+pre-built frames — serialised once per message, shared by every subscriber —
+which is where the fan-out speed comes from.
 
 Writing pre-built frames beside trio-websocket uses two private attributes of
 its connection (``_stream`` and ``_stream_lock``) and ``_max_message_size`` for
@@ -21,7 +24,7 @@ import logging
 import math
 import ssl
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -60,7 +63,7 @@ from .wsframes import OP_TEXT, encode_frame
 if TYPE_CHECKING:
     from .dispatcher import Worker
 
-__all__ = ["WebSocketService", "serve_websocket"]
+__all__ = ["WebSocketService", "release_handshake", "serve_websocket"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,23 @@ CLOSE_UNAUTHENTICATED = 4001
 CLOSE_SLOW_CONSUMER = 4008
 #: the sender writes at most this many bytes per send_all
 _MAX_WRITE_BYTES = 1 << 20
+
+
+#: what an open connection's finished handshake keeps as its event queue: wsproto only reads it
+#: (and a deque with maxlen 0 drops anything appended), so every connection shares this one
+_NO_HANDSHAKE_EVENTS: deque[Any] = deque(maxlen=0)
+
+
+def release_handshake(ws: WebSocketConnection) -> None:
+    """Let go of what wsproto keeps of a finished opening handshake for the connection's whole life:
+    its h11 parser, the request with its headers, and an empty event queue (~1.5 KB per connection,
+    docs/performance.md). Once the handshake is done wsproto routes every byte and event through
+    ``WSConnection.connection``; it only still iterates ``handshake.events()``. Pinned by
+    tests/test_websocket_internals.py."""
+    handshake = ws._wsproto.handshake
+    handshake._h11_connection = None  # type: ignore[assignment]
+    handshake._initiating_request = None
+    handshake._events = _NO_HANDSHAKE_EVENTS
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -115,14 +135,25 @@ class Connection:
 
     encode = staticmethod(encode_push)
 
+    __slots__ = (
+        "_auth_deadline", "_background", "_batch", "_batch_op", "_inflight", "_max_bytes", "_max_frames",
+        "_nursery", "_opened", "_outbox", "_pending", "_queued_bytes", "_room", "_sender", "_slow", "_writing",
+        "caller", "service", "subscriptions", "worker", "ws",
+    )  # fmt: skip
+
     def __init__(self, service: WebSocketService, ws: WebSocketConnection, caller: Caller) -> None:
         self.service = service
         self.ws = ws
         self.caller = caller
         self.subscriptions: dict[str, Subscription] = {}
-        self._outbox, self._outbox_rx = trio.open_memory_channel[bytes](service.cfg.send_buffer_frames)
+        #: frames queued for the sender; a list, not a memory channel: an idle connection's empty list
+        #: costs 56 bytes where a channel's state, deque and two endpoints cost ~1.7 KB (docs/performance.md)
+        self._outbox: list[bytes] = []
         self._queued_bytes = 0
+        self._max_frames = service.cfg.send_buffer_frames
         self._max_bytes = service.cfg.send_buffer_bytes
+        #: the sender while it waits for a frame (woken by :meth:`_wake`)
+        self._sender: trio.lowlevel.Task | None = None
         self._room: trio.Event | None = None  # set when the sender took frames and someone waits for room
         #: the sender's write in progress (its deadline is pulled in when the connection is slow)
         self._writing: trio.CancelScope | None = None
@@ -187,32 +218,47 @@ class Connection:
         A message bigger than the byte bound still goes to a client that has nothing queued:
         a client that keeps up is not closed for one large message (memory stays within the
         bound plus that message)."""
-        if self._queued_bytes and self._queued_bytes + len(frame) > self._max_bytes:
+        if not self._has_room(len(frame)):
             return False
-        try:
-            self._outbox.send_nowait(frame)
-        except trio.WouldBlock:
-            return False
-        self._queued_bytes += len(frame)
+        self._queue(frame)
         return True
 
     async def put(self, frame: bytes) -> None:
         """Queue ``frame``, waiting for room in frames and in bytes (one frame bigger than the
         byte bound still goes, alone: a history page is bounded on its own)."""
-        while self._queued_bytes and self._queued_bytes + len(frame) > self._max_bytes:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while not self._has_room(len(frame)):
             if self._room is None:
                 self._room = trio.Event()
             await self._room.wait()
+        self._queue(frame)
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def _has_room(self, size: int) -> bool:
+        if len(self._outbox) >= self._max_frames:
+            return False
+        return not self._queued_bytes or self._queued_bytes + size <= self._max_bytes
+
+    def _queue(self, frame: bytes) -> None:
+        self._outbox.append(frame)
         self._queued_bytes += len(frame)
-        await self._outbox.send(frame)
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake the sender if it waits for a frame."""
+        if self._sender is not None:
+            trio.lowlevel.reschedule(self._sender)
+            self._sender = None
+
+    def _stop_waiting(self, raise_cancel: object) -> trio.lowlevel.Abort:
+        self._sender = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
     def overflowed(self) -> None:
         self._close_slow("send buffer full")
 
     def overtaken(self) -> None:
         self._close_slow("retention deleted messages its replay had not reached")
-        with contextlib.suppress(trio.WouldBlock):
-            self._outbox.send_nowait(b"")  # wakes an idle sender, which closes before writing anything
 
     def _close_slow(self, why: str) -> None:
         if not self._slow:
@@ -227,6 +273,7 @@ class Connection:
                 )
             for sub in self.subscriptions.values():
                 self.service.ops.unsubscribe(sub)
+            self._wake()  # an idle sender closes before writing anything
 
     # ---- the WorkerLink protocol of the dispatcher ----------------------------
 
@@ -239,7 +286,7 @@ class Connection:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._send_then_end, nursery.cancel_scope)
+                nursery.start_soon(self._send_loop, nursery.cancel_scope)
                 self._arm_auth_deadline()
                 await self._read_loop(nursery)
                 nursery.cancel_scope.cancel()
@@ -249,56 +296,60 @@ class Connection:
             if self.worker is not None:
                 self.service.ops.worker_gone(self.worker)
 
-    async def _send_then_end(self, connection: trio.CancelScope) -> None:
-        """When the sender stops (peer gone, closed, slow), the whole connection ends:
+    async def _send_loop(self, connection: trio.CancelScope) -> None:
+        """Write what is queued, in one ``send_all`` per batch; close 4008 on overflow.
+
+        When the sender stops (peer gone, closed, slow), the whole ``connection`` ends:
         a reader or replier blocked on the full outbox must not wait forever."""
         try:
-            await self._send_loop()
+            ws = self.ws
+            while True:
+                if not self._outbox and not self._slow:
+                    self._sender = trio.lowlevel.current_task()
+                    await trio.lowlevel.wait_task_rescheduled(self._stop_waiting)
+                if self._slow:
+                    break
+                # one scheduler pass first: frames other tasks are about to queue go in the same write
+                await trio.lowlevel.checkpoint()
+                frames, size = self._take()
+                self._queued_bytes -= size
+                if self._room is not None:
+                    self._room.set()
+                    self._room = None
+                # the write — and the wait for the lock, which trio-websocket holds while it sends a
+                # pong or a close to a peer that may read nothing — can be cut short (_close_slow)
+                with trio.CancelScope(deadline=trio.current_time() + self.service.cfg.write_timeout_s) as self._writing:
+                    async with ws._stream_lock:
+                        if ws._close_reason is not None:
+                            return
+                        try:
+                            await ws._stream.send_all(b"".join(frames))
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            return
+                aborted, self._writing = self._writing.cancelled_caught, None
+                if aborted:  # a write that made no way in time (write_timeout_s), or a slow consumer's:
+                    # part of a frame may be out, so no close frame can follow — the connection is cut
+                    self._close_slow("a write did not finish in time")
+                    await trio.aclose_forcefully(ws._stream)
+                    return
+                if self._slow:
+                    break
+            with trio.move_on_after(self.service.cfg.close_timeout_s):
+                await ws.aclose(CLOSE_SLOW_CONSUMER, "slow consumer")
         finally:
             connection.cancel()
 
-    async def _send_loop(self) -> None:
-        """Write what is queued, in one ``send_all`` per batch; close 4008 on overflow."""
-        ws = self.ws
-        receive_nowait = self._outbox_rx.receive_nowait
-        while True:
-            frame = await self._outbox_rx.receive()
-            if self._slow:
-                break
-            # one scheduler pass first: frames other tasks are about to queue go in the same write
-            await trio.lowlevel.checkpoint()
-            frames, size = [frame], len(frame)
-            while size < _MAX_WRITE_BYTES:
-                try:
-                    frame = receive_nowait()
-                except trio.WouldBlock:
-                    break
-                frames.append(frame)
-                size += len(frame)
-            self._queued_bytes -= size
-            if self._room is not None:
-                self._room.set()
-                self._room = None
-            # the write — and the wait for the lock, which trio-websocket holds while it sends a
-            # pong or a close to a peer that may read nothing — can be cut short (_close_slow)
-            with trio.CancelScope(deadline=trio.current_time() + self.service.cfg.write_timeout_s) as self._writing:
-                async with ws._stream_lock:
-                    if ws._close_reason is not None:
-                        return
-                    try:
-                        await ws._stream.send_all(b"".join(frames))
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        return
-            aborted, self._writing = self._writing.cancelled_caught, None
-            if aborted:  # a write that made no way in time (write_timeout_s), or a slow consumer's:
-                # part of a frame may be out, so no close frame can follow — the connection is cut
-                self._close_slow("a write did not finish in time")
-                await trio.aclose_forcefully(ws._stream)
-                return
-            if self._slow:
-                break
-        with trio.move_on_after(self.service.cfg.close_timeout_s):
-            await ws.aclose(CLOSE_SLOW_CONSUMER, "slow consumer")
+    def _take(self) -> tuple[list[bytes], int]:
+        """The queued frames of one write (up to ``_MAX_WRITE_BYTES``, at least one) and their size."""
+        outbox, size = self._outbox, 0
+        for n, frame in enumerate(outbox, 1):
+            size += len(frame)
+            if size >= _MAX_WRITE_BYTES and n < len(outbox):
+                taken = outbox[:n]
+                del outbox[:n]
+                return taken, size
+        self._outbox = []
+        return outbox, size
 
     async def _reply_loop(self, pending: trio.MemoryReceiveChannel[_Pending]) -> None:
         """Answer batched writes (publish, dispatch) in order, each once its commit is done."""
@@ -509,23 +560,41 @@ class WebSocketService:
                 return
             self.gate.handshake_done(admission)
             try:
-                await self._accept(request, peer)
+                caller = await self._admit(request, peer)
+                if caller is None:
+                    return
+                try:
+                    ws = await request.accept()
+                except ConnectionClosed:
+                    return  # the peer left during the handshake
+                del request  # (this frame lives as long as the connection: what it holds is kept)
+                release_handshake(ws)
+                ws._max_message_size = cfg.max_frame_bytes
+                conn = Connection(self, ws, caller)
+                self.connections.add(conn)
+                try:
+                    await conn.run()
+                finally:
+                    self.connections.discard(conn)
+                    if self.draining and not self.connections:
+                        self._handlers_done.set()
             finally:
                 with trio.move_on_after(cfg.close_timeout_s):
                     await connection.aclose()
                 await trio.aclose_forcefully(stream)  # closed even when cancelled (the daemon stops)
 
-    async def _accept(self, request: WebSocketRequest, peer: str) -> None:
-        """The handshake request is complete: check its origin and token, accept it, then serve it."""
+    async def _admit(self, request: WebSocketRequest, peer: str) -> Caller | None:
+        """The handshake request is complete: check its origin and token. The caller to accept it
+        for, or None once it is rejected."""
         if self.draining:
             await request.reject(503, body=b"aivad: draining, not accepting connections\n")
-            return
+            return None
         headers = {name.lower(): value for name, value in request.headers}
         origin = headers.get(b"origin")
         if origin is not None and not self._origin_allowed(origin.decode("latin-1"), request._event.host):
             self.refused["origin"] += 1
             await request.reject(403, body=b"aivad: this origin is not allowed (websocket.allowed_origins)\n")
-            return
+            return None
         caller = self.ops.caller("websocket", peer, self.ops.quota())
         authorization = headers.get(b"authorization")
         if authorization is not None:
@@ -537,20 +606,8 @@ class WebSocketService:
             except OpError as exc:
                 self.refused["unauthorized"] += 1
                 await request.reject(401, body=f"aivad: {exc.message}\n".encode())
-                return
-        try:
-            ws = await request.accept()
-        except ConnectionClosed:
-            return  # the peer left during the handshake
-        ws._max_message_size = self.cfg.max_frame_bytes
-        conn = Connection(self, ws, caller)
-        self.connections.add(conn)
-        try:
-            await conn.run()
-        finally:
-            self.connections.discard(conn)
-            if self.draining and not self.connections:
-                self._handlers_done.set()
+                return None
+        return caller
 
     def _origin_allowed(self, origin: str, host: str) -> bool:
         """``allowed_origins``, or the origin of our own console: the address (or ``localhost``) the
