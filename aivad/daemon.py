@@ -119,6 +119,7 @@ class Daemon:
         #: forwards this node's own commits (task.*, group.*, system.*, AMQP ingest) into the cluster log
         self.journal: Journal | None = None
         self.redis_ingest: RedisIngest | None = None
+        self.api: Api | None = None
         self.router: Router
         self.websocket: WebSocketService
         self.dispatcher: Dispatcher
@@ -154,7 +155,15 @@ class Daemon:
         return self.dispatcher.statistics().tasks_by_state
 
     def extra_metrics(self) -> list[Any]:
-        return self._amqp_metrics() + self._cluster_metrics()
+        return self._amqp_metrics() + self._cluster_metrics() + self._api_metrics()
+
+    def _api_metrics(self) -> list[Any]:
+        if self.api is None:
+            return []
+        errors = CounterMetricFamily("aivad_http_api_errors", "HTTP API error replies, by code.", labels=["code"])
+        for code, n in sorted(self.api.errors.items()):
+            errors.add_metric([code], n)
+        return [errors]
 
     def _cluster_metrics(self) -> list[Any]:
         """This node's view of the cluster (every node serves its own /metrics: scrape them all)."""
@@ -456,7 +465,7 @@ async def run_daemon(
         http_port = None
         if cfg.http.enabled:
             ws_scheme = "wss" if cfg.websocket.tls_cert_file else "ws"
-            api = Api(cfg.http, daemon.ops, lambda: (ws_scheme, daemon.websocket.port))
+            api = daemon.api = Api(cfg.http, daemon.ops, lambda: (ws_scheme, daemon.websocket.port))
             http_port = await root.start(serve_http, cfg.http, daemon.readiness, MetricsRenderer(daemon), api)
             daemon.websocket.console = ("https" if cfg.http.tls_cert_file else "http", http_port)
         endpoints = Endpoints(daemon.websocket.port, cfg.control.socket, http_port)

@@ -23,7 +23,7 @@ WebSocket connection (one bucket per client address, in a bounded table).
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -97,6 +97,8 @@ class Api:
         #: (scheme, port) of the WebSocket server, for the console's config
         self._websocket = websocket
         self._quotas: OrderedDict[str, Quota] = OrderedDict()
+        #: error replies by code (too_large, overloaded, unauthorized…): aivad_http_api_errors_total
+        self.errors: Counter[str] = Counter()
 
     def _quota(self, address: str) -> Quota:
         quota = self._quotas.pop(address, None) or self.ops.quota()
@@ -132,9 +134,11 @@ class Api:
                 raise OpError("bad_json", "the body is not UTF-8") from None
             reply = await command(self.ops, caller, request)
         except OpError as exc:
+            self.errors[exc.code] += 1
             return _error(exc)
         except Exception:  # the error boundary of one request: Cancelled passes
             log.exception("HTTP API command %s failed", name[:64])
+            self.errors["internal"] += 1
             return _error(OpError("internal", "internal error"))
         return _json_response(200, {"ok": True, **reply})
 

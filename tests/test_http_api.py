@@ -113,6 +113,11 @@ async def test_errors_are_json_with_the_status_of_their_code(nursery: trio.Nurse
             reply = json.loads(payload)
             assert reply["ok"] is False and reply["error"]["code"] == code and len(reply["error"]["message"]) < 200
     assert (await api(port, "publish", {"type": "still.serving", "payload": None}))[0] == 200
+    _, _, metrics = await http(port, "GET", "/metrics", b"")
+    for line in ('aivad_http_api_errors_total{code="too_large"} 1.0',
+                 'aivad_http_api_errors_total{code="bad_json"} 2.0',
+                 'aivad_http_api_errors_total{code="unknown_op"} 2.0'):
+        assert line in metrics.decode(), line
 
 
 async def test_tokens_and_rights_on_the_api(nursery: trio.Nursery, tmp_dir: Path) -> None:
