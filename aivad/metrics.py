@@ -93,6 +93,8 @@ class _DaemonCollector(Collector):
                                   value=alerts.dropped)
         yield from _by_label("aivad_connections_refused", "Connections refused before the handshake, by why.",
                              "reason", ws.refused)
+        yield from _by_label("aivad_websocket_closes", "WebSocket connections ended, by close code (1006: no close "
+                             "frame; a peer's own 3000-4999 codes: other).", "code", ws.closes)
         ops = d.ops.statistics()
         yield from _by_label("aivad_requests_refused", "Requests refused by a rule of the operations layer, by why.",
                              "reason", ops.refused)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
 
 from .auth import console_origins, origin_allowed
@@ -71,6 +71,8 @@ CLOSE_GOING_AWAY = 1001
 #: not authenticated in time, or the token expired (DESIGN §4.3, fixed)
 CLOSE_UNAUTHENTICATED = 4001
 CLOSE_SLOW_CONSUMER = 4008
+#: close codes counted on their own (aivad_websocket_closes_total); a peer may send any 3000–4999
+CLOSE_CODES_COUNTED = frozenset({1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1011, 4001, 4008})
 #: the sender writes at most this many bytes per send_all
 _MAX_WRITE_BYTES = 1 << 20
 
@@ -116,6 +118,8 @@ class WebSocketStatistics:
     sockets: int = 0
     handshakes: int = 0
     refused: dict[str, int] = attrs.field(factory=dict)
+    #: connections ended, by close code
+    closes: dict[str, int] = attrs.field(factory=dict)
 
 
 #: a held batch: the refs to answer, its pending results, and how one result becomes an ok reply
@@ -291,6 +295,7 @@ class Connection:
                 await self._read_loop(nursery)
                 nursery.cancel_scope.cancel()
         finally:
+            self.service.count_close(self.ws.closed)
             for sub in self.subscriptions.values():
                 self.service.ops.unsubscribe(sub)
             if self.worker is not None:
@@ -486,6 +491,8 @@ class WebSocketService:
         self.console: tuple[str, int] | None = None
         #: handshakes refused after they were read, by why (the gate counts those refused before)
         self.refused: Counter[str] = Counter()
+        #: connections ended, by close code (codes outside CLOSE_CODES_COUNTED: "other")
+        self.closes: Counter[str] = Counter()
         self.gate = PeerGate(cfg.max_connections, cfg.max_connections_per_address, cfg.max_handshakes)
         self._accepting: trio.CancelScope | None = None
         self._handlers_done = trio.Event()
@@ -554,7 +561,8 @@ class WebSocketService:
             nursery.start_soon(read)
             with handshake:
                 request = await connection._get_request()
-            if handshake.cancelled_caught:
+            if handshake.cancelled_caught:  # no complete request within handshake_timeout_s, or the peer left
+                self.refused["handshake_incomplete"] += 1
                 nursery.cancel_scope.cancel()
                 await trio.aclose_forcefully(stream)
                 return
@@ -582,6 +590,11 @@ class WebSocketService:
                 with trio.move_on_after(cfg.close_timeout_s):
                     await connection.aclose()
                 await trio.aclose_forcefully(stream)  # closed even when cancelled (the daemon stops)
+
+    def count_close(self, reason: CloseReason | None) -> None:
+        """Count a connection's end by its close code (1006: no close frame; a peer's own codes: "other")."""
+        code = 1006 if reason is None else reason.code
+        self.closes[str(code) if code in CLOSE_CODES_COUNTED else "other"] += 1
 
     async def _admit(self, request: WebSocketRequest, peer: str) -> Caller | None:
         """The handshake request is complete: check its origin and token. The caller to accept it
@@ -639,6 +652,7 @@ class WebSocketService:
             sockets=gate.connections,
             handshakes=gate.handshakes,
             refused=dict(Counter(gate.refused) + self.refused),
+            closes=dict(self.closes),
         )
 
 

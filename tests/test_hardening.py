@@ -159,7 +159,9 @@ async def test_connections_per_address_and_handshakes_in_progress_are_bounded(tm
         await trio.sleep(0.2)
         await assert_serves(proc.ws_url)
         metrics = proc.control({"cmd": "status"})["status"]["websocket"]["refused"]
-        assert metrics == {"handshakes": 1, "per_address": 1}, metrics
+        # (the slowloris handshakes that timed out count as handshake_incomplete, as many as timed out by now)
+        assert {k: v for k, v in metrics.items() if k != "handshake_incomplete"} == {"handshakes": 1,
+                                                                                   "per_address": 1}, metrics
     finally:
         for s in stalled:
             s.close()

@@ -17,7 +17,7 @@ import websockets
 import websockets.sync.client as ws_sync
 from trio_websocket import open_websocket_url
 
-from tests.conftest import InProcessDaemon, reload_daemon, start_daemon, start_daemon_from_file
+from tests.conftest import InProcessDaemon, control_async, reload_daemon, start_daemon, start_daemon_from_file
 from tests.wsclient import connect, no_more_messages
 
 
@@ -194,6 +194,15 @@ async def test_oversize_frame_closes_1009_and_others_are_untouched(nursery: trio
             assert await trio.to_thread.run_sync(oversize) == 1009
             assert (await bystander.publish("after.big", 1))["seq"] == 1
             assert (await bystander.next_message())["msg"]["type"] == "after.big"
+            # counted by close code, and a handshake that never completes by why
+            with trio.socket.socket() as half:
+                await half.connect(("127.0.0.1", d.endpoints.ws_port))
+                await half.send(b"GET / HTTP/1.1\r\nHost: x\r\n")  # ... and then nothing, and gone
+            ws = (await control_async(d.control_path, {"cmd": "status"}))["status"]["websocket"]
+            while ws["refused"].get("handshake_incomplete", 0) < 1:
+                await trio.sleep(0.05)
+                ws = (await control_async(d.control_path, {"cmd": "status"}))["status"]["websocket"]
+            assert ws["closes"] == {"1009": 1}
 
 
 async def test_subscription_limit_is_overloaded_not_a_crash(nursery: trio.Nursery, tmp_dir) -> None:  # type: ignore[no-untyped-def]
