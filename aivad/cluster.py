@@ -267,19 +267,23 @@ class ClusterLog:
                     self.last_seq, self.retention_floor = info.last_seq, info.retention_floor
                     tail = self.redis.tail(self.last_seq)
                 batch = await tail.read()
-            except RedisUnavailable as exc:
-                self._set_failure(f"unreachable: {exc}")
-                await trio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-                continue
-            except EpochChanged as exc:
+            except EpochChanged as exc:  # (before RedisLogError: it is one)
                 log.error("redis: %s; adopting the log now in Redis", exc)
                 try:
                     await self.redis.reopen(self.last_seq)
-                except RedisUnavailable:
+                except RedisLogError as again:
+                    self._set_failure(f"cannot adopt the log: {again}")
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, 10.0)
                     continue
                 tail = None
                 self._reset(f"the history is a new one (epoch {self.redis.epoch})")
+                continue
+            except RedisLogError as exc:  # unreachable, or what is in the log's keys is not the log's data
+                why = "unreachable" if isinstance(exc, RedisUnavailable) else "the log is unreadable"
+                self._set_failure(f"{why}: {exc}")
+                await trio.sleep(delay)
+                delay = min(delay * 2, 10.0)
                 continue
             delay = _RETRY_INITIAL_S
             self._set_failure(None)
@@ -305,13 +309,11 @@ class ClusterLog:
             if not cfg.retention_max_messages and not cfg.retention_max_age_s:
                 continue
             try:
-                deleted = await self.redis.apply_retention(cfg.retention_max_messages, cfg.retention_max_age_s)
-            except (RedisUnavailable, EpochChanged) as exc:
+                if await self.redis.apply_retention(cfg.retention_max_messages, cfg.retention_max_age_s):
+                    info = await self.redis.info()
+                    self.retention_floor = max(self.retention_floor, info.retention_floor)
+            except RedisLogError as exc:  # unreachable, a new epoch, unreadable: the tail deals with it
                 log.warning("redis: retention round failed: %s", exc)
-                continue
-            if deleted:
-                info = await self.redis.info()
-                self.retention_floor = max(self.retention_floor, info.retention_floor)
 
     def reconfigure(self, cfg: StoreConfig) -> None:
         self._cfg = cfg
@@ -340,6 +342,8 @@ class ClusterLog:
                 self._set_failure(f"unreachable: {exc}")
             except EpochChanged:
                 pass  # the tail adopts the new log
+            except RedisLogError as exc:  # the tail says so too (readiness); the heartbeat tries again
+                log.warning("redis: heartbeat failed: %s", exc)
             await trio.sleep(interval_s)
 
 

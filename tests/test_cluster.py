@@ -432,3 +432,28 @@ async def test_a_nodes_journal_survives_kill_9_while_redis_is_away(own_redis: Re
         assert len({m["message_id"] for m in events}) == len(events)  # each event once
     finally:
         cluster.stop()
+
+
+async def test_a_foreign_write_to_the_logs_counter_makes_the_node_not_ready_until_it_is_mended(
+        cluster: Cluster) -> None:
+    a = cluster.node("a")
+    producer = redis.Redis.from_url(cluster.redis.url)
+    meta = f"{cluster.prefix}{{log}}:meta"
+    try:
+        async with connect(a.ws_url) as c:
+            seq = (await c.publish("m.x", 1))["seq"]
+            producer.hset(meta, "seq", "not a number")
+            with trio.fail_after(20):
+                while a.control({"cmd": "status"})["status"]["ready"]:
+                    await trio.sleep(0.05)
+            why = a.control({"cmd": "status"})["status"]["not_ready_because"]
+            assert any("redis: the log is unreadable" in w for w in why), why
+            refused = await c.request({"op": "publish", "type": "m.x", "payload": 2})
+            assert refused["op"] == "error" and refused["code"] in ("internal", "overloaded")
+            producer.hset(meta, "seq", str(seq))  # mended: the node goes on from where it was
+            with trio.fail_after(20):
+                while not a.control({"cmd": "status"})["status"]["ready"]:
+                    await trio.sleep(0.05)
+            assert (await c.publish("m.x", 3))["seq"] > seq  # (the alerts of the outage took seqs too)
+    finally:
+        producer.close()

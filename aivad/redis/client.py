@@ -199,9 +199,13 @@ def _text(value: bytes | str | None) -> str:
 
 
 def _int(value: bytes | str | int | None) -> int:
+    """A number the log keeps (its counter, its floor); not a number there is not our log's data."""
     if value is None:
         return 0
-    return int(value)
+    try:
+        return int(value)
+    except ValueError:
+        raise RedisLogError(f"not a number where the log keeps one: {value!r:.40}") from None
 
 
 def _raw_reply(response: Any, **_: Any) -> Any:
