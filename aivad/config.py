@@ -104,12 +104,13 @@ def _rate(default: float) -> Any:
 
 @attrs.frozen
 class LimitsConfig:
-    """What one connection may ask for per second (token buckets; ``overloaded`` beyond)."""
+    """What one connection may ask for per second (token buckets; ``overloaded`` beyond), and per history page."""
 
     publish_rate_per_s: float = _rate(5000.0)
     publish_burst: int = _at_least(10_000, 1)
     dispatch_rate_per_s: float = _rate(2000.0)
     dispatch_burst: int = _at_least(5000, 1)
+    history_page_bytes: int = _at_least(8_388_608, 65536)
 
 
 @attrs.frozen

@@ -62,7 +62,9 @@ LIVE_KEYS: dict[str, frozenset[str]] = {
     "system": frozenset({"alert_interval_s"}),
     "tasks": frozenset({"default_strategy", "strategies", "aging_s"}),
     "amqp": frozenset({"prefetch"}),
-    "limits": frozenset({"publish_rate_per_s", "publish_burst", "dispatch_rate_per_s", "dispatch_burst"}),
+    "limits": frozenset(
+        {"publish_rate_per_s", "publish_burst", "dispatch_rate_per_s", "dispatch_burst", "history_page_bytes"}
+    ),
 }
 
 

@@ -310,7 +310,8 @@ class Operations:
         self._gate(caller)
         if not caller.rights.may_subscribe(pattern):
             raise self._forbidden("subscribe", pattern)
-        return await self.messages.history(pattern, after, limit, client=True)
+        found = await self.messages.history(pattern, after, limit, client=True)
+        return found.within(self.limits.history_page_bytes)
 
     def subscribe(self, caller: Caller, pattern: str, since: int | None, epoch: str | None) -> Resume:
         """Where a subscription of ``pattern`` starting now begins (its reply's fields), if allowed."""

@@ -138,6 +138,17 @@ class History:
     retention_floor: int = 0
     complete: bool = True
 
+    def within(self, max_bytes: int) -> History:
+        """The first messages that fit in ``max_bytes`` (at least one), read as scanned through the
+        last of them: a page is bounded in bytes as in count, and paging moves on from where it stopped."""
+        size = 0
+        for i, message in enumerate(self.messages):
+            size += len(message.json)
+            if size > max_bytes and i:
+                kept = self.messages[:i]
+                return History(kept, kept[-1].seq, self.retention_floor, complete=False)
+        return self
+
     def page(self, after: int, limit: int) -> dict[str, Any]:
         """The fields of a history reply: the envelopes, and ``last_seq`` to ask after next (DESIGN §4.3).
 

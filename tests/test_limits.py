@@ -257,3 +257,20 @@ async def test_max_inflight_publishes_counts_publishes_awaiting_their_commit(nur
         with trio.fail_after(20):
             replies = [await c.receive() for _ in range(100)]
         assert [r["ref"] for r in replies] == list(range(100)) and {r["op"] for r in replies} == {"ok"}
+
+
+async def test_a_history_page_is_bounded_in_bytes_and_paging_moves_on(nursery: trio.Nursery, tmp_dir: Path) -> None:
+    d = await start_daemon(nursery, tmp_dir, limits={"history_page_bytes": 65536})
+    with trio.fail_after(20):
+        async with connect(d.ws_url) as c:
+            for i in range(10):
+                await c.publish("page.x", f"{i}" + "x" * 20_000)  # ~20 KB each: 3 fit in 64 KiB
+            after, pages, seen = 0, [], []
+            while True:
+                page = await c.ok({"op": "history", "pattern": "page.#", "after": after, "limit": 100})
+                if page["last_seq"] == after:
+                    break
+                pages.append(len(page["messages"]))
+                seen += [m["payload"][0] for m in page["messages"]]
+                after = page["last_seq"]
+    assert seen == [str(i) for i in range(10)] and max(pages) == 3 and len(pages) == 4
