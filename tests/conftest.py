@@ -134,6 +134,17 @@ async def daemon(nursery: trio.Nursery, tmp_dir: Path) -> InProcessDaemon:
 # ---- the real subprocess ---------------------------------------------------------
 
 
+def poll_until(condition: Callable[[], object], timeout_s: float, what: str | Callable[[], str],
+               every_s: float = 0.05) -> None:
+    """Wait, blocking, until ``condition()`` holds — a real subprocess's state, which no test clock
+    drives; fail the test with ``what`` (called for the message when it is a callable) after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() >= deadline:
+            pytest.fail(f"after {timeout_s} s: {what() if callable(what) else what}")
+        time.sleep(every_s)
+
+
 def control_request(path: str, request: dict[str, Any], timeout_s: float = 10.0) -> dict[str, Any]:
     """One request on the control socket, blocking, with a plain socket (no aivad code)."""
     with socket.socket(socket.AF_UNIX) as s:

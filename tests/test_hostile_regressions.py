@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import DaemonProcess
+from tests.conftest import DaemonProcess, poll_until
 from tests.hostile import OP_CLOSE, OP_TEXT, RawClient, encode_frame, handshake_request, read_http_head, reset
 
 #: a JSON string holding a lone surrogate: valid JSON, but no UTF-8 encoder can write it back
@@ -185,11 +185,12 @@ def test_a_subscriber_that_never_reads_and_never_closes_is_closed_and_released(t
             # the subscriber's sender is already blocked writing when its outbox overflows
             publisher.send_json({"op": "publish", "type": "flood", "payload": "x" * 4000, "ref": i})
             assert replies(publisher, 1)[0]["op"] == "ok"
-        deadline = time.monotonic() + 20  # close_timeout_s is 2: ten times that is generous
-        while (ws := daemon.control({"cmd": "status"})["status"]["websocket"])["connections"] > 1:
-            assert time.monotonic() < deadline, f"the subscriber that reads nothing is still connected: {ws}"
-            time.sleep(0.2)
-        assert ws["slow_consumer_closes"] == 1
+        def websocket() -> dict[str, Any]:
+            return dict(daemon.control({"cmd": "status"})["status"]["websocket"])
+
+        poll_until(lambda: websocket()["connections"] <= 1, 20,  # close_timeout_s is 2: ten times that
+                   lambda: f"the subscriber that reads nothing is still connected: {websocket()}", every_s=0.2)
+        assert websocket()["slow_consumer_closes"] == 1
         publisher.close()
     finally:
         reset(stalled)
@@ -215,10 +216,8 @@ def test_a_subscribe_whose_replay_cannot_read_gets_one_reply_and_no_silent_subsc
         limit = len(os.listdir(f"/proc/{pid}/fd")) + 2
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, limit))
         idle = [socket.create_connection(("127.0.0.1", daemon.ws_port), timeout=5) for _ in range(8)]
-        deadline = time.monotonic() + 10
-        while len(os.listdir(f"/proc/{pid}/fd")) < limit:  # the daemon took what it could: now it is out
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        # the daemon took what it could: now it is out of descriptors
+        poll_until(lambda: len(os.listdir(f"/proc/{pid}/fd")) >= limit, 10, "the daemon did not run out of fds")
         for k, client in enumerate(clients):
             client.send_json({"op": "subscribe", "pattern": "t", "since": 0, "ref": f"s{k}"})
         for k, client in enumerate(clients):

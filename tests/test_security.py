@@ -65,6 +65,7 @@ from .conftest import (
     InProcessDaemon,
     control_async,
     free_port,
+    poll_until,
     reload_daemon,
     short_tmp_dir,
     start_daemon,
@@ -1150,15 +1151,15 @@ def test_readme_first_command_runs_anonymous_on_loopback() -> None:
         proc = subprocess.Popen(command, cwd=directory, env=env, stdout=log, stderr=log)
     try:
         control = directory / "aivad" / "control.sock"
-        deadline = time.monotonic() + 20
-        while not control.exists():
+        def up() -> bool:
             if proc.poll() is not None:
                 log = (directory / "daemon.log").read_text()
                 if "Address already in use" in log:  # taken since the probe above
                     pytest.skip("port 8765 (the embedded default) is in use on this machine")
                 pytest.fail(log)
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+            return control.exists()
+
+        poll_until(up, 20, "the control socket did not appear")
         assert stat.S_IMODE(control.stat().st_mode) == 0o600
         assert trio.run(_anonymous_publish, "ws://127.0.0.1:8765/") == "ok"
         assert _listening_addresses(8765) == {"127.0.0.1"}
