@@ -68,6 +68,17 @@ class PatternIndex(Generic[S]):
                 break
             del path[depth - 1].children[words[depth - 1]]
 
+    def subscribers(self) -> list[S]:
+        """Every subscriber of every pattern (a walk of the trie: for rare, all-at-once uses)."""
+        found: list[S] = []
+        stack = [self._root]
+        while stack:
+            node = stack.pop()
+            if node.subscribers:
+                found.extend(node.subscribers)
+            stack.extend(node.children.values())
+        return found
+
     def match(self, topic: str) -> Iterator[tuple[str, S]]:
         """Every (pattern, subscriber) whose pattern matches ``topic``, each once."""
         words = topic.split(".")

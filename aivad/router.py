@@ -123,8 +123,6 @@ class Router:
     def __init__(self, store: MessageLog, replay_batch: int) -> None:
         self._store = store
         self._index: PatternIndex[Subscription] = PatternIndex()
-        #: the live subscriptions (those in the index), for ending them all at once
-        self._live: set[Subscription] = set()
         self.replay_batch = replay_batch
         self._deliveries = 0
         self._overflows = 0
@@ -153,19 +151,17 @@ class Router:
         for sub in overflowed:  # the index is not changed while it is being walked
             self._overflows += 1
             self._index.discard(sub.pattern, sub)
-            self._live.discard(sub)
             sub.sink.overflowed()
 
     def remove(self, sub: Subscription) -> None:
         if sub.live:
             sub.live = False
             self._index.discard(sub.pattern, sub)
-            self._live.discard(sub)
 
     def overtake_all(self, why: str) -> None:
         """What was routed can no longer be trusted (the cluster tail skipped a gap, or the history is
         new): every live subscription ends as overtaken, so its client resumes and is told."""
-        for sub in list(self._live):
+        for sub in self._index.subscribers():  # (a list: removing them does not disturb the walk)
             self.remove(sub)
             sub.sink.overtaken()
         log.warning("ended every live subscription: %s", why)
@@ -215,7 +211,6 @@ class Router:
         # caught up with everything the router has been handed: from here on, live
         sub.live = True
         self._index.add(sub.pattern, sub)
-        self._live.add(sub)
 
     def statistics(self) -> RouterStatistics:
         return RouterStatistics(len(self._index), self._deliveries, self._overflows)

@@ -264,3 +264,14 @@ def test_reference_matcher_is_not_exponential_on_many_wildcards() -> None:
         subprocess.run([sys.executable, "-c", _HOSTILE], check=True, timeout=2)
     except subprocess.TimeoutExpired:
         pytest.fail("pattern_matches took more than 2 s")
+
+
+def test_subscribers_lists_every_subscriber_of_every_pattern_once() -> None:
+    index: PatternIndex[str] = PatternIndex()
+    for pattern, sub in [("a.#", "s1"), ("a.b", "s2"), ("a.b", "s3"), ("*.c", "s1"), ("#", "s4")]:
+        index.add(pattern, sub)
+    index.discard("a.b", "s3")
+    assert sorted(index.subscribers()) == ["s1", "s1", "s2", "s4"]  # s1 holds two patterns
+    for pattern, sub in [("a.#", "s1"), ("a.b", "s2"), ("*.c", "s1"), ("#", "s4")]:
+        index.discard(pattern, sub)
+    assert index.subscribers() == [] and len(index) == 0
