@@ -72,20 +72,23 @@ class Aggregator:
         self._waiters: dict[str, set[_Waiter]] = {}
         #: group_id → the collects waiting on the whole group (handed every member's end)
         self._group_waiters: dict[str, set[_Waiter]] = {}
-        dispatcher.on_end.append(self._task_ended)
+        dispatcher.on_any_end.append(self._task_ended)
+        dispatcher.on_end.append(self._check_group_soon)
 
     def _task_ended(self, view: TaskView) -> None:
-        """After the commit that ended the task: hand its view to whoever waits for it."""
+        """After the commit that ended the task (here or, in a cluster, on another node): hand its
+        view to whoever waits for it."""
         for waiter in self._waiters.pop(view.task_id, ()):
             waiter.hand(view)
         if view.group_id is not None:
             for waiter in self._group_waiters.get(view.group_id, ()):
                 waiter.hand(view)
-            if view.group_id not in self._dispatcher.group_tasks:  # the group's last running task
-                what = f"group {view.group_id[:64]}"
-                self._faults.start_soon(
-                    self._nursery, "aggregator.group_check", what, self._check_group, view.group_id
-                )
+
+    def _check_group_soon(self, view: TaskView) -> None:
+        """After this node ended a task: the node that ends a group's last task says so."""
+        if view.group_id is not None and view.group_id not in self._dispatcher.group_tasks:  # its last task
+            what = f"group {view.group_id[:64]}"
+            self._faults.start_soon(self._nursery, "aggregator.group_check", what, self._check_group, view.group_id)
 
     async def _check_group(self, group_id: str) -> None:
         """Publish ``group.completed`` once every task of the group has ended."""

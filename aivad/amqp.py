@@ -171,6 +171,12 @@ class Sink(Protocol):
     async def add_dead_letter(self, kind: str, reason: str, body: str, detail: dict[str, Any]) -> int: ...
 
 
+class LetterSink(Protocol):
+    """Where a poison delivery is kept (the store, or the cluster's dead-letter queue)."""
+
+    async def add_dead_letter(self, kind: str, reason: str, body: str, detail: dict[str, Any]) -> int: ...
+
+
 #: ``await settled(seq)``: returns once the store's commits through ``seq`` are where an ack may promise them
 Settled = Callable[[int], Awaitable[None]]
 
@@ -673,8 +679,10 @@ class AmqpBridge:
 
     def __init__(self, cfg: AmqpConfig, store: Sink, ingest: Counter | None = None,
                  dispatcher: TaskSink | None = None, alert: Alert | None = None,
-                 settled: Settled | None = None) -> None:
+                 settled: Settled | None = None, letters: LetterSink | None = None) -> None:
         self._cfg = cfg
+        #: where poison deliveries go (the store's table; in a cluster, the queue in Redis)
+        self._letters: LetterSink = letters or store
         #: in a cluster: waits until the local commits through a seq are in the cluster's log, so an
         #: ack means "in the history every node serves", not only in this node's journal
         self._settled = settled
@@ -1124,7 +1132,7 @@ class AmqpBridge:
             "message_id": props.message_id,
             "headers": _jsonable(props.headers or {}),
         }
-        await self._store.add_dead_letter(DEAD_LETTER_KIND, reason,
+        await self._letters.add_dead_letter(DEAD_LETTER_KIND, reason,
                                           message.body.decode("utf-8", errors="backslashreplace"), detail)
         self._rejected += 1
         log.warning("amqp: dead-lettered a delivery from %s (routing key %r): %s", consumer.queue, routing_key,
@@ -1321,6 +1329,7 @@ async def serve_amqp(
     faults: Faults | None = None,
     alert: Alert | None = None,
     settled: Settled | None = None,
+    letters: LetterSink | None = None,
     task_status: trio.TaskStatus[AmqpBridge] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Run the AMQP bridge until cancelled (DESIGN §4.5).
@@ -1342,7 +1351,7 @@ async def serve_amqp(
     serves on, ``statistics().stopped`` and /readyz say why. Without ``faults``
     (tests of the bridge alone) a bug propagates.
     """
-    bridge = AmqpBridge(cfg, store, ingest, dispatcher, alert, settled)
+    bridge = AmqpBridge(cfg, store, ingest, dispatcher, alert, settled, letters)
     await bridge._load_outbox()
     bridge._thread.start()
     if dispatcher is not None:

@@ -233,6 +233,8 @@ class TasksConfig:
     max_workers: int = _at_least(1000, 1)
     request_timeout_s: float = _positive(30.0)
     max_collect_ids: int = _at_least(10_000, 1)
+    #: in a cluster: how many ended tasks' records the task book in Redis keeps (the oldest go first)
+    ended_kept: int = _at_least(100_000, 1)
 
 
 #: DESIGN §4.8: what ``[auth] algorithms`` may list (never ``none``); HS* use the HMAC secret, the rest the public key

@@ -30,14 +30,16 @@ from .amqp import AmqpBridge, serve_amqp
 from .auth import TokenVerifier
 from .boundary import Faults, describe
 from .cluster import ClusterLog, serve_cluster_log
+from .cluster_tasks import ClusterDispatcher, serve_cluster_dispatcher
 from .config import Config, ConfigError, load_config
 from .dispatcher import Dispatcher, TaskView, serve_dispatcher
 from .http import Api, serve_http
 from .journal import Journal, serve_journal
 from .logs import set_level
 from .metrics import LoopLag, MetricsRenderer, serve_loop_lag
-from .ops import Intake, Operations
+from .ops import DeadLetterBook, Intake, Operations
 from .protocol import OpError
+from .redis import RedisDeadLetters
 from .redis_ingest import RedisIngest, serve_redis_ingest
 from .router import Router
 from .sdnotify import Notifier, serve_watchdog
@@ -426,7 +428,13 @@ async def run_daemon(
         if daemon.cluster is not None:
             daemon.cluster.on_reset(daemon.router.overtake_all)
             daemon.journal = await root.start(serve_journal, daemon.store, daemon.cluster, daemon.journal_gap)
-        daemon.dispatcher = await root.start(serve_dispatcher, cfg.tasks, daemon.store, daemon.faults)
+        letters: DeadLetterBook = daemon.store
+        if daemon.cluster is not None:  # tasks and dead letters are the cluster's, in Redis (DESIGN §5)
+            letters = RedisDeadLetters(daemon.cluster.redis)
+            daemon.dispatcher = await root.start(serve_cluster_dispatcher, cfg.tasks, daemon.store, daemon.cluster,
+                                                 cfg.cluster.heartbeat_interval_s, daemon.faults)
+        else:
+            daemon.dispatcher = await root.start(serve_dispatcher, cfg.tasks, daemon.store, daemon.faults)
         daemon.aggregator = await root.start(
             serve_aggregator, cfg.tasks, daemon.dispatcher, daemon.store, daemon.faults
         )
@@ -437,8 +445,10 @@ async def run_daemon(
             daemon.amqp = await root.start(partial(serve_amqp, cfg.amqp, daemon.store, ingest=daemon.ingest,
                                                    dispatcher=daemon.dispatcher, faults=daemon.faults,
                                                    alert=daemon.alerts.alert,
-                                                   settled=settled))
+                                                   settled=settled, letters=letters))
             daemon.store.on_commit(daemon.amqp.forward_committed)  # task.*, group.*, system.* → events exchange
+            if isinstance(daemon.dispatcher, ClusterDispatcher):  # its task events are born in Redis
+                daemon.dispatcher.copy_events = True
         daemon.ops = Operations(
             store=daemon.store,
             messages=daemon.messages,
@@ -454,11 +464,12 @@ async def run_daemon(
             reload=daemon.reload_command,
             auth=cfg.auth,
             verifier=verifier,
+            dead_letters=letters,
         )
         slow_consumer = daemon.alerts.listener("warning", "slow_consumer")
         if daemon.cluster is not None and (cfg.redis.ingest_stream or cfg.redis.ingest_channels):
             daemon.redis_ingest = await root.start(serve_redis_ingest, cfg.redis, daemon.cluster.redis, daemon.ops,
-                                                   daemon.store, cfg.cluster.node_name, daemon.faults)
+                                                   cfg.cluster.node_name, daemon.faults)
         daemon.websocket = await root.start(serve_websocket, cfg.websocket, daemon.ops, daemon.faults, slow_consumer)
         daemon.control = await root.start(control.serve_control, cfg.control, daemon.ops, daemon.faults)
         await root.start(serve_loop_lag, daemon.loop_lag)

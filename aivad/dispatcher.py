@@ -74,6 +74,21 @@ class HandedBack:
 Outcome = Success | Failure | HandedBack
 
 
+@attrs.frozen
+class Settlement:
+    """How a task's attempt (or the task, when abandoned) ends: what is stored, in one write."""
+
+    state: str  # queued (handed back) | retrying | completed | dead
+    events: list[Envelope]
+    result: Any = None
+    error: Any = None
+    #: set when the task goes to the dead-letter queue, with why
+    dead_reason: str | None = None
+    #: the view handed to on_end (completed or dead)
+    ended: TaskView | None = None
+    delay: float = 0.0
+
+
 # ---- in-memory state ----------------------------------------------------------------
 
 
@@ -115,6 +130,8 @@ class TaskState:
         self.attempts = attempts
         self.history = history
         self.attempt: Attempt | None = None
+        #: the record's version in a cluster's task book (aivad.cluster_tasks); unused on one node
+        self.version = 0
 
 
 class Attempt:
@@ -258,8 +275,11 @@ class Dispatcher:
         self._retries = 0
         self._dead = 0
         self._completed = 0
-        #: called with (task view) when a task ends (completed or dead), after commit
+        #: called with (task view) when this node ends a task (completed or dead), after commit
         self.on_end: list[Callable[[TaskView], None]] = []
+        #: called with (task view) for every end this node learns of: its own, and in a
+        #: cluster the other nodes' (what collect and request wait for)
+        self.on_any_end: list[Callable[[TaskView], None]] = []
         #: called inside the write that ends a task, in the store's writer thread: rows that
         #: must commit with the end or not at all (the AMQP bridge's RPC reply)
         self.end_writes: list[Callable[[sqlite3.Connection, TaskView], None]] = []
@@ -454,8 +474,8 @@ class Dispatcher:
             "started": now_rfc3339(),
         }
         try:
-            # queued before the settle's write, so committed before it: nothing waits for it
-            await self._store.submit(lambda conn, w: self._write_dispatched(conn, w, task, worker), isolated=False)
+            if not await self._begin(attempt):
+                return  # another node took the task first (a cluster): it runs there
             with attempt.scope:
                 await worker.link.send_task(frame)
                 await trio.sleep_forever()
@@ -469,11 +489,18 @@ class Dispatcher:
             if not self._in_flight:
                 self._idle.set()
 
-    def _write_dispatched(self, conn: sqlite3.Connection, write: Write, task: TaskState, worker: Worker) -> None:
-        _update(conn, task, state="dispatched")
-        insert_envelopes(
-            conn, write, [_event("task.dispatched", task.spec, "dispatched", task.attempts, worker=worker.name)]
-        )
+    async def _begin(self, attempt: Attempt) -> bool:
+        """Record that the attempt is dispatched; False when the task is not this node's to run."""
+        task, worker = attempt.task, attempt.worker
+        event = _event("task.dispatched", task.spec, "dispatched", task.attempts, worker=worker.name)
+
+        def write(conn: sqlite3.Connection, w: Write) -> None:
+            _update(conn, task, state="dispatched")
+            insert_envelopes(conn, w, [event])
+
+        # queued before the settle's write, so committed before it: nothing waits for it
+        await self._store.submit(write, isolated=False)
+        return True
 
     # ---- reports from workers -----------------------------------------------------------
 
@@ -501,6 +528,9 @@ class Dispatcher:
         events.append(
             _event("task.progress", task.spec, task.state, attempt.number, f":{uuid.uuid4().hex[:8]}", **extra)
         )
+        await self._record_progress(task, events)
+
+    async def _record_progress(self, task: TaskState, events: list[Envelope]) -> None:
         state = task.state
 
         def write(conn: sqlite3.Connection, w: Write) -> None:
@@ -554,64 +584,81 @@ class Dispatcher:
         else:
             worker.failed += 1
             history |= {"outcome": outcome.kind, "error": outcome.error}
-            events.append(
-                _event("task.failed", spec, "failed", attempt.number, error=outcome.error, reason=outcome.kind)
-            )
-            if outcome.retryable and task.attempts < spec.max_attempts:
-                state = "retrying"
-                delay = backoff_s(spec, task.attempts)
-                events.append(_event("task.retrying", spec, "retrying", attempt.number, delay_s=round(delay, 3)))
-            else:
-                state = "dead"
-                dead_reason = (
-                    f"{outcome.kind}: not retryable"
-                    if not outcome.retryable
-                    else f"{outcome.kind}: {task.attempts} of {spec.max_attempts} attempts used"
-                )
-                events.append(
-                    _event("task.dead_lettered", spec, "dead", attempt.number, error=outcome.error, reason=dead_reason)
-                )
+            failed = self._failed(task, attempt.number, outcome, history)
+            state, events, dead_reason, delay = failed.state, failed.events, failed.dead_reason, failed.delay
         task.history.append(history)
         error = outcome.error if isinstance(outcome, Failure) else None
         result = outcome.result if isinstance(outcome, Success) else None
         ended = self._ended_view(task, state, result, error) if state in ("completed", "dead") else None
+        settlement = Settlement(state, events, result, error, dead_reason, ended, delay)
+        try:
+            if not await self._store_settlement(task, settlement):
+                return  # the task ended or moved elsewhere first (a cluster): that stands
+        except StoreClosed:
+            return  # stopping: the store still holds the attempt as begun, and the next start retries it
+        except OpError as exc:  # the store failed (internal): run the task again rather than lose its end
+            log.error("task %s: its end could not be stored (%s); it runs again", spec.task_id[:64], exc.message)
+            settlement = attrs.evolve(settlement, state="retrying", delay=backoff_s(spec, max(task.attempts, 1)))
+        self._apply(task, settlement)
+
+    def _failed(self, task: TaskState, number: int, outcome: Failure, history: dict[str, Any]) -> Settlement:
+        """How attempt ``number`` of ``task`` failing goes on: a retry after backoff, or the dead-letter queue.
+
+        Its events, state, delay and dead reason (``ended`` is left for the caller, who
+        appends ``history`` to the task first).
+        """
+        spec = task.spec
+        events = [_event("task.failed", spec, "failed", number, error=outcome.error, reason=outcome.kind)]
+        if outcome.retryable and task.attempts < spec.max_attempts:
+            delay = backoff_s(spec, task.attempts)
+            events.append(_event("task.retrying", spec, "retrying", number, delay_s=round(delay, 3)))
+            return Settlement("retrying", events, error=outcome.error, delay=delay)
+        dead_reason = (
+            f"{outcome.kind}: not retryable"
+            if not outcome.retryable
+            else f"{outcome.kind}: {task.attempts} of {spec.max_attempts} attempts used"
+        )
+        events.append(_event("task.dead_lettered", spec, "dead", number, error=outcome.error, reason=dead_reason))
+        return Settlement("dead", events, error=outcome.error, dead_reason=dead_reason)
+
+    async def _store_settlement(self, task: TaskState, settlement: Settlement) -> bool:
+        """Commit how the task goes on (one write, with its events and dead letter); True once committed."""
+        spec, state, error = task.spec, settlement.state, settlement.error
 
         def write(conn: sqlite3.Connection, w: Write) -> None:
             _update(
                 conn,
                 task,
                 state=state,
-                result=json.dumps(result) if state == "completed" else None,
+                result=json.dumps(settlement.result) if state == "completed" else None,
                 error=json.dumps(error) if error is not None else None,
             )
-            if dead_reason is not None:
+            if settlement.dead_reason is not None:
                 insert_dead_letter(
                     conn,
                     "task",
-                    dead_reason,
+                    settlement.dead_reason,
                     json.dumps(spec.to_json_dict()),
                     {"task_id": spec.task_id, "attempts": task.history, "error": error},
                 )
-            insert_envelopes(conn, w, events)
-            if ended is not None:
-                self._write_end(conn, ended)
+            insert_envelopes(conn, w, settlement.events)
+            if settlement.ended is not None:
+                self._write_end(conn, settlement.ended)
 
-        try:
-            await (await self._store.submit(write)).wait()
-        except StoreClosed:
-            return  # stopping: the store still holds the attempt as begun, and the next start retries it
-        except OpError as exc:  # the store failed (internal): run the task again rather than lose its end
-            log.error("task %s: its end could not be stored (%s); it runs again", spec.task_id[:64], exc.message)
-            state, delay = "retrying", backoff_s(spec, max(task.attempts, 1))
-        task.state = state
-        if state == "retrying":
+        await (await self._store.submit(write)).wait()
+        return True
+
+    def _apply(self, task: TaskState, settlement: Settlement) -> None:
+        """After the commit: the task's new state in memory (queued again, a retry timer, or its end)."""
+        task.state = settlement.state
+        if settlement.state == "retrying":
             self._retries += 1
-            self._retry_after(task, delay)
-        elif state == "queued":
+            self._retry_after(task, settlement.delay)
+        elif settlement.state == "queued":
             self._enqueue(task)
         else:
-            assert ended is not None
-            self._end(task, ended)
+            assert settlement.ended is not None
+            self._end(task, settlement.ended)
 
     def _retry_after(self, task: TaskState, delay: float) -> None:
         what = f"task {task.spec.task_id[:64]} retry"
@@ -639,8 +686,8 @@ class Dispatcher:
         for write_rows in self.end_writes:
             write_rows(conn, view)
 
-    def _end(self, task: TaskState, view: TaskView) -> None:
-        """After the commit that ended ``task``: forget it, count it, tell ``on_end``."""
+    def _end(self, task: TaskState, view: TaskView, *, here: bool = True) -> None:
+        """After the commit that ended ``task`` (``here``: this node's): forget it, count it, tell the hooks."""
         self.tasks.pop(task.spec.task_id, None)
         group_id = task.spec.group_id
         if group_id is not None and (running := self.group_tasks.get(group_id)) is not None:
@@ -651,8 +698,11 @@ class Dispatcher:
             self._completed += 1
         else:
             self._dead += 1
-        for callback in self.on_end:
+        for callback in self.on_any_end:
             callback(view)
+        if here:
+            for callback in self.on_end:
+                callback(view)
 
     async def abandon(self, task_id: str, reason: str) -> None:
         """End a task nobody waits for any more (a timed-out ``request``): dead, with ``reason``."""
@@ -664,26 +714,21 @@ class Dispatcher:
             return
         if task.state not in ("queued", "retrying"):
             return  # its attempt is being settled: that outcome stands
+        await self._abandon_waiting(task, reason)
+
+    async def _abandon_waiting(self, task: TaskState, reason: str) -> None:
+        """End a task that no attempt of this node runs: dead, with ``reason``."""
+        state = task.state
         task.state = "dead"
         task.history.append({"outcome": "abandoned", "error": reason, "ended": now_rfc3339()})
         spec = task.spec
         events = [_event("task.dead_lettered", spec, "dead", task.attempts, error=reason, reason="abandoned")]
-        ended = self._ended_view(task, "dead", None, reason)
-
-        def write(conn: sqlite3.Connection, w: Write) -> None:
-            _update(conn, task, error=json.dumps(reason))
-            insert_dead_letter(
-                conn,
-                "task",
-                f"abandoned: {reason}",
-                json.dumps(spec.to_json_dict()),
-                {"task_id": spec.task_id, "attempts": task.history, "error": reason},
-            )
-            insert_envelopes(conn, w, events)
-            self._write_end(conn, ended)
-
-        await (await self._store.submit(write)).wait()
-        self._end(task, ended)
+        settlement = Settlement("dead", events, None, reason, f"abandoned: {reason}",
+                                self._ended_view(task, "dead", None, reason))
+        if await self._store_settlement(task, settlement):
+            self._apply(task, settlement)
+        elif task.state == "dead":
+            task.state = state  # not ended here after all: the book says where it is
 
     # ---- queries ----------------------------------------------------------------------------
 

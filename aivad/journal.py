@@ -1,10 +1,9 @@
 """A cluster node's journal: what the node itself commits to its embedded store, forwarded into the cluster's log.
 
 With ``[redis] enabled`` the history is the cluster's Redis log, but some
-writers keep their own transactions in the node's SQLite store: the dispatcher
-writes ``task.*`` events in the transaction that changes the task, the AMQP
+writers keep their own transactions in the node's SQLite store: the AMQP
 bridge commits a delivery together with its bookkeeping before it acks, the
-aggregator writes ``group.*`` events. Each of those commits is the node's
+alerts write ``system.*`` events. Each of those commits is the node's
 promise; the journal keeps it cluster-wide — an outbox:
 
 * after every local commit the forwarder reads what follows its cursor and
@@ -18,7 +17,10 @@ promise; the journal keeps it cluster-wide — an outbox:
   than that reports the gap (log line and alert) instead of hiding it.
 
 Subscribers on every node then see those events in the log's order, like any
-other message; the local copies are never routed.
+other message; the local copies are never routed. ``task.*`` events are not
+forwarded: in a cluster they are born in the log (aivad.cluster_tasks appends
+them in the step that changes the task) and copied into the store only for the
+AMQP bridge's outbox.
 """
 
 from __future__ import annotations
@@ -119,10 +121,12 @@ class Journal:
             log.error("journal: %s", why)
             self._on_gap(why)
         through = max(found.scanned_through, found.retention_floor)
-        if found.messages:
-            envelopes = [Envelope.from_wire(_without_seq(m.json)) for m in found.messages]
+        envelopes = [Envelope.from_wire(_without_seq(m.json)) for m in found.messages
+                     if not m.type.startswith("task.")]
+        if envelopes:
             await (await self._cluster.submit_append(envelopes)).wait()
             self.forwarded += len(envelopes)
+        if found.messages:
             through = found.messages[-1].seq if len(found.messages) == BATCH else through
         await (await self._store.submit(lambda conn, _: _write_cursor(conn, through))).wait()
         self.cursor = through

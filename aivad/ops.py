@@ -157,6 +157,20 @@ class Pending:
         return [self._rejected[i] if i in self._rejected else next(done) for i in range(self._size)]
 
 
+class DeadLetterBook(Protocol):
+    """Where dead letters are kept: the embedded store, or the cluster's Redis (one queue for every node).
+
+    A failure of its engine is an :class:`OpError`, as the store's commits fail.
+    """
+
+    async def add_dead_letter(self, kind: str, reason: str, body: str, detail: dict[str, Any]) -> int: ...
+
+    async def dead_letters(self, kind: str | None = None, limit: int = 100, after_id: int = 0
+                           ) -> list[DeadLetter]: ...
+
+    async def purge_dead_letters(self) -> int: ...
+
+
 class Operations:
     """Every operation of every edge, with its checks. Built once by the composition root."""
 
@@ -177,8 +191,11 @@ class Operations:
         reload: Callable[[], Awaitable[dict[str, Any]]],
         auth: AuthConfig,
         verifier: TokenVerifier | None = None,
+        dead_letters: DeadLetterBook | None = None,
     ) -> None:
         self.store = store
+        #: the dead-letter queue (the store's, or in a cluster the one in Redis)
+        self.letters: DeadLetterBook = dead_letters or store
         #: where messages are appended and read (the embedded store, or the cluster's log)
         self.messages = messages
         self.router = router
@@ -448,11 +465,11 @@ class Operations:
 
     async def dead_letters(self, caller: Caller, kind: str | None, limit: int, after_id: int) -> list[DeadLetter]:
         self.require_admin(caller)
-        return await self.store.dead_letters(kind, limit, after_id)
+        return await self.letters.dead_letters(kind, limit, after_id)
 
     async def dead_letter(self, caller: Caller, letter_id: int) -> DeadLetter:
         self.require_admin(caller)
-        letters = await self.store.dead_letters(None, 1, letter_id - 1)
+        letters = await self.letters.dead_letters(None, 1, letter_id - 1)
         if not letters or letters[0].id != letter_id:
             raise OpError("not_found", f"no dead letter {letter_id}")
         return letters[0]
@@ -464,7 +481,7 @@ class Operations:
         if letter_ids is not None:
             return [await self.dispatcher.replay(letter_id) for letter_id in letter_ids]
         replayed, after = [], 0
-        while letters := await self.store.dead_letters("task", 500, after):
+        while letters := await self.letters.dead_letters("task", 500, after):
             for letter in letters:
                 replayed.append(await self.dispatcher.replay(letter.id))
             after = letters[-1].id
@@ -472,7 +489,7 @@ class Operations:
 
     async def purge(self, caller: Caller) -> int:
         self.require_admin(caller)
-        return await self.store.purge_dead_letters()
+        return await self.letters.purge_dead_letters()
 
     def drain(self, caller: Caller, why: str) -> None:
         self.require_admin(caller)

@@ -38,7 +38,6 @@ from .config import RedisConfig
 from .ops import Caller, Operations
 from .protocol import OpError
 from .redis import ChannelIngress, IngressEntry, RedisIngress, RedisLog, open_channel_ingress, run_with_backoff
-from .store import Store
 
 __all__ = ["RedisIngest", "serve_redis_ingest"]
 
@@ -58,11 +57,10 @@ _RETRY_S = 1.0
 class RedisIngest:
     """The Redis ingress's state (``status`` → ``redis_ingress``); its loops run in :func:`serve_redis_ingest`."""
 
-    def __init__(self, cfg: RedisConfig, redis_log: RedisLog, ops: Operations, store: Store, node_name: str) -> None:
+    def __init__(self, cfg: RedisConfig, redis_log: RedisLog, ops: Operations, node_name: str) -> None:
         self._cfg = cfg
         self._log = redis_log
         self._ops = ops
-        self._store = store
         self.stream = RedisIngress(redis_log, cfg.ingest_stream, consumer=node_name, count=cfg.ingest_batch,
                                    claim_idle_s=cfg.ingest_claim_idle_s) if cfg.ingest_stream else None
         self.dead_lettered = 0
@@ -111,7 +109,7 @@ class RedisIngest:
                     waits = result
         for entry, reason in bad:
             try:
-                await self._store.add_dead_letter(KIND, reason, json.dumps(entry.fields),
+                await self._ops.letters.add_dead_letter(KIND, reason, json.dumps(entry.fields),
                                                   {"stream": stream.stream, "entry_id": entry.entry_id})
             except OpError as exc:  # the store fails: the entry stays pending and comes again
                 waits = exc
@@ -151,7 +149,6 @@ async def serve_redis_ingest(
     cfg: RedisConfig,
     redis_log: RedisLog,
     ops: Operations,
-    store: Store,
     node_name: str,
     faults: Faults,
     *,
@@ -165,7 +162,7 @@ async def serve_redis_ingest(
     another type) is not retried — it ends that reader, counted and alerted by
     ``faults``, and the node goes on serving.
     """
-    ingest = RedisIngest(cfg, redis_log, ops, store, node_name)
+    ingest = RedisIngest(cfg, redis_log, ops, node_name)
     async with trio.open_nursery() as nursery:
         if ingest.stream is not None:
             stream = ingest.stream

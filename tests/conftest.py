@@ -41,7 +41,7 @@ import trio
 from aivad.config import Config, load_config, parse_config
 from aivad.daemon import Endpoints, run_daemon
 
-pytest_plugins = ["tests.broker_fixtures"]
+pytest_plugins = ["tests.broker_fixtures", "tests.cluster_fixtures"]
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -168,6 +168,13 @@ def fib(n: int) -> int:
     return a
 
 
+async def serve_fib(worker: RawWorker) -> None:
+    """Answer every task with the Fibonacci number of its payload, until cancelled."""
+    while True:
+        task = await worker.next_task()
+        await worker.result(task["task_id"], fib(int(task["payload"])))
+
+
 def amqp_section(cfg: AmqpConfig, **extra: Any) -> dict[str, Any]:
     keys = ("enabled", "url", "events_exchange", "events_queue", "tasks_exchange", "tasks_queue",
             "dead_letter_exchange", "dead_letter_queue", "reconnect_initial_s", "reconnect_max_s", "grace_s",
@@ -306,13 +313,7 @@ async def test_rpc_round_trip_with_the_pika_tutorial_client(rabbitmq: RabbitMQ, 
     async with amqp_daemon(tmp_dir, cfg) as daemon, connect(daemon.ws_url) as w, trio.open_nursery() as nursery:
         worker = RawWorker(w)
         await worker.hello(["fib"], concurrency=2)
-
-        async def serve() -> None:
-            while True:
-                task = await worker.next_task()
-                await worker.result(task["task_id"], fib(task["payload"]))
-
-        nursery.start_soon(serve)
+        nursery.start_soon(serve_fib, worker)
 
         def rpc() -> list[tuple[dict[str, Any], Any, str | None]]:
             client = FibonacciRpcClient(rabbitmq.url, cfg.tasks_exchange, "fib")
@@ -745,13 +746,7 @@ async def test_docs_amqp_examples_run(rabbitmq: RabbitMQ, tmp_dir: Path) -> None
             await sub.ok({"op": "subscribe", "pattern": "scan.#"})
             worker = RawWorker(w)
             await worker.hello(["fib"], concurrency=2)
-
-            async def serve() -> None:
-                while True:
-                    task = await worker.next_task()
-                    await worker.result(task["task_id"], fib(int(task["payload"])))
-
-            nursery.start_soon(serve)
+            nursery.start_soon(serve_fib, worker)
             with trio.fail_after(120):
                 out = await trio.to_thread.run_sync(run_example, examples["pika-publish"], rabbitmq.url)
                 assert out == "published\n"

@@ -16,8 +16,9 @@ import pika
 import trio
 
 from tests.brokers import RabbitMQ, Redis
+from tests.cluster_fixtures import Cluster
 from tests.test_amqp import _amqp_section, get_all, make_cfg, pika_channel, publish
-from tests.test_cluster import Cluster
+from tests.test_amqp_tasks import FibonacciRpcClient, RawWorker, fib, serve_fib
 from tests.wsclient import TestClient, connect
 
 
@@ -102,3 +103,39 @@ async def test_a_nodes_own_task_events_go_to_the_broker_once(rabbitmq: RabbitMQ,
             ch.queue_delete(watch)
         finally:
             conn.close()
+
+
+async def test_an_amqp_rpc_task_taken_by_any_node_is_served_by_a_worker_on_another_and_answered_once(
+        rabbitmq: RabbitMQ, redis_server: Redis) -> None:
+    """aivad.tasks consumed by both nodes; the only worker is on b: every call is answered, once."""
+    cfg = make_cfg(rabbitmq.url)
+    cluster = Cluster(redis_server, amqp=_amqp_section(cfg))
+    try:
+        a, b = cluster.node("a"), cluster.node("b")
+        with trio.fail_after(30):
+            while any(len(node.control({"cmd": "status"})["status"]["amqp"].get("consuming", {})) < 2
+                      or not all(node.control({"cmd": "status"})["status"]["amqp"]["consuming"].values())
+                      for node in (a, b)):
+                await trio.sleep(0.1)
+        async with connect(b.ws_url) as w, trio.open_nursery() as nursery:
+            worker = RawWorker(w)
+            await worker.hello(["fib"], concurrency=2)
+            nursery.start_soon(serve_fib, worker)
+
+            def rpc() -> list[dict[str, Any]]:
+                client = FibonacciRpcClient(rabbitmq.url, cfg.tasks_exchange, "fib")
+                try:
+                    return [client.call(n) for n in range(1, 11)]
+                finally:
+                    client.close()
+
+            with trio.fail_after(60):
+                replies = await trio.to_thread.run_sync(rpc)
+            nursery.cancel_scope.cancel()
+        assert [r["result"] for r in replies] == [fib(n) for n in range(1, 11)]
+        took = [node.control({"cmd": "status"})["status"]["amqp"]["tasks_submitted"] for node in (a, b)]
+        assert sum(took) == 10  # each call accepted once, by whichever node got it
+        sent = [node.control({"cmd": "status"})["status"]["amqp"]["replies"] for node in (a, b)]
+        assert sent == [0, 10]  # answered by the node that ended the task (b's worker), once
+    finally:
+        cluster.stop()

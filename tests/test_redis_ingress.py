@@ -18,8 +18,9 @@ import redis
 import trio
 
 from tests.brokers import Redis
+from tests.cluster_fixtures import Cluster
 from tests.conftest import free_port
-from tests.test_cluster import Cluster, messages_until
+from tests.test_cluster import messages_until
 from tests.wsclient import connect
 
 

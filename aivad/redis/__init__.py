@@ -8,6 +8,7 @@ docs/architecture.md "Redis client").
 * :mod:`.client` — settings, connections, the errors callers see, scripts, supervision;
 * :mod:`.lua` — every Lua script (each one atomic step in Redis);
 * :mod:`.log` — the cluster log: append (one seq, de-duplication), history, tail, retention, node heartbeats;
+* :mod:`.tasks` — the task book (one CAS script per change, with its events in the log) and dead letters;
 * :mod:`.ingress` — Redis ingress: a stream through a consumer group, pub/sub channels.
 
 Every key is ``<prefix>{log}:<name>`` (one hash slot), so a script may touch
@@ -46,6 +47,7 @@ from .log import (
     open_redis_log,
 )
 from .lua import APPEND_LUA, HEARTBEAT_LUA, LIVE_NODES_LUA, OPEN_LUA, TRIM_LUA
+from .tasks import RedisDeadLetters, RedisTaskBook, TaskChange, TaskRecord
 
 __all__ = [
     "APPEND_LUA",
@@ -64,14 +66,18 @@ __all__ = [
     "LogRewound",
     "LogTail",
     "NodeInfo",
+    "RedisDeadLetters",
     "RedisIngress",
     "RedisLog",
     "RedisLogError",
     "RedisLogStatistics",
     "RedisOverloaded",
     "RedisSettings",
+    "RedisTaskBook",
     "RedisUnavailable",
     "TailBatch",
+    "TaskChange",
+    "TaskRecord",
     "Trimmed",
     "envelope_from_channel",
     "envelope_from_entry",

@@ -351,6 +351,10 @@ class RedisLog:
             self._last_error = str(exc)
             raise
 
+    def op_deadline(self) -> contextlib.AbstractContextManager[trio.CancelScope]:
+        """The scope one Redis call runs in: ``op_timeout_s`` (then :class:`RedisUnavailable`)."""
+        return trio.fail_after(self.settings.op_timeout_s)
+
     def _saw(self, seq: int) -> None:
         if seq > self.last_seq:
             self.last_seq = seq

@@ -18,44 +18,69 @@ local function now_ms()
 end
 """
 
+#: The log's append step, shared by the scripts that append (a task's change appends its events
+#: in the same atomic step): the epoch and rewind check, the clock, one entry.
+_LOG_FNS = """
+local function log_check(meta, epoch, seen)
+  local current = redis.call('HGET', meta, 'epoch')
+  if current ~= epoch then
+    return 'AIVADEPOCH ' .. (current or '')
+  end
+  local counter = tonumber(redis.call('HGET', meta, 'seq') or '0')
+  if counter < tonumber(seen) then
+    return 'AIVADREWOUND ' .. string.format('%d', counter)
+  end
+  return nil
+end
+-- the stored-at time (ms, server clock), never below the last one stored
+local function log_clock(meta)
+  local tm = redis.call('TIME')
+  local t = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
+  local last_t = tonumber(redis.call('HGET', meta, 't') or '0')
+  if t < last_t then t = last_t end
+  return t, last_t
+end
+-- one message: its new seq, or its original seq negated when message_id is known
+local function log_add(meta, stream, ids, ts, mid, mtype, body)
+  local known = redis.call('ZSCORE', ids, mid)
+  if known then
+    return -tonumber(known)
+  end
+  local seq = redis.call('HINCRBY', meta, 'seq', 1)
+  redis.call('XADD', stream, string.format('%d-0', seq), 't', ts, 'type', mtype, 'd', body)
+  redis.call('ZADD', ids, seq, mid)
+  return seq
+end
+local function log_stored(meta, t, last_t)
+  if t ~= last_t then
+    redis.call('HSET', meta, 't', string.format('%d', t))
+  end
+end
+"""
+
 #: KEYS meta, stream, ids. ARGV expected epoch, the newest seq the caller has seen, then
 #: (message_id, type, envelope JSON) per message.
 #: Returns per message its seq, negated when it is a duplicate (the original's seq).
-APPEND_LUA = """#!lua
+APPEND_LUA = "#!lua\n" + _LOG_FNS + """
 local meta, stream, ids = KEYS[1], KEYS[2], KEYS[3]
-local epoch = redis.call('HGET', meta, 'epoch')
-if epoch ~= ARGV[1] then
-  return redis.error_reply('AIVADEPOCH ' .. (epoch or ''))
-end
-local counter = tonumber(redis.call('HGET', meta, 'seq') or '0')
-if counter < tonumber(ARGV[2]) then
-  return redis.error_reply('AIVADREWOUND ' .. string.format('%d', counter))
+local err = log_check(meta, ARGV[1], ARGV[2])
+if err then
+  return redis.error_reply(err)
 end
 if (#ARGV - 2) % 3 ~= 0 then
   return redis.error_reply('ERR aivad append: arguments must come in threes')
 end
-local tm = redis.call('TIME')
-local t = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
-local last_t = tonumber(redis.call('HGET', meta, 't') or '0')
-if t < last_t then t = last_t end
+local t, last_t = log_clock(meta)
 local ts = string.format('%d', t)
 local out = {}
 local stored = 0
 for i = 3, #ARGV, 3 do
-  local mid = ARGV[i]
-  local known = redis.call('ZSCORE', ids, mid)
-  if known then
-    out[#out + 1] = -tonumber(known)
-  else
-    local seq = redis.call('HINCRBY', meta, 'seq', 1)
-    redis.call('XADD', stream, string.format('%d-0', seq), 't', ts, 'type', ARGV[i + 1], 'd', ARGV[i + 2])
-    redis.call('ZADD', ids, seq, mid)
-    out[#out + 1] = seq
-    stored = stored + 1
-  end
+  local seq = log_add(meta, stream, ids, ts, ARGV[i], ARGV[i + 1], ARGV[i + 2])
+  out[#out + 1] = seq
+  if seq > 0 then stored = stored + 1 end
 end
-if stored > 0 and t ~= last_t then
-  redis.call('HSET', meta, 't', ts)
+if stored > 0 then
+  log_stored(meta, t, last_t)
 end
 return out
 """
@@ -177,4 +202,94 @@ if #names > 0 then
   end
 end
 return out
+"""
+
+#: A task's changes, each one compare-and-set on the task's version, with the task's events
+#: appended to the log in the same atomic step: a task ends once however many nodes race to
+#: end it, and its end is in the history exactly when it is in the task book.
+#: KEYS meta, stream, ids, records, versions, open, running, ended, dlq.
+#: ARGV expected epoch, the newest seq the caller has seen, how many ended records to keep,
+#: then per change: task_id, expected version ('' = a new task), record JSON, open
+#: ('+' add, '-' remove and count as ended, '=' keep), owner (node name, '' none, '=' keep),
+#: dead letter ('' none, '+JSON' add, '-ID' take: the change happens only if it was there),
+#: the key of the task's group index ('' none: a task queued with '+' is added to it; a
+#: group index lives 7 days after its last task was queued), the number of events n, then
+#: n × (message_id, type, envelope JSON).
+#: Returns per change its new version, or the current version negated when the CAS failed
+#: (0: no such task).
+TASK_CHANGE_LUA = "#!lua\n" + _LOG_FNS + """
+local meta, stream, ids, records, versions = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local open, running, ended, dlq = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local err = log_check(meta, ARGV[1], ARGV[2])
+if err then
+  return redis.error_reply(err)
+end
+local kept = tonumber(ARGV[3])
+local t, last_t = log_clock(meta)
+local ts = string.format('%d', t)
+local out = {}
+local stored = 0
+local i = 4
+while i <= #ARGV do
+  local id, expected, record = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local open_op, owner, letter, group = ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
+  local first = i + 8
+  i = first + 3 * tonumber(ARGV[i + 7])
+  local current = tonumber(redis.call('HGET', versions, id) or '0')
+  local ok
+  if expected == '' then ok = current == 0 else ok = current > 0 and tonumber(expected) == current end
+  if ok and string.sub(letter, 1, 1) == '-' then
+    ok = redis.call('XDEL', dlq, string.sub(letter, 2) .. '-0') == 1
+  end
+  if ok then
+    current = current + 1
+    redis.call('HSET', versions, id, string.format('%d', current))
+    redis.call('HSET', records, id, record)
+    if open_op == '+' then
+      redis.call('ZADD', open, t, id)
+      redis.call('ZREM', ended, id)
+      if group ~= '' then
+        redis.call('ZADD', group, 'NX', t, id)
+        redis.call('PEXPIRE', group, 604800000)
+      end
+    elseif open_op == '-' then
+      redis.call('ZREM', open, id)
+      redis.call('ZADD', ended, t, id)
+    end
+    if owner == '' then
+      redis.call('HDEL', running, id)
+    elseif owner ~= '=' then
+      redis.call('HSET', running, id, owner)
+    end
+    if string.sub(letter, 1, 1) == '+' then
+      local letter_id = redis.call('HINCRBY', meta, 'dlq', 1)
+      redis.call('XADD', dlq, string.format('%d-0', letter_id), 'd', string.sub(letter, 2))
+    end
+    for j = first, i - 1, 3 do
+      if log_add(meta, stream, ids, ts, ARGV[j], ARGV[j + 1], ARGV[j + 2]) > 0 then stored = stored + 1 end
+    end
+    out[#out + 1] = current
+  else
+    out[#out + 1] = -current
+  end
+end
+if stored > 0 then
+  log_stored(meta, t, last_t)
+end
+-- ended tasks beyond what is kept: the oldest go, a few per call (each call stays short)
+local over = redis.call('ZCARD', ended) - kept
+if over > 0 then
+  local gone = redis.call('ZRANGE', ended, 0, math.min(over, 100) - 1)
+  redis.call('ZREM', ended, unpack(gone))
+  redis.call('HDEL', records, unpack(gone))
+  redis.call('HDEL', versions, unpack(gone))
+end
+return out
+"""
+
+#: KEYS meta, dlq. ARGV the dead letter's JSON. Returns its id.
+DEAD_LETTER_ADD_LUA = """#!lua
+local letter_id = redis.call('HINCRBY', KEYS[1], 'dlq', 1)
+redis.call('XADD', KEYS[2], string.format('%d-0', letter_id), 'd', ARGV[1])
+return letter_id
 """

@@ -1,0 +1,185 @@
+"""Tasks across a cluster's nodes (DESIGN §5): real Redis, real ``aivad serve`` nodes, real workers.
+
+A task accepted on one node reaches a worker on another; status, collect,
+request and the dead-letter queue answer the same on every node; a node killed
+with ``kill -9`` while its workers hold tasks: they run again on a live node
+and each ends exactly once (counted in the cluster's history).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from typing import Any
+
+import redis
+import trio
+
+from tests.cluster_fixtures import Cluster
+from tests.wsclient import TestClient, connect
+
+
+async def _hello(worker: TestClient, types: list[str], concurrency: int = 1) -> None:
+    await worker.ok({"op": "worker.hello", "types": types, "concurrency": concurrency})
+
+
+async def _next_task(worker: TestClient, timeout_s: float = 20) -> dict[str, Any]:
+    with trio.fail_after(timeout_s):
+        while (frame := await worker.receive()).get("op") != "task":
+            pass
+    return dict(frame["task"])
+
+
+async def _serve(worker: TestClient, n: int, answer: Any = None) -> list[dict[str, Any]]:
+    """Take ``n`` tasks and answer each with its payload squared (or ``answer``)."""
+    taken = []
+    for _ in range(n):
+        task = await _next_task(worker)
+        taken.append(task)
+        result = task["payload"] ** 2 if answer is None else answer
+        await worker.send({"op": "task.result", "task_id": task["task_id"], "result": result})
+    return taken
+
+
+async def _task_history(client: TestClient, task_ids: set[str]) -> list[dict[str, Any]]:
+    """Every task.* event of these tasks in the cluster's history, in seq order."""
+    events, since = [], 0
+    while True:
+        page = await client.ok({"op": "history", "pattern": "task.#", "after": since, "limit": 1000})
+        events += [m for m in page["messages"] if m["payload"]["task_id"] in task_ids]
+        if page["last_seq"] == since:
+            return events
+        since = page["last_seq"]
+
+
+async def test_a_request_sent_to_one_node_is_served_by_a_worker_on_another(cluster: Cluster) -> None:
+    a, b = cluster.node("a"), cluster.node("b")
+    async with connect(b.ws_url) as worker, connect(a.ws_url) as caller, connect(b.ws_url) as other:
+        await _hello(worker, ["sq"])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_serve, worker, 3)
+            for i in (2, 3, 4):
+                reply = await caller.ok({"op": "request", "type": "sq", "payload": i, "timeout_s": 20})
+                assert reply["result"] == i * i
+        task_id = reply["task_id"]
+        # status and collect answer the same on the node that took it and on the worker's node
+        for client in (caller, other):
+            status = await client.ok({"op": "task.status", "task_id": task_id})
+            assert (status["state"], status["result"]) == ("completed", 16)
+            collected = await client.ok({"op": "collect", "task_ids": [task_id], "timeout_s": 1})
+            assert collected["completed"] == {task_id: 16}
+
+
+async def test_collect_on_one_node_waits_for_ends_on_another(cluster: Cluster) -> None:
+    a, b = cluster.node("a"), cluster.node("b")
+    async with connect(a.ws_url) as worker, connect(b.ws_url) as caller:
+        await _hello(worker, ["sq"], concurrency=4)
+        ids = [(await caller.ok({"op": "dispatch", "type": "sq", "payload": i, "group_id": "g1"}))["task_id"]
+               for i in range(4)]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_serve, worker, 4)
+            collected = await caller.ok({"op": "collect", "group_id": "g1", "timeout_s": 20})
+        assert collected["reason"] == "all_done"
+        assert collected["completed"] == {task_id: i * i for i, task_id in enumerate(ids)}
+
+
+async def test_dead_letters_are_the_clusters_and_replay_from_any_node(cluster: Cluster) -> None:
+    a, b = cluster.node("a"), cluster.node("b")
+    async with connect(a.ws_url) as worker, connect(b.ws_url) as caller:
+        await _hello(worker, ["bad"])
+        task_id = (await caller.ok({"op": "dispatch", "type": "bad", "payload": 1, "max_attempts": 1}))["task_id"]
+        task = await _next_task(worker)
+        await worker.send({"op": "task.fail", "task_id": task["task_id"], "error": "nope", "retryable": False})
+        with trio.fail_after(20):
+            while not (letters := b.control({"cmd": "dlq.list", "kind": "task"})["dead_letters"]):
+                await trio.sleep(0.1)
+        shown = a.control({"cmd": "dlq.show", "id": letters[0]["id"]})["dead_letter"]
+        assert shown["detail"]["task_id"] == task_id and shown["reason"] == "failed: not retryable"
+        assert a.control({"cmd": "dlq.list"})["dead_letters"] == letters  # one queue, every node
+        assert b.control({"cmd": "dlq.replay", "id": letters[0]["id"]})["replayed"] == [task_id]
+        again = await _next_task(worker)  # the worker's node learns of the replay from the log
+        assert again["task_id"] == task_id
+        await worker.send({"op": "task.result", "task_id": task_id, "result": "fine"})
+        with trio.fail_after(20):
+            while (await caller.ok({"op": "task.status", "task_id": task_id}))["state"] != "completed":
+                await trio.sleep(0.1)
+        assert a.control({"cmd": "dlq.list"})["dead_letters"] == []
+
+
+async def test_tasks_of_a_node_killed_mid_attempt_run_again_elsewhere_and_end_once(cluster: Cluster) -> None:
+    a, b = cluster.node("a"), cluster.node("b")
+    n = 6
+    async with connect(a.ws_url) as caller:
+        async with connect(b.ws_url) as doomed:
+            await _hello(doomed, ["job"], concurrency=n)
+            ids = {(await caller.ok({"op": "dispatch", "type": "job", "payload": i, "max_attempts": 3}))["task_id"]
+                   for i in range(n)}
+            held = [await _next_task(doomed) for _ in range(n)]  # every task in flight on b, none answered
+            assert {t["task_id"] for t in held} == ids
+            b.kill()  # kill -9: no drain, nothing handed back
+        async with connect(a.ws_url) as survivor:
+            await _hello(survivor, ["job"], concurrency=n)
+            taken = await _serve(survivor, n)
+        assert {t["task_id"] for t in taken} == ids and all(t["attempt"] == 2 for t in taken)
+        with trio.fail_after(20):
+            while True:
+                statuses = [await caller.ok({"op": "task.status", "task_id": t}) for t in ids]
+                if all(s["state"] == "completed" for s in statuses):
+                    break
+                await trio.sleep(0.1)
+        events = await _task_history(caller, ids)
+    ends = collections.Counter(e["payload"]["task_id"] for e in events if e["type"] == "task.completed")
+    assert ends == dict.fromkeys(ids, 1)  # each ended exactly once
+    lost = [e for e in events if e["type"] == "task.failed"]
+    assert len(lost) == n and {e["payload"]["reason"] for e in lost} == {"worker_lost"}
+
+
+async def test_two_nodes_race_for_tasks_and_each_runs_once(cluster: Cluster) -> None:
+    a, b = cluster.node("a"), cluster.node("b")
+    n = 40
+    async with connect(a.ws_url) as on_a, connect(b.ws_url) as on_b, connect(a.ws_url) as caller:
+        await _hello(on_a, ["race"], concurrency=4)
+        await _hello(on_b, ["race"], concurrency=4)
+        got: dict[str, list[dict[str, Any]]] = {"a": [], "b": []}
+
+        async def work(name: str, worker: TestClient) -> None:
+            while True:
+                task = await _next_task(worker, timeout_s=60)
+                got[name].append(task)
+                await worker.send({"op": "task.result", "task_id": task["task_id"], "result": 0})
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(work, "a", on_a)
+            nursery.start_soon(work, "b", on_b)
+            ids = [(await caller.ok({"op": "dispatch", "type": "race", "payload": i}))["task_id"] for i in range(n)]
+            collected = await caller.ok({"op": "collect", "task_ids": ids, "timeout_s": 30})
+            nursery.cancel_scope.cancel()
+    assert collected["reason"] == "all_done", collected["pending"]
+    runs = collections.Counter(t["task_id"] for t in got["a"] + got["b"])
+    assert runs == dict.fromkeys(ids, 1)  # no task ran twice
+
+
+async def test_foreign_task_records_in_redis_are_skipped_and_the_nodes_serve_on(cluster: Cluster) -> None:
+    """What another writer leaves in the task book (garbage JSON, a wrong spec, a forged event) is
+    skipped by every node: they start, count it and serve the real tasks."""
+    client = redis.Redis.from_url(cluster.redis.url)
+    key = f"{cluster.prefix}{{log}}:"
+    bad = {"junk-1": b"{not json", "junk-2": json.dumps({"spec": {"task_id": "junk-2"}, "state": "queued"}),
+           "junk-3": json.dumps({"spec": {"task_id": 3, "type": []}, "state": "nope", "attempts": "x"})}
+    client.hset(key + "task", mapping=bad)
+    client.hset(key + "task-v", mapping=dict.fromkeys(bad, 1))
+    client.zadd(key + "task-open", dict.fromkeys(bad, 1))
+    a, b = cluster.node("a"), cluster.node("b")
+    async with connect(b.ws_url) as worker, connect(a.ws_url) as caller:
+        # a forged task event for a garbage record: the nodes read the record and skip it
+        await caller.publish("task.created", {"task_id": "junk-1", "type": "sq"})
+        await _hello(worker, ["sq"])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_serve, worker, 1)
+            reply = await caller.ok({"op": "request", "type": "sq", "payload": 5, "timeout_s": 20})
+        assert reply["result"] == 25
+        refused = await caller.request({"op": "task.status", "task_id": "junk-2"})
+        assert refused["code"] == "not_found"
+    for node in (a, b):
+        assert node.control({"cmd": "status"})["ok"] and "skipped the record" in node.log()
+
