@@ -37,7 +37,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import attrs
 import trio
@@ -52,6 +52,7 @@ from .dispatcher import (
     Settlement,
     TaskState,
     TaskView,
+    Worker,
     _event,
 )
 from .envelope import Envelope, now_rfc3339
@@ -68,6 +69,15 @@ log = logging.getLogger(__name__)
 _ENDED = ("completed", "dead")
 #: how long a task whose claim Redis did not answer waits before it is tried again
 _CLAIM_RETRY_S = 1.0
+
+
+class _RemoteWorker:
+    """A worker of another node on an affinity ring: never free here — its own node claims its keys' tasks."""
+
+    free = 0
+
+    def __init__(self, worker_id: str) -> None:
+        self.worker_id = worker_id
 
 
 class _Submitted:
@@ -107,6 +117,9 @@ class ClusterDispatcher(Dispatcher):
         self._locks: dict[str, trio.Lock] = {}
         #: copy this node's task events into the local store (for the AMQP bridge's outbox)
         self.copy_events = False
+        #: the other nodes' affinity workers by type, and the heartbeat list they were read from
+        self._affinity: dict[str, tuple[str, ...]] = {}
+        self._affinity_seen_nodes: object = None
 
     # ---- the task book ------------------------------------------------------------------
 
@@ -166,6 +179,37 @@ class ClusterDispatcher(Dispatcher):
             return await self._book.change(changes)
         except RedisLogError as exc:
             raise OpError("overloaded", f"the task book (Redis) is unreachable now: {exc}") from None
+
+    # ---- affinity across nodes ----------------------------------------------------------------
+
+    def _ring(self, task_type: str) -> tuple[list[int], list[Worker]]:
+        self._remote_affinity()  # drops the rings whose remote workers changed since they were built
+        return super()._ring(task_type)
+
+    def _ring_members(self, task_type: str) -> list[Worker]:
+        """This node's workers and, from the other nodes' heartbeats, theirs: the ring is the cluster's."""
+        remote = self._remote_affinity().get(task_type, ())
+        return [*super()._ring_members(task_type), *(cast(Worker, _RemoteWorker(w)) for w in remote)]
+
+    def _remote_affinity(self) -> dict[str, tuple[str, ...]]:
+        """type → the other nodes' affinity workers, as their last heartbeats say (rings rebuilt on a change)."""
+        nodes = self._cluster.nodes
+        if nodes is not self._affinity_seen_nodes:
+            self._affinity_seen_nodes = nodes
+            remote: dict[str, list[str]] = {}
+            for node in nodes:
+                affinity = node.info.get("affinity")
+                if node.name == self.node_name or not isinstance(affinity, dict):
+                    continue
+                for task_type, ids in affinity.items():
+                    if isinstance(ids, list):
+                        remote.setdefault(str(task_type), []).extend(str(i) for i in ids[:self.cfg.max_workers])
+            fresh = {t: tuple(sorted(ids)) for t, ids in remote.items()}
+            for task_type in set(fresh) | set(self._affinity):
+                if fresh.get(task_type) != self._affinity.get(task_type):
+                    self._rings.pop(task_type, None)
+            self._affinity = fresh
+        return self._affinity
 
     # ---- submitting ------------------------------------------------------------------------
 

@@ -282,7 +282,9 @@ class Daemon:
         """What this node's heartbeat says of it (``status`` → ``cluster.nodes``)."""
         ws = self.websocket.statistics() if hasattr(self, "websocket") else None
         return {"connections": ws.connections if ws else 0, "subscriptions": ws.subscriptions if ws else 0,
-                "workers": len(self.dispatcher.workers) if hasattr(self, "dispatcher") else 0}
+                "workers": len(self.dispatcher.workers) if hasattr(self, "dispatcher") else 0,
+                # other nodes put these on their affinity rings: one key, one worker of the cluster
+                "affinity": self.dispatcher.affinity_workers() if hasattr(self, "dispatcher") else {}}
 
     def dead_letter_alert(self, view: TaskView) -> None:
         if view.state == "dead":

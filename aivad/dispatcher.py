@@ -383,10 +383,21 @@ class Dispatcher:
         ring = self._rings.get(task_type)
         if ring is None:
             points = sorted(
-                (_hash(f"{w.worker_id}#{i}"), w) for w in self._by_type.get(task_type, []) for i in range(_VNODES)
+                ((_hash(f"{w.worker_id}#{i}"), w) for w in self._ring_members(task_type) for i in range(_VNODES)),
+                key=lambda point: point[0],
             )
             ring = self._rings[task_type] = ([p for p, _ in points], [w for _, w in points])
         return ring
+
+    def _ring_members(self, task_type: str) -> list[Worker]:
+        """The workers on the affinity ring of ``task_type``: this dispatcher's eligible ones."""
+        return list(self._by_type.get(task_type, []))
+
+    def affinity_workers(self) -> dict[str, list[str]]:
+        """The ids of the eligible workers of each affinity-dispatched type (a cluster node's heartbeat says them)."""
+        strategies, default = self.cfg.strategies, self.cfg.default_strategy
+        return {t: [w.worker_id for w in workers] for t, workers in self._by_type.items()
+                if workers and strategies.get(t, default) == "affinity"}
 
     def _pick(self, task: TaskState) -> Worker | None:
         """The worker for ``task`` by its type's strategy, or None (the task keeps waiting)."""

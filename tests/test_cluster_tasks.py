@@ -16,6 +16,7 @@ import redis
 import trio
 
 from tests.cluster_fixtures import Cluster
+from tests.conftest import poll_until
 from tests.wsclient import TestClient, connect
 
 
@@ -183,3 +184,37 @@ async def test_foreign_task_records_in_redis_are_skipped_and_the_nodes_serve_on(
     for node in (a, b):
         assert node.control({"cmd": "status"})["ok"] and "skipped the record" in node.log()
 
+
+
+async def test_affinity_holds_across_nodes(cluster: Cluster) -> None:
+    """With the affinity strategy, one key's tasks go to one worker of the cluster, whichever node it is on."""
+    strategy = {"tasks": {"default_strategy": "affinity"}}
+    a, b = cluster.node("a", **strategy), cluster.node("b", **strategy)
+    async with connect(a.ws_url) as on_a, connect(b.ws_url) as on_b, connect(a.ws_url) as caller:
+        await _hello(on_a, ["aff"], concurrency=8)
+        await _hello(on_b, ["aff"], concurrency=8)
+        poll_until(lambda: all(sum(n.get("workers", 0) for n in node.control({"cmd": "status"})["status"]
+                                   ["cluster"]["nodes"]) == 2 for node in (a, b)), 20, "both workers seen by both")
+        await trio.sleep(1.5)  # a heartbeat round more: each node's ring has the other's worker
+        keys = [f"k{i}" for i in range(12)]
+        ids = {}
+        for round_ in range(3):
+            for key in keys:
+                reply = await caller.ok({"op": "dispatch", "type": "aff", "payload": round_, "affinity_key": key})
+                ids[reply["task_id"]] = key
+        got: dict[str, set[str]] = collections.defaultdict(set)
+
+        async def work(name: str, worker: TestClient) -> None:
+            while True:
+                task = await _next_task(worker, timeout_s=60)
+                got[ids[task["task_id"]]].add(name)
+                await worker.send({"op": "task.result", "task_id": task["task_id"], "result": 0})
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(work, "a", on_a)
+            nursery.start_soon(work, "b", on_b)
+            collected = await caller.ok({"op": "collect", "task_ids": list(ids), "timeout_s": 30})
+            nursery.cancel_scope.cancel()
+    assert collected["reason"] == "all_done", collected["pending"]
+    assert all(len(names) == 1 for names in got.values()), dict(got)  # one worker per key
+    assert {name for names in got.values() for name in names} == {"a", "b"}  # and both nodes' workers serve
