@@ -69,6 +69,9 @@ log = logging.getLogger(__name__)
 _ENDED = ("completed", "dead")
 #: how long a task whose claim Redis did not answer waits before it is tried again
 _CLAIM_RETRY_S = 1.0
+#: an outcome Redis did not take is sent again after this, doubling up to _RETRY_MAX_S
+_RETRY_INITIAL_S = 0.25
+_RETRY_MAX_S = 5.0
 
 
 class _RemoteWorker:
@@ -272,8 +275,19 @@ class ClusterDispatcher(Dispatcher):
                                         "error": settlement.error})
         record = self._record(task, state, result=settlement.result, error=settlement.error,
                               delay=settlement.delay)
-        if not await self._change(task, record, settlement.events, open="-" if state in _ENDED else "=", owner="",
-                                  letter=letter, ended=settlement.ended):
+        delay = _RETRY_INITIAL_S
+        while True:  # the outcome is known: kept until Redis takes it (else the task would run again)
+            try:
+                stored = await self._change(task, record, settlement.events, open="-" if state in _ENDED else "=",
+                                            owner="", letter=letter, ended=settlement.ended)
+                break
+            except OpError as exc:
+                if exc.code != "overloaded":
+                    raise
+                log.warning("task %s: its %s waits for Redis: %s", task.spec.task_id[:64], state, exc.message)
+                await trio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX_S)
+        if not stored:
             log.info("task %s: ended or taken over elsewhere first; this outcome (%s) is dropped",
                      task.spec.task_id[:64], state)
             return False
@@ -381,11 +395,15 @@ class ClusterDispatcher(Dispatcher):
 
     async def _reap_loop(self, interval_s: float) -> NoReturn:
         """Retry the attempts of nodes whose heartbeat expired (any node may; the CAS lets one do it)."""
+        quiet_since = trio.current_time()
         while True:
             await trio.sleep(interval_s)
             live = {node.name for node in self._cluster.nodes}
             if self._cluster.failure is not None or self.node_name not in live:
+                quiet_since = trio.current_time()
                 continue  # this node's own view of the cluster is not current
+            if trio.current_time() - quiet_since < 3 * interval_s:
+                continue  # after Redis was away every node's heartbeat had lapsed: let them all beat again
             try:
                 orphans = [t for t, owner in (await self._book.running()).items() if owner not in live]
                 records = await self._book.records(orphans) if orphans else {}

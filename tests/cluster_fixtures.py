@@ -1,4 +1,5 @@
-"""pytest plugin: a cluster of real ``aivad serve`` nodes on the session's Redis (``cluster``).
+"""pytest plugin: a cluster of real ``aivad serve`` nodes on the session's Redis (``cluster``), and a
+redis-server of a test's own to restart (``own_redis``).
 
 Each test gets its own key prefix, so tests share the Redis server without sharing a cluster;
 each node its own ports and temp dir, and a heartbeat every 0.5 s (a killed node is noticed fast).
@@ -47,3 +48,13 @@ def cluster(redis_server: Redis) -> Iterator[Cluster]:
         yield made
     finally:
         made.stop()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[Redis]:
+    """A redis-server of this test's own (it gets restarted or flushed), with an AOF."""
+    server = Redis(appendonly=True, appendfsync="always").start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,14 +97,6 @@ async def test_status_shows_every_live_node(cluster: Cluster) -> None:
             await trio.sleep(0.1)
 
 
-@pytest.fixture
-def own_redis() -> Iterator[Redis]:
-    """A redis-server of this test's own (it gets restarted or flushed), with an AOF."""
-    server = Redis(appendonly=True, appendfsync="always").start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def _publish_all(url: str, n: int, start: int, acked: list[int], topic: str = "load.x") -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import redis
 import trio
 
+from tests.brokers import Redis
 from tests.cluster_fixtures import Cluster
 from tests.conftest import poll_until
 from tests.wsclient import TestClient, connect
@@ -218,3 +219,35 @@ async def test_affinity_holds_across_nodes(cluster: Cluster) -> None:
     assert collected["reason"] == "all_done", collected["pending"]
     assert all(len(names) == 1 for names in got.values()), dict(got)  # one worker per key
     assert {name for names in got.values() for name in names} == {"a", "b"}  # and both nodes' workers serve
+
+
+async def test_redis_restarted_while_tasks_run_loses_no_outcome(own_redis: Redis) -> None:
+    """Results reported while Redis is away wait on their node and are stored when it is back:
+    every task ends once, after one attempt; no new task is accepted meanwhile (``overloaded``)."""
+    cluster = Cluster(own_redis)
+    try:
+        a, b = cluster.node("a"), cluster.node("b")
+        n = 5
+        async with connect(b.ws_url) as worker, connect(a.ws_url) as caller:
+            await _hello(worker, ["job"], concurrency=n)
+            ids = {(await caller.ok({"op": "dispatch", "type": "job", "payload": i}))["task_id"] for i in range(n)}
+            held = [await _next_task(worker) for _ in range(n)]
+            await trio.to_thread.run_sync(own_redis.stop_server)
+            for task in held:
+                await worker.send({"op": "task.result", "task_id": task["task_id"], "result": task["payload"]})
+            refused = await caller.request({"op": "dispatch", "type": "job", "payload": 99})
+            assert refused["code"] == "overloaded"
+            await trio.sleep(1.0)  # the results wait on b, several retries long
+            await trio.to_thread.run_sync(own_redis.start)
+            with trio.fail_after(30):
+                while True:
+                    statuses = [await caller.ok({"op": "task.status", "task_id": t}) for t in ids]
+                    if all(s["state"] == "completed" for s in statuses):
+                        break
+                    await trio.sleep(0.2)
+            assert {s["attempts"] for s in statuses} == {1}
+            events = await _task_history(caller, ids)
+        ends = collections.Counter(e["payload"]["task_id"] for e in events if e["type"] == "task.completed")
+        assert ends == dict.fromkeys(ids, 1)
+    finally:
+        cluster.stop()
