@@ -54,6 +54,21 @@ async def _task_history(client: TestClient, task_ids: set[str]) -> list[dict[str
         since = page["last_seq"]
 
 
+async def _all_completed(client: TestClient, task_ids: set[str], timeout_s: float = 30) -> list[dict[str, Any]]:
+    """Poll ``task.status`` until every task is completed; their statuses."""
+    with trio.fail_after(timeout_s):
+        while True:
+            statuses = [await client.ok({"op": "task.status", "task_id": t}) for t in task_ids]
+            if all(s["state"] == "completed" for s in statuses):
+                return statuses
+            await trio.sleep(0.1)
+
+
+def _ends(events: list[dict[str, Any]]) -> collections.Counter[str]:
+    """How many times each task completed, by the cluster's history."""
+    return collections.Counter(e["payload"]["task_id"] for e in events if e["type"] == "task.completed")
+
+
 async def test_a_request_sent_to_one_node_is_served_by_a_worker_on_another(cluster: Cluster) -> None:
     a, b = cluster.node("a"), cluster.node("b")
     async with connect(b.ws_url) as worker, connect(a.ws_url) as caller, connect(b.ws_url) as other:
@@ -123,15 +138,9 @@ async def test_tasks_of_a_node_killed_mid_attempt_run_again_elsewhere_and_end_on
             await _hello(survivor, ["job"], concurrency=n)
             taken = await _serve(survivor, n)
         assert {t["task_id"] for t in taken} == ids and all(t["attempt"] == 2 for t in taken)
-        with trio.fail_after(20):
-            while True:
-                statuses = [await caller.ok({"op": "task.status", "task_id": t}) for t in ids]
-                if all(s["state"] == "completed" for s in statuses):
-                    break
-                await trio.sleep(0.1)
+        await _all_completed(caller, ids)
         events = await _task_history(caller, ids)
-    ends = collections.Counter(e["payload"]["task_id"] for e in events if e["type"] == "task.completed")
-    assert ends == dict.fromkeys(ids, 1)  # each ended exactly once
+    assert _ends(events) == dict.fromkeys(ids, 1)  # each ended exactly once
     lost = [e for e in events if e["type"] == "task.failed"]
     assert len(lost) == n and {e["payload"]["reason"] for e in lost} == {"worker_lost"}
 
@@ -239,15 +248,9 @@ async def test_redis_restarted_while_tasks_run_loses_no_outcome(own_redis: Redis
             assert refused["code"] == "overloaded"
             await trio.sleep(1.0)  # the results wait on b, several retries long
             await trio.to_thread.run_sync(own_redis.start)
-            with trio.fail_after(30):
-                while True:
-                    statuses = [await caller.ok({"op": "task.status", "task_id": t}) for t in ids]
-                    if all(s["state"] == "completed" for s in statuses):
-                        break
-                    await trio.sleep(0.2)
+            statuses = await _all_completed(caller, ids)
             assert {s["attempts"] for s in statuses} == {1}
             events = await _task_history(caller, ids)
-        ends = collections.Counter(e["payload"]["task_id"] for e in events if e["type"] == "task.completed")
-        assert ends == dict.fromkeys(ids, 1)
+        assert _ends(events) == dict.fromkeys(ids, 1)
     finally:
         cluster.stop()
