@@ -71,6 +71,14 @@ _ENDED = ("completed", "dead")
 _CLAIM_RETRY_S = 1.0
 #: an outcome Redis did not take is sent again after this, doubling up to _RETRY_MAX_S
 _RETRY_INITIAL_S = 0.25
+#: the task events after which the task's record is read: the task is queued (new, again, due
+#: later) or ended. The others (dispatched, started, progress, failed) change nothing another
+#: node acts on — a node that tries to claim a task it still thinks queued loses the CAS and
+#: reads the record then. (Events are read as hints only: anyone with publish rights can send
+#: a ``task.completed``; the record decides.)
+_READ_AFTER = frozenset({"task.created", "task.retrying", "task.completed", "task.dead_lettered"})
+#: own events remembered for the tail to skip, at most
+_OWN_REMEMBERED = 100_000
 _RETRY_MAX_S = 5.0
 
 
@@ -120,6 +128,8 @@ class ClusterDispatcher(Dispatcher):
         self._locks: dict[str, trio.Lock] = {}
         #: copy this node's task events into the local store (for the AMQP bridge's outbox)
         self.copy_events = False
+        #: message_ids of this node's own task events the tail has not brought back yet
+        self._own: dict[str, bool] = {}
         #: the other nodes' affinity workers by type, and the heartbeat list they were read from
         self._affinity: dict[str, tuple[str, ...]] = {}
         self._affinity_seen_nodes: object = None
@@ -145,6 +155,7 @@ class ClusterDispatcher(Dispatcher):
                     [TaskChange(task.spec.task_id, task.version, record, _rows(events), open, owner, letter)])
                 if version > 0:
                     task.version = version
+                    self._remember_own([e.message_id for e in events])
                     await self._copy_local(events, ended)
                     return True
         finally:
@@ -176,6 +187,13 @@ class ClusterDispatcher(Dispatcher):
             pass  # draining
         except OpError as exc:
             log.error("cluster tasks: the local copy of a task's change failed: %s", exc.message)
+
+    def _remember_own(self, message_ids: Sequence[str]) -> None:
+        """The events of a change this node made: the tail skips them (no record read for them)."""
+        for message_id in message_ids:
+            self._own[message_id] = True
+        while len(self._own) > _OWN_REMEMBERED:  # a tail that missed some (a gap): forget the oldest
+            del self._own[next(iter(self._own))]
 
     async def _book_change(self, changes: Sequence[TaskChange]) -> list[int]:
         try:
@@ -231,7 +249,9 @@ class ClusterDispatcher(Dispatcher):
         ]
         versions = await self._book_change(changes)
         results = []
-        for task, version in zip(fresh, versions, strict=True):
+        for task, version, change in zip(fresh, versions, changes, strict=True):
+            if version > 0:
+                self._remember_own([mid for mid, _, _ in change.events])
             if version > 0 and task.spec.task_id not in self.tasks:
                 task.version = version
                 self._track(task)
@@ -306,13 +326,16 @@ class ClusterDispatcher(Dispatcher):
     def log_committed(self, messages: list[StoredMessage]) -> None:
         """The cluster log's tail hook: note the tasks whose records changed (read by :meth:`_refresh_loop`)."""
         for message in messages:
-            if not message.type.startswith("task."):
+            if message.type not in _READ_AFTER:
                 continue
             try:
-                payload = json.loads(message.json)["payload"]
+                envelope = json.loads(message.json)
+                payload, message_id = envelope["payload"], envelope["message_id"]
                 task_id = payload["task_id"]
             except (ValueError, KeyError, TypeError):
                 continue  # not one of ours
+            if self._own.pop(message_id, False):
+                continue  # this node's own change: memory has it already
             if isinstance(task_id, str):
                 end = payload if message.type in ("task.completed", "task.dead_lettered") else None
                 self._mark_stale(task_id, end)
@@ -348,6 +371,8 @@ class ClusterDispatcher(Dispatcher):
     def _adopt(self, task_id: str, found: TaskRecord) -> None:
         """Take a record newer than what memory holds of the task."""
         state = found.state
+        if task_id in self._locks:
+            return  # a change of this node is in flight: it takes the record, or its failure reads it again
         task = self.tasks.get(task_id)
         if task is None:
             if state in _ENDED:
