@@ -294,7 +294,7 @@ async def run(args: argparse.Namespace, setups: list[Setup], redis: Redis, prefi
 
     await rounds("saturated", dict.fromkeys((s.name for s in setups), None), lambda _: args.messages,
                  lambda row: float(row["messages_per_s"]))
-    out["paced_rate"] = rates = {name: float(max(10, round(row["messages_per_s"] / 2)))
+    out["paced_rate"] = rates = {name: float(args.paced_rate or max(10, round(row["messages_per_s"] / 2)))
                                  for name, row in out["saturated"].items()}
     await rounds("paced", dict(rates), lambda rate: max(10, int((rate or 0) * args.paced_s)),
                  lambda row: max(g["p99_ms"] for g in row["groups"].values()))
@@ -373,6 +373,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--messages", type=int, default=10000, help="messages of a saturated run (default 10000)")
     p.add_argument("--paced-s", type=float, default=5.0, help="seconds of each paced run (default 5)")
     p.add_argument("--runs", type=int, default=3, help="runs per case; the median is shown (default 3)")
+    p.add_argument("--paced-rate", type=float, default=0.0,
+                   help="pace both setups at this rate (msg/s) instead of half of each one's peak: to compare "
+                        "changes at one rate (the goals are judged at half peak)")
     p.add_argument("--window", type=int, default=256, help="unacknowledged publishes in flight (default 256)")
     p.add_argument("--payload-bytes", type=int, default=200, help="payload size (default 200)")
     p.add_argument("--xadd-entries", type=int, default=100_000, help="entries of the XADD run (default 100000)")
