@@ -36,6 +36,7 @@ import json
 import logging
 import sqlite3
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any, NoReturn, cast
 
@@ -130,6 +131,8 @@ class ClusterDispatcher(Dispatcher):
         self.copy_events = False
         #: message_ids of this node's own task events the tail has not brought back yet
         self._own: dict[str, bool] = {}
+        #: every record is to be read again (the tail missed events)
+        self._resync = False
         #: the other nodes' affinity workers by type, and the heartbeat list they were read from
         self._affinity: dict[str, tuple[str, ...]] = {}
         self._affinity_seen_nodes: object = None
@@ -295,6 +298,10 @@ class ClusterDispatcher(Dispatcher):
                                         "error": settlement.error})
         record = self._record(task, state, result=settlement.result, error=settlement.error,
                               delay=settlement.delay)
+        if state == "queued" and not settlement.events:  # handed back: the other nodes must hear it is free
+            settlement = attrs.evolve(settlement, events=[_event(
+                "task.retrying", task.spec, "queued", task.attempts, f":handback-{uuid.uuid4().hex[:8]}",
+                reason="handed_back")])
         delay = _RETRY_INITIAL_S
         while True:  # the outcome is known: kept until Redis takes it (else the task would run again)
             try:
@@ -345,11 +352,29 @@ class ClusterDispatcher(Dispatcher):
             self._stale[task_id] = end
         self._stale_wake.set()
 
+    def resync(self, why: str) -> None:
+        """The cluster log's reset hook (the tail skipped a gap, the log is new): events may have
+        been missed, so every task's record is read again — the open ones and those in memory."""
+        log.warning("cluster tasks: reading every task again: %s", why)
+        self._resync = True
+        self._stale_wake.set()
+
     async def _refresh_loop(self) -> NoReturn:
         """Read the records of the tasks the log said changed, and take what is newer than memory."""
         while True:
             await self._stale_wake.wait()
             self._stale_wake = trio.Event()
+            if self._resync:
+                try:
+                    open_ids = await self._book.open_ids(self.cfg.max_queued)
+                except RedisLogError as exc:
+                    log.warning("cluster tasks: cannot list the open tasks now: %s", exc)
+                    await trio.sleep(_CLAIM_RETRY_S)
+                    self._stale_wake.set()
+                    continue
+                self._resync = False
+                for task_id in [*open_ids, *self.tasks]:
+                    self._stale.setdefault(task_id, None)
             stale, self._stale = self._stale, {}
             try:
                 records = await self._book.records(list(stale))
@@ -543,6 +568,7 @@ async def serve_cluster_dispatcher(
         dispatcher = ClusterDispatcher(cfg, store, nursery, faults or Faults(), book, RedisDeadLetters(cluster.redis),
                                        cluster)
         cluster.on_commit(dispatcher.log_committed)  # before the load: nothing changed meanwhile is missed
+        cluster.on_reset(dispatcher.resync)
         delay = 0.2
         while True:
             try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import json
+import signal
 from typing import Any
 
 import redis
@@ -254,3 +255,21 @@ async def test_redis_restarted_while_tasks_run_loses_no_outcome(own_redis: Redis
         assert _ends(events) == dict.fromkeys(ids, 1)
     finally:
         cluster.stop()
+
+
+async def test_a_draining_node_hands_its_tasks_back_to_the_cluster(cluster: Cluster) -> None:
+    """SIGTERM on b while its worker holds tasks: they go back to the queue (the attempt does not
+    count) and a's worker runs them."""
+    a, b = cluster.node("a"), cluster.node("b")
+    n = 3
+    async with connect(a.ws_url) as caller, connect(a.ws_url) as other:
+        async with connect(b.ws_url) as held:
+            await _hello(held, ["job"], concurrency=n)
+            ids = {(await caller.ok({"op": "dispatch", "type": "job", "payload": i}))["task_id"] for i in range(n)}
+            assert {(await _next_task(held))["task_id"] for _ in range(n)} == ids
+            b.signal(signal.SIGTERM)
+            assert await trio.to_thread.run_sync(b.wait) == 0, b.log()
+        await _hello(other, ["job"], concurrency=n)
+        taken = await _serve(other, n)
+        assert {t["task_id"] for t in taken} == ids and {t["attempt"] for t in taken} == {1}
+        assert {s["attempts"] for s in await _all_completed(caller, ids)} == {1}
