@@ -698,20 +698,21 @@ class Dispatcher:
             write_rows(conn, view)
 
     def _end(self, task: TaskState, view: TaskView, *, here: bool = True) -> None:
-        """After the commit that ended ``task`` (``here``: this node's): forget it, count it, tell the hooks."""
+        """After the commit that ended ``task``: forget it, tell the hooks; count it when ``here``
+        (this node ended it: each node's statistics and metrics count its own ends)."""
         self.tasks.pop(task.spec.task_id, None)
         group_id = task.spec.group_id
         if group_id is not None and (running := self.group_tasks.get(group_id)) is not None:
             running.pop(task.spec.task_id, None)
             if not running:
                 del self.group_tasks[group_id]
-        if task.state == "completed":
-            self._completed += 1
-        else:
-            self._dead += 1
         for callback in self.on_any_end:
             callback(view)
         if here:
+            if task.state == "completed":
+                self._completed += 1
+            else:
+                self._dead += 1
             for callback in self.on_end:
                 callback(view)
 

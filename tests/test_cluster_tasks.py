@@ -86,6 +86,8 @@ async def test_a_request_sent_to_one_node_is_served_by_a_worker_on_another(clust
             assert (status["state"], status["result"]) == ("completed", 16)
             collected = await client.ok({"op": "collect", "task_ids": [task_id], "timeout_s": 1})
             assert collected["completed"] == {task_id: 16}
+    # each node counts the ends it made (metrics summed over the nodes count each task once)
+    assert [n.control({"cmd": "status"})["status"]["tasks"]["completed"] for n in (a, b)] == [0, 3]
 
 
 async def test_collect_on_one_node_waits_for_ends_on_another(cluster: Cluster) -> None:
