@@ -63,7 +63,7 @@ from .wsframes import OP_TEXT, encode_frame
 if TYPE_CHECKING:
     from .dispatcher import Worker
 
-__all__ = ["WebSocketService", "release_handshake", "serve_websocket"]
+__all__ = ["WebSocketService", "serve_websocket", "trim_connection"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,9 @@ CLOSE_SLOW_CONSUMER = 4008
 CLOSE_CODES_COUNTED = frozenset({1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1011, 4001, 4008})
 #: the sender writes at most this many bytes per send_all
 _MAX_WRITE_BYTES = 1 << 20
+#: a sender that waited for a frame through two sweeps this far apart ends; the next frame starts
+#: another (an idle connection holds no sender task: docs/performance.md, idle memory)
+IDLE_SENDER_S = 1.0
 
 
 #: what an open connection's finished handshake keeps as its event queue: wsproto only reads it
@@ -82,16 +85,43 @@ _MAX_WRITE_BYTES = 1 << 20
 _NO_HANDSHAKE_EVENTS: deque[Any] = deque(maxlen=0)
 
 
-def release_handshake(ws: WebSocketConnection) -> None:
-    """Let go of what wsproto keeps of a finished opening handshake for the connection's whole life:
-    its h11 parser, the request with its headers, and an empty event queue (~1.5 KB per connection,
-    docs/performance.md). Once the handshake is done wsproto routes every byte and event through
-    ``WSConnection.connection``; it only still iterates ``handshake.events()``. Pinned by
-    tests/test_websocket_internals.py."""
+class _EventQueue(list[Any]):
+    """The events wsproto's ``Connection`` queues itself (only an abnormal closure, when the peer
+    vanishes): a list, where its ``deque`` costs ~620 bytes per connection for a queue that stays
+    empty. wsproto only appends, pops from the left and tests it for truth."""
+
+    __slots__ = ()
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
+
+#: set events shared by every open server connection, in place of two of trio-websocket's own
+_SHARED_EVENTS: list[trio.Event] = []
+
+
+def trim_connection(ws: WebSocketConnection) -> None:
+    """Let go of what trio-websocket and wsproto keep for an open server connection's whole life and
+    do not need (~2.5 KB per connection, docs/performance.md). Pinned by tests/test_websocket_internals.py.
+
+    - wsproto's finished opening handshake: its h11 parser, the request with its headers, and its
+      empty event queue (once the handshake is done wsproto routes every byte and event through
+      ``WSConnection.connection`` and only still iterates ``handshake.events()``);
+    - the wsproto connection's own event deque, for a list;
+    - trio-websocket's ``_open_handshake`` (set at the accept, awaited only by its client helpers)
+      and ``_for_testing_peer_closed_connection`` (set, never awaited): one shared, set event.
+    """
+    if not _SHARED_EVENTS:
+        _SHARED_EVENTS.append(trio.Event())
+        _SHARED_EVENTS[0].set()
+    ws._open_handshake = ws._for_testing_peer_closed_connection = _SHARED_EVENTS[0]
     handshake = ws._wsproto.handshake
     handshake._h11_connection = None  # type: ignore[assignment]
     handshake._initiating_request = None
     handshake._events = _NO_HANDSHAKE_EVENTS
+    connection = ws._wsproto.connection
+    assert connection is not None
+    connection._events = _EventQueue(connection._events)  # type: ignore[assignment]
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -140,9 +170,9 @@ class Connection:
     encode = staticmethod(encode_push)
 
     __slots__ = (
-        "_auth_deadline", "_background", "_batch", "_batch_op", "_inflight", "_max_bytes", "_max_frames",
-        "_nursery", "_opened", "_outbox", "_pending", "_queued_bytes", "_room", "_sender", "_slow", "_writing",
-        "caller", "service", "subscriptions", "worker", "ws",
+        "_auth_deadline", "_background", "_batch", "_batch_op", "_idle", "_inflight", "_max_bytes", "_max_frames",
+        "_nursery", "_opened", "_outbox", "_pending", "_queued_bytes", "_retire", "_room",
+        "_sender", "_sending", "_slow", "_writing", "caller", "service", "subscriptions", "worker", "ws",
     )  # fmt: skip
 
     def __init__(self, service: WebSocketService, ws: WebSocketConnection, caller: Caller) -> None:
@@ -158,6 +188,12 @@ class Connection:
         self._max_bytes = service.cfg.send_buffer_bytes
         #: the sender while it waits for a frame (woken by :meth:`_wake`)
         self._sender: trio.lowlevel.Task | None = None
+        #: a sender task exists: the first frame queued starts it in the connection's nursery, and it
+        #: ends once idle (retire_if_idle), so an idle connection holds no sender task (~1.6 KB)
+        self._sending = False
+        #: the sender was found waiting by the last sweep; ``_retire``: the next wake-up ends it
+        self._idle = False
+        self._retire = False
         self._room: trio.Event | None = None  # set when the sender took frames and someone waits for room
         #: the sender's write in progress (its deadline is pulled in when the connection is slow)
         self._writing: trio.CancelScope | None = None
@@ -249,10 +285,24 @@ class Connection:
         self._wake()
 
     def _wake(self) -> None:
-        """Wake the sender if it waits for a frame."""
+        """Wake the sender if it waits for a frame; start one if there is none."""
         if self._sender is not None:
             trio.lowlevel.reschedule(self._sender)
             self._sender = None
+        elif not self._sending and self._nursery is not None:
+            self._sending = True
+            self._nursery.start_soon(self._send_loop, self._nursery.cancel_scope, name="websocket sender")
+
+    def retire_if_idle(self) -> None:
+        """Called every ``IDLE_SENDER_S``: a sender that has waited for a frame since the call
+        before ends (the next frame queued starts another)."""
+        if self._sender is None:
+            self._idle = False
+        elif self._idle:
+            self._retire = True
+            self._wake()
+        else:
+            self._idle = True
 
     def _stop_waiting(self, raise_cancel: object) -> trio.lowlevel.Abort:
         self._sender = None
@@ -289,10 +339,12 @@ class Connection:
     async def run(self) -> None:
         try:
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self._send_loop, nursery.cancel_scope)
+                self._nursery = nursery  # the first frame queued starts the sender in it
                 self._arm_auth_deadline()
-                await self._read_loop(nursery)
+                try:
+                    await self._read_loop(nursery)
+                finally:  # before the nursery closes: a frame queued later must not start a task in it
+                    self._nursery = None
                 nursery.cancel_scope.cancel()
         finally:
             self.service.count_close(self.ws.closed)
@@ -305,13 +357,22 @@ class Connection:
         """Write what is queued, in one ``send_all`` per batch; close 4008 on overflow.
 
         When the sender stops (peer gone, closed, slow), the whole ``connection`` ends:
-        a reader or replier blocked on the full outbox must not wait forever."""
+        a reader or replier blocked on the full outbox must not wait forever. When it has only
+        waited for a frame through two sweeps (``retire_if_idle``) it ends alone: the connection
+        stays, and the next frame queued starts another sender."""
+        retired = False
         try:
             ws = self.ws
             while True:
                 if not self._outbox and not self._slow:
                     self._sender = trio.lowlevel.current_task()
                     await trio.lowlevel.wait_task_rescheduled(self._stop_waiting)
+                    self._idle = False
+                    if self._retire:
+                        self._retire = False
+                        if not self._outbox and not self._slow:
+                            retired = True
+                            return
                 if self._slow:
                     break
                 # one scheduler pass first: frames other tasks are about to queue go in the same write
@@ -342,7 +403,10 @@ class Connection:
             with trio.move_on_after(self.service.cfg.close_timeout_s):
                 await ws.aclose(CLOSE_SLOW_CONSUMER, "slow consumer")
         finally:
-            connection.cancel()
+            if retired:
+                self._sending = False
+            else:
+                connection.cancel()
 
     def _take(self) -> tuple[list[bytes], int]:
         """The queued frames of one write (up to ``_MAX_WRITE_BYTES``, at least one) and their size."""
@@ -497,6 +561,13 @@ class WebSocketService:
         self._accepting: trio.CancelScope | None = None
         self._handlers_done = trio.Event()
 
+    async def retire_idle_senders(self) -> NoReturn:
+        """End the sender task of every connection idle for ``IDLE_SENDER_S`` to twice that."""
+        while True:
+            await trio.sleep(IDLE_SENDER_S)
+            for conn in self.connections:
+                conn.retire_if_idle()
+
     def error_frame(self, ref: Any, code: str, message: str) -> bytes:
         self.errors_sent += 1
         return _frame({"op": "error", "ref": ref, "code": code, "message": message})
@@ -576,7 +647,7 @@ class WebSocketService:
                 except ConnectionClosed:
                     return  # the peer left during the handshake
                 del request  # (this frame lives as long as the connection: what it holds is kept)
-                release_handshake(ws)
+                trim_connection(ws)
                 ws._max_message_size = cfg.max_frame_bytes
                 conn = Connection(self, ws, caller)
                 self.connections.add(conn)
@@ -837,6 +908,7 @@ async def serve_websocket(
     """
     service = WebSocketService(cfg, ops, faults, on_slow_consumer)
     async with trio.open_nursery() as handlers:
+        handlers.start_soon(service.retire_idle_senders, name="websocket idle senders")
         # under socket activation systemd has bound the port (systemd/aivad.socket); else bind it here
         inherited = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in listen_fds()]
         listeners = inherited or await trio.open_tcp_listeners(cfg.port, host=cfg.host)

@@ -6,8 +6,11 @@ close frame); the reader takes frames already read ahead from ``_recv_channel``;
 reload sets ``_max_message_size``; the server side of a connection is built
 from ``WebSocketConnection(stream, WSConnection(SERVER), …)``, its
 ``_reader_task`` and ``_get_request`` (``WebSocketService._serve_connection``);
-``release_handshake`` drops what wsproto keeps of a finished handshake
-(``handshake._h11_connection``, ``_initiating_request``, ``_events``).
+``trim_connection`` drops what wsproto keeps of a finished handshake
+(``handshake._h11_connection``, ``_initiating_request``, ``_events``), swaps
+the wsproto connection's ``_events`` deque for a list, and shares one set
+event for trio-websocket's ``_open_handshake`` and
+``_for_testing_peer_closed_connection``, which a server connection never awaits.
 If an upgrade renames any of these, this fails before anything subtle breaks.
 
 It also pins what an idle connection holds (docs/performance.md, idle memory):
@@ -21,16 +24,17 @@ from __future__ import annotations
 import gc
 import importlib.metadata
 import inspect
-from collections import Counter
+from collections import Counter, deque
 from contextlib import AsyncExitStack
 
+import pytest
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, Request, TextMessage
+from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 
 import aivad.websocket
-from aivad.websocket import Connection, release_handshake
+from aivad.websocket import Connection, trim_connection
 from tests.conftest import InProcessDaemon
 from tests.wsclient import connect
 
@@ -54,7 +58,15 @@ async def test_connection_and_server_attributes_exist(daemon: InProcessDaemon) -
     assert {"stream", "ws_connection", "message_queue_size", "max_message_size"} <= set(params), params
 
 
-def test_release_handshake_leaves_a_working_wsproto_connection() -> None:
+def test_the_events_trim_connection_shares_are_never_awaited_by_a_server_connection() -> None:
+    source = inspect.getsource(WebSocketConnection)
+    for name in ("_open_handshake", "_for_testing_peer_closed_connection"):
+        assert f"self.{name} = trio.Event()" in source, name
+        assert f"{name}.wait" not in source, name
+        assert f"{name}.set()" in source, name
+
+
+def test_trim_connection_leaves_a_working_wsproto_connection() -> None:
     server = WSConnection(ConnectionType.SERVER)
     client = WSConnection(ConnectionType.CLIENT)
     server.receive_data(client.send(Request(host="localhost", target="/")))
@@ -62,16 +74,21 @@ def test_release_handshake_leaves_a_working_wsproto_connection() -> None:
     client.receive_data(server.send(AcceptConnection()))
     for name in ("_h11_connection", "_initiating_request", "_events"):
         assert hasattr(server.handshake, name), name
+    assert server.connection is not None and isinstance(server.connection._events, deque)
 
     class Holder:
         _wsproto = server
+        _open_handshake = _for_testing_peer_closed_connection = None
 
-    release_handshake(Holder)  # type: ignore[arg-type]
+    trim_connection(Holder)  # type: ignore[arg-type]
     assert server.handshake._h11_connection is None and server.handshake._initiating_request is None
     server.receive_data(client.send(TextMessage(data="after")))
     assert [e.data for e in server.events() if isinstance(e, TextMessage)] == ["after"]
     client.receive_data(server.send(TextMessage(data="back")))
     assert [e.data for e in client.events() if isinstance(e, TextMessage)] == ["back"]
+    server.receive_data(None)  # the peer vanished: wsproto queues an abnormal closure itself
+    assert [(type(e), e.code) for e in server.events()] == [(CloseConnection, 1006)]
+    assert list(server.events()) == []
 
 
 def _websocket_tasks() -> Counter[str]:
@@ -90,12 +107,14 @@ def _websocket_tasks() -> Counter[str]:
     return counts
 
 
-async def test_an_idle_subscribed_connection_holds_two_tasks_of_its_own_and_nothing_made_lazily(
-    daemon: InProcessDaemon,
+async def test_an_idle_subscribed_connection_holds_no_task_of_its_own_but_the_reader_and_nothing_made_lazily(
+    daemon: InProcessDaemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A connection that only subscribes: trio-websocket's reader and the sender (beside trio's
-    handler task); no replier, auth-deadline or waiting-op task; no channel, semaphore or event
-    of the publish path; wsproto's handshake state released."""
+    """A connection that only subscribes: trio-websocket's reader (beside trio's handler task), and
+    a sender only until it has been idle for a while; no replier, auth-deadline or waiting-op task;
+    no channel, semaphore or event of the publish path; wsproto's handshake state released. A frame
+    queued later starts a sender again."""
+    monkeypatch.setattr(aivad.websocket, "IDLE_SENDER_S", 0.05)  # from the sweep after the current one
     n = 3
     with trio.fail_after(10):
         before = _websocket_tasks()  # the service's own
@@ -103,9 +122,10 @@ async def test_an_idle_subscribed_connection_holds_two_tasks_of_its_own_and_noth
             clients = [await stack.enter_async_context(connect(daemon.ws_url)) for _ in range(n)]
             for i, client in enumerate(clients):
                 await client.ok({"op": "subscribe", "pattern": f"idle.c{i}.#"})
-            await trio.testing.wait_all_tasks_blocked()
-            assert _websocket_tasks() - before == {"WebSocketService._serve_handshake.<locals>.read": n,
-                                                   "Connection._send_loop": n}
+            read = "WebSocketService._serve_handshake.<locals>.read"
+            while (tasks := _websocket_tasks() - before) != {read: n}:
+                assert set(tasks) <= {read, "Connection._send_loop"}
+                await trio.sleep(0.02)  # the senders end once idle
             port = daemon.endpoints.ws_port  # (a test before may have left garbage of its own)
             conns = [o for o in gc.get_objects() if type(o) is Connection and o.service.port == port]  # (not proxies)
             assert len(conns) == n
@@ -113,9 +133,11 @@ async def test_an_idle_subscribed_connection_holds_two_tasks_of_its_own_and_noth
                 assert not hasattr(conn, "__dict__")
                 assert conn._pending is None and conn._inflight is None and conn._background is None
                 assert conn._auth_deadline is None and conn._room is None and conn._writing is None
-                assert conn._sender is not None  # parked, waiting for a frame
+                assert conn._sender is None and not conn._sending and conn._outbox == []
                 assert conn.ws._wsproto.handshake._h11_connection is None
-            # the check can see a lazily made task: a publish starts the replier of its connection
-            await clients[0].publish("idle.c1.x", {})
+                assert conn.ws._open_handshake is conns[0].ws._for_testing_peer_closed_connection  # shared
+            # a frame starts a sender again; a publish starts the replier of its connection
+            await clients[0].publish("idle.c1.x", {"n": 1})
+            assert (await clients[1].next_message())["msg"]["payload"] == {"n": 1}
             await trio.testing.wait_all_tasks_blocked()
             assert (_websocket_tasks() - before)["Connection._reply_loop"] == 1
