@@ -373,6 +373,8 @@ class Connection:
                         if not self._outbox and not self._slow:
                             retired = True
                             return
+                else:  # as a channel's receive() did: a scheduler pass, so more is queued for this write
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 if self._slow:
                     break
                 # one scheduler pass first: frames other tasks are about to queue go in the same write
