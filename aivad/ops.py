@@ -214,10 +214,12 @@ class Operations:
         self._unauthorized: Counter[str] = Counter()
         self._forbidden_by_right: Counter[str] = Counter()
         self._audit = Throttle(log, AUDIT_INTERVAL_S)
+        #: every quota's view of ``[limits]``: one function, not a closure per connection (~250 bytes each)
+        self._current_limits: Callable[[], LimitsConfig] = lambda: self.limits
 
     def quota(self) -> Quota:
         """A new connection's (or HTTP peer's) rates, following ``[limits]`` through reloads."""
-        return Quota(lambda: self.limits)
+        return Quota(self._current_limits)
 
     def reconfigure(self, limits: LimitsConfig, tasks: TasksConfig) -> None:
         self.limits = limits

@@ -491,7 +491,7 @@ class Connection:
         if self._pending is None:
             assert self._nursery is not None
             self._pending, pending = trio.open_memory_channel[_Pending](self.service.cfg.max_inflight_publishes)
-            self._nursery.start_soon(self._reply_loop, pending)
+            self._nursery.start_soon(self._reply_loop, pending, name="websocket replier")
         await self._pending.send((refs, batch, reply))
 
     async def _handle(self, message: str | bytes, nursery: trio.Nursery) -> None:
@@ -631,7 +631,7 @@ class WebSocketService:
                 await connection._reader_task()
                 handshake.cancel()  # EOF, reset or a protocol error: no request will come
 
-            nursery.start_soon(read)
+            nursery.start_soon(read, name="websocket reader")  # (a constant: trio formats a name per task)
             with handshake:
                 request = await connection._get_request()
             if handshake.cancelled_caught:  # no complete request within handshake_timeout_s, or the peer left
