@@ -337,12 +337,33 @@ class Connection:
     # ---- tasks --------------------------------------------------------------
 
     async def run(self) -> None:
+        """Run frames in order until the peer closes; take what is already read ahead, so publishes
+        among them share a commit.
+
+        The read loop is in this frame, not in a call below it: this coroutine lives as long as the
+        connection, and every frame of its await chain is held that long (~250 bytes each)."""
+        ws = self.ws
+        read_ahead = ws._recv_channel.receive_nowait
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery  # the first frame queued starts the sender in it
                 self._arm_auth_deadline()
                 try:
-                    await self._read_loop(nursery)
+                    while True:
+                        try:
+                            messages = [await ws.get_message()]
+                        except ConnectionClosed:
+                            break
+                        while len(messages) < self.service.cfg.receive_buffer_frames:
+                            try:
+                                messages.append(read_ahead())
+                            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                                break
+                        self.service.frames_in += len(messages)
+                        for message in messages:
+                            await self._handle(message, nursery)
+                        del messages, message  # not held while waiting for the next frame
+                        await self.flush_batch()
                 finally:  # before the nursery closes: a frame queued later must not start a task in it
                     self._nursery = None
                 nursery.cancel_scope.cancel()
@@ -438,25 +459,6 @@ class Connection:
         assert self._inflight is not None
         for _ in range(n):
             self._inflight.release()
-
-    async def _read_loop(self, nursery: trio.Nursery) -> None:
-        """Run frames in order; take what is already read ahead, so publishes among them share a commit."""
-        ws = self.ws
-        read_ahead = ws._recv_channel.receive_nowait
-        while True:
-            try:
-                messages = [await ws.get_message()]
-            except ConnectionClosed:
-                return
-            while len(messages) < self.service.cfg.receive_buffer_frames:
-                try:
-                    messages.append(read_ahead())
-                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                    break
-            self.service.frames_in += len(messages)
-            for message in messages:
-                await self._handle(message, nursery)
-            await self.flush_batch()
 
     async def batch(self, op: str, ref: Any, item: Any) -> None:
         """Hold a publish/dispatch until the frames read ahead are done: then one write for all."""
@@ -611,58 +613,55 @@ class WebSocketService:
         tests/test_websocket_internals.py. A peer that goes away at any point is not
         a fault of the daemon: what that raises ends the connection quietly.
         """
-        try:
-            await self._serve_handshake(stream, admission, peer)
+        try:  # (one frame, not two: this coroutine lives as long as the connection)
+            cfg = self.cfg
+            connection = WebSocketConnection(
+                stream,
+                WSConnection(ConnectionType.SERVER),
+                message_queue_size=cfg.receive_buffer_frames,
+                max_message_size=cfg.max_frame_bytes,
+            )
+            async with trio.open_nursery() as nursery:
+                handshake = trio.CancelScope(deadline=trio.current_time() + cfg.handshake_timeout_s)
+
+                async def read() -> None:
+                    await connection._reader_task()
+                    handshake.cancel()  # EOF, reset or a protocol error: no request will come
+
+                nursery.start_soon(read, name="websocket reader")  # (a constant: trio formats a name per task)
+                with handshake:
+                    request = await connection._get_request()
+                if handshake.cancelled_caught:  # no complete request within handshake_timeout_s, or the peer left
+                    self.refused["handshake_incomplete"] += 1
+                    nursery.cancel_scope.cancel()
+                    await trio.aclose_forcefully(stream)
+                    return
+                self.gate.handshake_done(admission)
+                try:
+                    caller = await self._admit(request, peer)
+                    if caller is None:
+                        return
+                    try:
+                        ws = await request.accept()
+                    except ConnectionClosed:
+                        return  # the peer left during the handshake
+                    del request  # (this frame lives as long as the connection: what it holds is kept)
+                    trim_connection(ws)
+                    ws._max_message_size = cfg.max_frame_bytes
+                    conn = Connection(self, ws, caller)
+                    self.connections.add(conn)
+                    try:
+                        await conn.run()
+                    finally:
+                        self.connections.discard(conn)
+                        if self.draining and not self.connections:
+                            self._handlers_done.set()
+                finally:
+                    with trio.move_on_after(cfg.close_timeout_s):
+                        await connection.aclose()
+                    await trio.aclose_forcefully(stream)  # closed even when cancelled (the daemon stops)
         except* (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             await trio.aclose_forcefully(stream)
-
-    async def _serve_handshake(self, stream: trio.abc.Stream, admission: Admission, peer: str) -> None:
-        cfg = self.cfg
-        connection = WebSocketConnection(
-            stream,
-            WSConnection(ConnectionType.SERVER),
-            message_queue_size=cfg.receive_buffer_frames,
-            max_message_size=cfg.max_frame_bytes,
-        )
-        async with trio.open_nursery() as nursery:
-            handshake = trio.CancelScope(deadline=trio.current_time() + cfg.handshake_timeout_s)
-
-            async def read() -> None:
-                await connection._reader_task()
-                handshake.cancel()  # EOF, reset or a protocol error: no request will come
-
-            nursery.start_soon(read, name="websocket reader")  # (a constant: trio formats a name per task)
-            with handshake:
-                request = await connection._get_request()
-            if handshake.cancelled_caught:  # no complete request within handshake_timeout_s, or the peer left
-                self.refused["handshake_incomplete"] += 1
-                nursery.cancel_scope.cancel()
-                await trio.aclose_forcefully(stream)
-                return
-            self.gate.handshake_done(admission)
-            try:
-                caller = await self._admit(request, peer)
-                if caller is None:
-                    return
-                try:
-                    ws = await request.accept()
-                except ConnectionClosed:
-                    return  # the peer left during the handshake
-                del request  # (this frame lives as long as the connection: what it holds is kept)
-                trim_connection(ws)
-                ws._max_message_size = cfg.max_frame_bytes
-                conn = Connection(self, ws, caller)
-                self.connections.add(conn)
-                try:
-                    await conn.run()
-                finally:
-                    self.connections.discard(conn)
-                    if self.draining and not self.connections:
-                        self._handlers_done.set()
-            finally:
-                with trio.move_on_after(cfg.close_timeout_s):
-                    await connection.aclose()
-                await trio.aclose_forcefully(stream)  # closed even when cancelled (the daemon stops)
 
     def count_close(self, reason: CloseReason | None) -> None:
         """Count a connection's end by its close code (1006: no close frame; a peer's own codes: "other")."""

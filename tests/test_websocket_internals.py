@@ -122,7 +122,7 @@ async def test_an_idle_subscribed_connection_holds_no_task_of_its_own_but_the_re
             clients = [await stack.enter_async_context(connect(daemon.ws_url)) for _ in range(n)]
             for i, client in enumerate(clients):
                 await client.ok({"op": "subscribe", "pattern": f"idle.c{i}.#"})
-            read = "WebSocketService._serve_handshake.<locals>.read"
+            read = "WebSocketService._serve_connection.<locals>.read"
             while (tasks := _websocket_tasks() - before) != {read: n}:
                 assert set(tasks) <= {read, "Connection._send_loop"}
                 await trio.sleep(0.02)  # the senders end once idle
