@@ -599,8 +599,11 @@ class WebSocketService:
         if isinstance(admission, str):
             await _refuse(stream, *_REFUSALS[admission])
             return
-        try:
-            await self.faults.isolated("websocket.connection", peer, self._serve_connection, stream, admission, peer)
+        try:  # the connection's error boundary: Faults.isolated, written out here, as this frame lives as
+            # long as the connection and one more (isolated's) would too (~400 bytes per connection)
+            await self._serve_connection(stream, admission, peer)
+        except* Exception as group:  # noqa: BLE001 - this is the boundary: recorded, then ended
+            self.faults.record("websocket.connection", peer, group)
         finally:
             self.gate.leave(admission)
 
