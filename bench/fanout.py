@@ -542,7 +542,9 @@ def aivad_server(tmp: Path, sync: str, idle: int = 0) -> Server:
         f'max_connections_per_address = {max(1000, idle + 1000)}\nmax_connections = {max(10_000, idle + 1000)}\n\n'
         f'[control]\nsocket = "{home / "control.sock"}"\n\n'
         f'[store]\npath = "{home / "aivad.db"}"\nsynchronous = "{sync}"\n\n'
-        '[log]\nlevel = "WARNING"\n'
+        '[log]\nlevel = "WARNING"\n\n'
+        # one publisher pipelines every message of a run: the per-connection rate limit must not be what is measured
+        '[limits]\npublish_rate_per_s = 0.0\n'
     )
     child = ChildServer(f"aivad-{sync}", python_argv("-m", "aivad", "serve", "--config", str(config)),
                         port, home / "aivad.log")
