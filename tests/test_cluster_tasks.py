@@ -18,7 +18,7 @@ import trio
 
 from tests.brokers import Redis
 from tests.cluster_fixtures import Cluster
-from tests.conftest import poll_until
+from tests.conftest import DaemonProcess, poll_until
 from tests.wsclient import TestClient, connect
 
 
@@ -70,6 +70,18 @@ def _ends(events: list[dict[str, Any]]) -> collections.Counter[str]:
     return collections.Counter(e["payload"]["task_id"] for e in events if e["type"] == "task.completed")
 
 
+async def _dead_task(caller: TestClient, worker: TestClient, node: DaemonProcess) -> tuple[str, list[dict[str, Any]]]:
+    """Dispatch a task the worker fails for good; its id, and the dead letters ``node`` lists once it is there."""
+    await _hello(worker, ["bad"])
+    task_id = (await caller.ok({"op": "dispatch", "type": "bad", "payload": 1, "max_attempts": 1}))["task_id"]
+    task = await _next_task(worker)
+    await worker.send({"op": "task.fail", "task_id": task["task_id"], "error": "nope", "retryable": False})
+    with trio.fail_after(20):
+        while not (letters := node.control({"cmd": "dlq.list", "kind": "task"})["dead_letters"]):
+            await trio.sleep(0.1)
+    return str(task_id), letters
+
+
 async def test_a_request_sent_to_one_node_is_served_by_a_worker_on_another(cluster: Cluster) -> None:
     a, b = cluster.node("a"), cluster.node("b")
     async with connect(b.ws_url) as worker, connect(a.ws_url) as caller, connect(b.ws_url) as other:
@@ -106,13 +118,7 @@ async def test_collect_on_one_node_waits_for_ends_on_another(cluster: Cluster) -
 async def test_dead_letters_are_the_clusters_and_replay_from_any_node(cluster: Cluster) -> None:
     a, b = cluster.node("a"), cluster.node("b")
     async with connect(a.ws_url) as worker, connect(b.ws_url) as caller:
-        await _hello(worker, ["bad"])
-        task_id = (await caller.ok({"op": "dispatch", "type": "bad", "payload": 1, "max_attempts": 1}))["task_id"]
-        task = await _next_task(worker)
-        await worker.send({"op": "task.fail", "task_id": task["task_id"], "error": "nope", "retryable": False})
-        with trio.fail_after(20):
-            while not (letters := b.control({"cmd": "dlq.list", "kind": "task"})["dead_letters"]):
-                await trio.sleep(0.1)
+        task_id, letters = await _dead_task(caller, worker, b)
         shown = a.control({"cmd": "dlq.show", "id": letters[0]["id"]})["dead_letter"]
         assert shown["detail"]["task_id"] == task_id and shown["reason"] == "failed: not retryable"
         assert a.control({"cmd": "dlq.list"})["dead_letters"] == letters  # one queue, every node
@@ -275,3 +281,26 @@ async def test_a_draining_node_hands_its_tasks_back_to_the_cluster(cluster: Clus
         taken = await _serve(other, n)
         assert {t["task_id"] for t in taken} == ids and {t["attempt"] for t in taken} == {1}
         assert {s["attempts"] for s in await _all_completed(caller, ids)} == {1}
+
+
+async def test_foreign_entries_in_the_dead_letter_queue_and_the_running_set_are_skipped(cluster: Cluster) -> None:
+    """Another writer's dead-letter entries are not letters (skipped); a running entry naming a node that
+    never was, for a task that does not exist, is not a task to retry: the nodes list, reap and serve on."""
+    client = redis.Redis.from_url(cluster.redis.url)
+    key = f"{cluster.prefix}{{log}}:"
+    client.xadd(key + "dlq", {"d": "{not json"}, id="1-0")
+    client.xadd(key + "dlq", {"x": "y"}, id="2-0")
+    client.xadd(key + "dlq", {"d": json.dumps({"kind": "task"})}, id="3-0")
+    client.hset(key + "meta", "dlq", 3)
+    client.hset(key + "task-running", mapping={"ghost-task": "ghost-node", "x" * 300: "y" * 300})
+    a, b = cluster.node("a"), cluster.node("b")
+    assert a.control({"cmd": "dlq.list"})["dead_letters"] == []
+    async with connect(b.ws_url) as worker, connect(a.ws_url) as caller:
+        task_id, letters = await _dead_task(caller, worker, b)
+        assert [(d["id"], d["kind"]) for d in letters] == [(4, "task")]  # ids go on after the foreign ones
+        assert a.control({"cmd": "dlq.show", "id": 4})["dead_letter"]["detail"]["task_id"] == task_id
+        await trio.sleep(2.5)  # reap rounds (heartbeat 0.5 s) pass over the ghost entries
+        assert (await caller.ok({"op": "ping"}))["op"] == "pong"
+    for node in (a, b):
+        assert node.control({"cmd": "status"})["status"]["ready"] is True
+        assert "Traceback" not in node.log(), node.log()[-3000:]
