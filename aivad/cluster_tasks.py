@@ -553,6 +553,7 @@ async def serve_cluster_dispatcher(
     heartbeat_interval_s: float,
     faults: Faults | None = None,
     *,
+    copy_events: bool = False,
     task_status: trio.TaskStatus[ClusterDispatcher] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Load the cluster's unfinished tasks, then dispatch, follow the log and retry dead nodes' tasks until cancelled.
@@ -562,11 +563,14 @@ async def serve_cluster_dispatcher(
     retried by this node's next start, or by another node once its heartbeat expired.
     Error handling: Redis unreachable at start is waited out (backoff); later, reads
     and claims try again, and a change that cannot be stored is answered ``overloaded``.
+    ``copy_events``: this node's task events are copied into its store too (for the AMQP
+    bridge's outbox, which publishes them to the events exchange).
     """
     book = RedisTaskBook(cluster.redis, cfg.ended_kept)
     async with trio.open_nursery() as nursery:
         dispatcher = ClusterDispatcher(cfg, store, nursery, faults or Faults(), book, RedisDeadLetters(cluster.redis),
                                        cluster)
+        dispatcher.copy_events = copy_events
         cluster.on_commit(dispatcher.log_committed)  # before the load: nothing changed meanwhile is missed
         cluster.on_reset(dispatcher.resync)
         delay = 0.2

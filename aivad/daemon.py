@@ -30,7 +30,7 @@ from .amqp import AmqpBridge, serve_amqp
 from .auth import TokenVerifier
 from .boundary import Faults, describe
 from .cluster import ClusterLog, serve_cluster_log
-from .cluster_tasks import ClusterDispatcher, serve_cluster_dispatcher
+from .cluster_tasks import serve_cluster_dispatcher
 from .config import Config, ConfigError, load_config
 from .dispatcher import Dispatcher, TaskView, serve_dispatcher
 from .http import Api, serve_http
@@ -433,8 +433,9 @@ async def run_daemon(
         letters: DeadLetterBook = daemon.store
         if daemon.cluster is not None:  # tasks and dead letters are the cluster's, in Redis (DESIGN §5)
             letters = RedisDeadLetters(daemon.cluster.redis)
-            daemon.dispatcher = await root.start(serve_cluster_dispatcher, cfg.tasks, daemon.store, daemon.cluster,
-                                                 cfg.cluster.heartbeat_interval_s, daemon.faults)
+            daemon.dispatcher = await root.start(partial(
+                serve_cluster_dispatcher, cfg.tasks, daemon.store, daemon.cluster, cfg.cluster.heartbeat_interval_s,
+                daemon.faults, copy_events=cfg.amqp.enabled))
         else:
             daemon.dispatcher = await root.start(serve_dispatcher, cfg.tasks, daemon.store, daemon.faults)
         daemon.aggregator = await root.start(
@@ -449,8 +450,6 @@ async def run_daemon(
                                                    alert=daemon.alerts.alert,
                                                    settled=settled, letters=letters))
             daemon.store.on_commit(daemon.amqp.forward_committed)  # task.*, group.*, system.* → events exchange
-            if isinstance(daemon.dispatcher, ClusterDispatcher):  # its task events are born in Redis
-                daemon.dispatcher.copy_events = True
         daemon.ops = Operations(
             store=daemon.store,
             messages=daemon.messages,

@@ -739,8 +739,8 @@ class Dispatcher:
                                 self._ended_view(task, "dead", None, reason))
         if await self._store_settlement(task, settlement):
             self._apply(task, settlement)
-        elif task.state == "dead":
-            task.state = state  # not ended here after all: the book says where it is
+        else:
+            task.state = state  # not ended here after all (a cluster): the record read again says where it is
 
     # ---- queries ----------------------------------------------------------------------------
 

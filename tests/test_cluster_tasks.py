@@ -267,21 +267,25 @@ async def test_redis_restarted_while_tasks_run_loses_no_outcome(own_redis: Redis
 
 async def test_a_draining_node_hands_its_tasks_back_to_the_cluster(cluster: Cluster) -> None:
     """SIGTERM on b while its worker holds tasks: they go back to the queue (the attempt does not
-    count) and a's worker runs them."""
+    count) and a's worker runs them — although a had already read them as b's (it lost the claim
+    race for each), so only the hand-back's announcement tells a they are free again."""
     a, b = cluster.node("a"), cluster.node("b")
     n = 3
-    async with connect(a.ws_url) as caller, connect(a.ws_url) as other:
+    async with connect(a.ws_url) as caller, connect(a.ws_url) as on_a:
+        await _hello(on_a, ["job"], concurrency=1)
+        blocker = (await caller.ok({"op": "dispatch", "type": "job", "payload": -1}))["task_id"]
+        assert (await _next_task(on_a))["task_id"] == blocker  # a's only slot is busy
         async with connect(b.ws_url) as held:
             await _hello(held, ["job"], concurrency=n)
             ids = {(await caller.ok({"op": "dispatch", "type": "job", "payload": i}))["task_id"] for i in range(n)}
             assert {(await _next_task(held))["task_id"] for _ in range(n)} == ids
+            await on_a.send({"op": "task.result", "task_id": blocker, "result": 0})
+            await trio.sleep(1.0)  # a's free slot tries each task, loses the CAS, reads it as b's
             b.signal(signal.SIGTERM)
             assert await trio.to_thread.run_sync(b.wait) == 0, b.log()
-        await _hello(other, ["job"], concurrency=n)
-        taken = await _serve(other, n)
+        taken = await _serve(on_a, n)
         assert {t["task_id"] for t in taken} == ids and {t["attempt"] for t in taken} == {1}
         assert {s["attempts"] for s in await _all_completed(caller, ids)} == {1}
-
 
 async def test_foreign_entries_in_the_dead_letter_queue_and_the_running_set_are_skipped(cluster: Cluster) -> None:
     """Another writer's dead-letter entries are not letters (skipped); a running entry naming a node that
