@@ -433,9 +433,9 @@ async def run_daemon(
         letters: DeadLetterBook = daemon.store
         if daemon.cluster is not None:  # tasks and dead letters are the cluster's, in Redis (DESIGN §5)
             letters = RedisDeadLetters(daemon.cluster.redis)
-            daemon.dispatcher = await root.start(partial(
-                serve_cluster_dispatcher, cfg.tasks, daemon.store, daemon.cluster, cfg.cluster.heartbeat_interval_s,
-                daemon.faults, copy_events=cfg.amqp.enabled))
+            daemon.dispatcher = await root.start(partial(serve_cluster_dispatcher, cfg.tasks, daemon.store,
+                                                         daemon.cluster, cfg.cluster.heartbeat_interval_s,
+                                                         daemon.faults, copy_events=cfg.amqp.enabled))
         else:
             daemon.dispatcher = await root.start(serve_dispatcher, cfg.tasks, daemon.store, daemon.faults)
         daemon.aggregator = await root.start(
