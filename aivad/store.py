@@ -198,7 +198,7 @@ def _body_with_seq(body: str, seq: int) -> str:
 
 
 class Write:
-    """One unit of work for the writer: runs in the writer thread inside a savepoint."""
+    """One unit of work for the writer: run by the single writer inside a savepoint."""
 
     __slots__ = ("apply", "committed", "done", "error", "isolated", "messages", "result")
 
@@ -264,6 +264,25 @@ class _WriterThread:
         self._thread.join(timeout=5)
 
 
+class _InlineWriter:
+    """Runs the writer's SQLite calls in the trio thread itself, for ``synchronous = NORMAL``.
+
+    There a commit only writes into the OS page cache (WAL; the checkpoint's
+    fsync runs on a connection of its own, :func:`_serve_checkpoints`), so it is
+    short. In a thread of its own every SQLite statement handed the GIL back and
+    forth with the busy trio thread: bench/dispatch.py's daemon spent 260 µs of
+    writer-thread CPU per task round trip that way, against ~60 µs for the same
+    statements run here (docs/performance.md, "The writer in the trio thread").
+    ``synchronous = FULL`` keeps the thread: an fsync per commit must not stop the loop.
+    """
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(*args)
+
+    def stop(self) -> None:
+        pass
+
+
 class Store:
     """Appends, history and dead letters; created and run by :func:`serve_store`.
 
@@ -272,7 +291,7 @@ class Store:
     without awaiting, when a replay has caught up with the live stream.
     """
 
-    def __init__(self, cfg: StoreConfig, writer: sqlite3.Connection, thread: _WriterThread) -> None:
+    def __init__(self, cfg: StoreConfig, writer: sqlite3.Connection, thread: _WriterThread | _InlineWriter) -> None:
         self._cfg = cfg
         self._writer = writer
         self._thread = thread
@@ -369,7 +388,7 @@ class Store:
         return result
 
     def _commit_batch(self, batch: list[Write]) -> float:
-        """Run in the writer thread: every write in its own savepoint, one commit for all."""
+        """Run by the writer (its thread, or inline): every write in its own savepoint, one commit for all."""
         started = time.perf_counter()
         conn = self._writer
         conn.execute("BEGIN IMMEDIATE")
@@ -693,14 +712,14 @@ def _new_epoch() -> str:
 async def serve_store(cfg: StoreConfig, *, task_status: trio.TaskStatus[Store] = trio.TASK_STATUS_IGNORED) -> NoReturn:
     """Open the database and run the single writer until cancelled.
 
-    Returns: never. Resource handling: the connections close on exit; a write
-    cancelled mid-commit still finishes in its thread (SQLite is not interrupted).
+    Returns: never. Resource handling: the connections close on exit; a commit,
+    once begun, finishes (SQLite is not interrupted).
     Error handling: a failed commit (disk full, I/O error) fails that batch's writes
     with ``internal`` and the writer goes on (``failure`` and the listeners of
     :meth:`Store.on_failure` say so until a commit works again); an unreadable
     database raises at start, before ``started()``.
     """
-    thread = _WriterThread()
+    thread = _WriterThread() if cfg.synchronous == "FULL" else _InlineWriter()
     try:
         writer = await thread.call(open_database, cfg)
     except BaseException:

@@ -8,13 +8,12 @@ fields mean the same thing and produce the same errors everywhere.
 from __future__ import annotations
 
 import random
-import uuid
 from typing import Any
 
 import attrs
 
 from .config import TasksConfig
-from .envelope import BadMessage, check_topic
+from .envelope import BadMessage, check_topic, new_id
 from .protocol import OpError, field
 
 __all__ = [
@@ -98,7 +97,7 @@ def parse_task_spec(frame: dict[str, Any], defaults: TasksConfig, *, task_id: st
         if value is not None and not 0 < len(value) <= 255:
             raise OpError("bad_request", f"{name} must be 1..255 characters")
     return TaskSpec(
-        task_id=task_id or uuid.uuid4().hex,
+        task_id=task_id or new_id(),
         type=task_type,
         payload=frame.get("payload"),
         priority=parse_priority(frame.get("priority")),

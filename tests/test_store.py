@@ -31,6 +31,10 @@ def env(type: str, payload: Any = None, message_id: str | None = None) -> Envelo
     return Envelope.from_fields(type, payload, message_id=message_id)
 
 
+#: the store options of a test whose :class:`Blocker` holds the writer's own thread
+HELD: dict[str, Any] = {"synchronous": "FULL"}
+
+
 def store_config(directory: Path, **overrides: Any) -> StoreConfig:
     values: dict[str, Any] = {"path": str(directory / "store.db"), "synchronous": "NORMAL",
                               "retention_max_messages": 0, "retention_max_age_s": 0.0}
@@ -53,7 +57,11 @@ async def all_seqs(store: Store, pattern: str = "#") -> list[int]:
 
 
 class Blocker:
-    """A write that holds the writer thread until released, so the next writes queue up as one batch."""
+    """A write that holds the writer thread until released, so the next writes queue up as one batch.
+
+    Only ``synchronous = FULL`` has a writer thread to hold (:data:`HELD`); with
+    NORMAL the writer runs in the trio thread, which a held write would stop.
+    """
 
     def __init__(self) -> None:
         self.entered = threading.Event()
@@ -98,6 +106,20 @@ async def test_seq_strictly_increases_and_is_never_reused(tmp_dir: Path) -> None
             assert history.scanned_through == 10
 
 
+@pytest.mark.parametrize(("synchronous", "in_trio_thread"), [("NORMAL", True), ("FULL", False)])
+async def test_the_writer_runs_in_the_trio_thread_unless_each_commit_syncs(
+    tmp_dir: Path, synchronous: str, in_trio_thread: bool
+) -> None:
+    """NORMAL commits inline (a thread of its own cost a GIL hand-off per statement); FULL keeps
+    its fsyncs off the event loop, in the writer's own thread."""
+    trio_thread = threading.current_thread()
+    with trio.fail_after(20):
+        async with open_store(store_config(tmp_dir, synchronous=synchronous)) as store:
+            write = await store.submit(lambda conn, _: threading.current_thread())
+            assert (await write.wait() is trio_thread) == in_trio_thread
+            assert (await store.append(env("t", 1))).seq == 1
+
+
 async def test_concurrent_appends_get_distinct_increasing_seqs_in_few_commits(tmp_dir: Path) -> None:
     n = 600
     results: dict[int, Appended] = {}
@@ -128,7 +150,7 @@ async def test_concurrent_appends_get_distinct_increasing_seqs_in_few_commits(tm
 
 async def test_duplicates_answer_the_original_seq_and_are_stored_once(tmp_dir: Path) -> None:
     with trio.fail_after(20):
-        async with open_store(store_config(tmp_dir)) as store:
+        async with open_store(store_config(tmp_dir, **HELD)) as store:
             committed: list[int] = []
             store.on_commit(lambda msgs: committed.extend(m.seq for m in msgs))
             assert await store.append(env("d", 1, "m-1")) == Appended(1, False)
@@ -169,7 +191,7 @@ async def test_a_failing_write_fails_alone_and_its_batch_neighbours_commit(tmp_d
         raise ValueError("boom")
 
     with trio.fail_after(20):
-        async with open_store(store_config(tmp_dir)) as store:
+        async with open_store(store_config(tmp_dir, **HELD)) as store:
             blocker = Blocker()
             held = await store.submit(blocker)
             await blocker.wait_entered()
@@ -192,7 +214,7 @@ async def test_a_failing_write_fails_alone_and_its_batch_neighbours_commit(tmp_d
 
 async def test_drain_commits_what_is_queued_then_refuses_writes(tmp_dir: Path) -> None:
     with trio.fail_after(20):
-        async with open_store(store_config(tmp_dir)) as store:
+        async with open_store(store_config(tmp_dir, **HELD)) as store:
             blocker = Blocker()
             held = await store.submit(blocker)
             await blocker.wait_entered()

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final
@@ -52,7 +51,7 @@ from aivad.client._model import (
 )
 from aivad.client._token import CLOSE_UNAUTHENTICATED, TokenProvider, TokenSource, token_source
 from aivad.client._ws import HandshakeRejected, WebSocketClosed, WebSocketConnection, connect_websocket
-from aivad.envelope import Envelope, check_pattern, check_topic
+from aivad.envelope import Envelope, check_pattern, check_topic, new_id
 
 if TYPE_CHECKING:
     from aivad.client._results import ResultCallback, ResultWatcher
@@ -429,7 +428,7 @@ class Client:
         """
         check_topic(topic)
         generated = message_id is None
-        mid = uuid.uuid4().hex if message_id is None else message_id
+        mid = new_id() if message_id is None else message_id
         fields: dict[str, Any] = {"type": topic, "payload": payload, "message_id": mid}
         if metadata is not None:
             fields["metadata"] = metadata

@@ -353,16 +353,21 @@ function exceedsBytes(text, maxBytes) {
 }
 
 /**
- * A random message id. `crypto.randomUUID` exists only in secure contexts
- * (https, localhost); a page served over plain http on a LAN still has
- * `crypto.getRandomValues`.
+ * A fresh message id in the UUIDv7 layout: 48 bits of Unix milliseconds, then
+ * random bits. Ids that grow with time land on the same few pages of the
+ * daemon's message-id index, where random ones cost a page each per commit
+ * (docs/performance.md). `crypto.getRandomValues` exists in every context,
+ * plain-http pages on a LAN included (`crypto.randomUUID` only in secure ones).
  */
 function newMessageId() {
-  const c = globalThis.crypto;
-  if (typeof c?.randomUUID === "function") return c.randomUUID();
   const bytes = new Uint8Array(16);
-  c.getRandomValues(bytes);
-  bytes[6] = (bytes[6] & 0x0f) | 0x40; // version 4
+  globalThis.crypto.getRandomValues(bytes);
+  let ms = Date.now();
+  for (let i = 5; i >= 0; i--) {
+    bytes[i] = ms % 256;
+    ms = Math.floor(ms / 256);
+  }
+  bytes[6] = (bytes[6] & 0x0f) | 0x70; // version 7
   bytes[8] = (bytes[8] & 0x3f) | 0x80; // variant 10
   const hex = Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
   return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
