@@ -264,23 +264,12 @@ class _WriterThread:
         self._thread.join(timeout=5)
 
 
-class _InlineWriter:
-    """Runs the writer's SQLite calls in the trio thread itself, for ``synchronous = NORMAL``.
+class _WriteLocked(sqlite3.OperationalError):
+    """Another connection (another process) holds the database's write lock."""
 
-    There a commit only writes into the OS page cache (WAL; the checkpoint's
-    fsync runs on a connection of its own, :func:`_serve_checkpoints`), so it is
-    short. In a thread of its own every SQLite statement handed the GIL back and
-    forth with the busy trio thread: bench/dispatch.py's daemon spent 260 µs of
-    writer-thread CPU per task round trip that way, against ~60 µs for the same
-    statements run here (docs/performance.md, "The writer in the trio thread").
-    ``synchronous = FULL`` keeps the thread: an fsync per commit must not stop the loop.
-    """
 
-    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return fn(*args)
-
-    def stop(self) -> None:
-        pass
+#: how long a commit waits for another connection's write lock before its batch fails
+_LOCK_WAIT_S = 5.0
 
 
 class Store:
@@ -291,7 +280,7 @@ class Store:
     without awaiting, when a replay has caught up with the live stream.
     """
 
-    def __init__(self, cfg: StoreConfig, writer: sqlite3.Connection, thread: _WriterThread | _InlineWriter) -> None:
+    def __init__(self, cfg: StoreConfig, writer: sqlite3.Connection, thread: _WriterThread | None) -> None:
         self._cfg = cfg
         self._writer = writer
         self._thread = thread
@@ -387,11 +376,30 @@ class Store:
         result: int = await write.wait()
         return result
 
-    def _commit_batch(self, batch: list[Write]) -> float:
-        """Run by the writer (its thread, or inline): every write in its own savepoint, one commit for all."""
+    async def _commit(self, batch: list[Write]) -> float:
+        """Commit ``batch`` in the writer's own thread (``synchronous = FULL``), else right here.
+
+        With NORMAL a commit only writes into the OS page cache (WAL; the
+        checkpoint's fsync runs on a connection of its own, :func:`_serve_checkpoints`),
+        so it runs in the trio thread: in a thread of its own every SQLite statement
+        handed the GIL back and forth with the busy trio thread, and bench/dispatch.py's
+        daemon spent ~260 µs of writer-thread CPU per task round trip on that
+        (docs/performance.md, "The writer in the trio thread"). FULL keeps its
+        fsync per commit off the event loop. A batch that finds another
+        process holding the write lock waits for it in a worker thread, never here.
+        """
+        if self._thread is not None:
+            return float(await self._thread.call(self._commit_batch, batch, _LOCK_WAIT_S))
+        try:
+            return self._commit_batch(batch, 0.0)
+        except _WriteLocked:
+            return await trio.to_thread.run_sync(self._commit_batch, batch, _LOCK_WAIT_S)
+
+    def _commit_batch(self, batch: list[Write], lock_wait_s: float) -> float:
+        """Every write in its own savepoint, one commit for all (in whichever thread :meth:`_commit` chose)."""
         started = time.perf_counter()
         conn = self._writer
-        conn.execute("BEGIN IMMEDIATE")
+        _begin_immediate(conn, lock_wait_s)
         try:
             for write in batch:
                 if not write.isolated:
@@ -431,7 +439,7 @@ class Store:
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
                 try:
-                    seconds = await self._thread.call(self._commit_batch, batch)
+                    seconds = await self._commit(batch)
                 except Exception as exc:  # noqa: BLE001 - disk full, I/O error, a bad write: fail these, go on
                     self._set_failure(exc)
                     failed = _failed_write(exc)
@@ -688,6 +696,28 @@ def insert_dead_letter(conn: sqlite3.Connection, kind: str, reason: str, body: s
     return int(cur.lastrowid or 0)
 
 
+def _begin_immediate(conn: sqlite3.Connection, wait_s: float) -> None:
+    """Take the write lock, waiting up to ``wait_s`` for another connection that holds it.
+
+    The writer's connection has no busy timeout of its own, so with ``wait_s = 0``
+    a held lock is known at once (:class:`_WriteLocked`) and the event loop does
+    not sleep in SQLite's busy handler; the waiting is done here, in a thread.
+    """
+    deadline = time.monotonic() + wait_s
+    pause = 0.001
+    while True:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                raise
+            if time.monotonic() >= deadline:
+                raise _WriteLocked(str(exc)) from None
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+
+
 def open_database(cfg: StoreConfig) -> sqlite3.Connection:
     """Open (creating) the database in WAL mode for the single writer."""
     path = Path(cfg.path)
@@ -695,12 +725,14 @@ def open_database(cfg: StoreConfig) -> sqlite3.Connection:
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute(f"PRAGMA synchronous = {cfg.synchronous}")
-    conn.execute("PRAGMA busy_timeout = 5000")
+    conn.execute(f"PRAGMA busy_timeout = {int(_LOCK_WAIT_S * 1000)}")  # creating the schema may wait
     # checkpoints run beside the writer (_serve_checkpoints), not inside one of its commits:
     # an automatic checkpoint copies and syncs the WAL while every producer waits
     conn.execute("PRAGMA wal_autocheckpoint = 0")
     conn.executescript(_SCHEMA)
     conn.execute("INSERT INTO info (key, value) VALUES ('epoch', ?) ON CONFLICT (key) DO NOTHING", (_new_epoch(),))
+    # from here no busy timeout: a commit that finds the write lock taken waits in _begin_immediate, off the loop
+    conn.execute("PRAGMA busy_timeout = 0")
     return conn
 
 
@@ -719,11 +751,12 @@ async def serve_store(cfg: StoreConfig, *, task_status: trio.TaskStatus[Store] =
     :meth:`Store.on_failure` say so until a commit works again); an unreadable
     database raises at start, before ``started()``.
     """
-    thread = _WriterThread() if cfg.synchronous == "FULL" else _InlineWriter()
+    thread = _WriterThread() if cfg.synchronous == "FULL" else None
     try:
-        writer = await thread.call(open_database, cfg)
+        writer = await (thread.call(open_database, cfg) if thread else trio.to_thread.run_sync(open_database, cfg))
     except BaseException:
-        thread.stop()
+        if thread:
+            thread.stop()
         raise
     store = Store(cfg, writer, thread)
     try:
@@ -736,7 +769,8 @@ async def serve_store(cfg: StoreConfig, *, task_status: trio.TaskStatus[Store] =
             await trio.sleep_forever()
     finally:
         store.close_readers()
-        thread.stop()
+        if thread:
+            thread.stop()
         writer.close()
     raise AssertionError("unreachable")
 

@@ -120,6 +120,33 @@ async def test_the_writer_runs_in_the_trio_thread_unless_each_commit_syncs(
             assert (await store.append(env("t", 1))).seq == 1
 
 
+async def test_a_write_lock_held_by_another_process_is_waited_for_off_the_event_loop(tmp_dir: Path) -> None:
+    """The inline writer meets a lock it cannot take at once: its batch waits in a worker thread
+    while the loop goes on (here: to the line that lets the lock go, which a blocked loop never reaches)."""
+    cfg = store_config(tmp_dir)
+    with trio.fail_after(20):
+        async with open_store(cfg) as store:
+            await store.append(env("warm", 0))
+            other = sqlite3.connect(cfg.path, isolation_level=None)
+            other.execute("BEGIN EXCLUSIVE")
+            try:
+                appended: list[Appended] = []
+                async with trio.open_nursery() as nursery:
+
+                    async def append() -> None:
+                        appended.append(await store.append(env("waits", 1)))
+
+                    nursery.start_soon(append)
+                    with trio.fail_after(2.5):  # a loop held in SQLite's busy wait comes back after 5 s
+                        await trio.sleep(0.3)
+                    assert not appended, "committed through another connection's write lock"
+                    other.execute("ROLLBACK")
+            finally:
+                other.close()
+            assert appended == [Appended(2, False)]
+            assert store.failure is None
+
+
 async def test_concurrent_appends_get_distinct_increasing_seqs_in_few_commits(tmp_dir: Path) -> None:
     n = 600
     results: dict[int, Appended] = {}
