@@ -200,15 +200,19 @@ def _body_with_seq(body: str, seq: int) -> str:
 class Write:
     """One unit of work for the writer: run by the single writer inside a savepoint."""
 
-    __slots__ = ("apply", "committed", "done", "error", "isolated", "messages", "result")
+    __slots__ = ("apply", "bulk", "committed", "done", "error", "isolated", "messages", "result")
 
     def __init__(
         self,
         apply: Callable[[sqlite3.Connection, Write], Any],
         isolated: bool = True,
         committed: Callable[[Write], None] | None = None,
+        bulk: bool = False,
     ) -> None:
         self.apply = apply
+        #: one statement over many rows (retention, a purge): committed in a worker thread, where
+        #: SQLite runs it without the GIL, rather than on the event loop (see Store._commit)
+        self.bulk = bulk
         #: called in trio right after the commit, before anyone waiting is woken (in commit order)
         self.committed = committed
         #: in its own savepoint, so its failure leaves its batch neighbours alone; plain
@@ -342,11 +346,12 @@ class Store:
         *,
         isolated: bool = True,
         committed: Callable[[Write], None] | None = None,
+        bulk: bool = False,
     ) -> Write:
         """Queue a write (waiting for room in the bounded queue); await ``.wait()`` for its result."""
         if self._closed:
             raise StoreClosed("the store is draining")
-        write = Write(apply, isolated, committed)
+        write = Write(apply, isolated, committed, bulk)
         try:
             await self._send.send(write)
         except trio.ClosedResourceError:
@@ -386,14 +391,18 @@ class Store:
         daemon spent ~260 µs of writer-thread CPU per task round trip on that
         (docs/performance.md, "The writer in the trio thread"). FULL keeps its
         fsync per commit off the event loop. A batch that finds another
-        process holding the write lock waits for it in a worker thread, never here.
+        process holding the write lock waits for it in a worker thread, never here;
+        so does a batch with a bulk write (a retention round deleting many rows is one
+        SQLite step, run without the GIL there).
         """
         if self._thread is not None:
             return float(await self._thread.call(self._commit_batch, batch, _LOCK_WAIT_S))
-        try:
-            return self._commit_batch(batch, 0.0)
-        except _WriteLocked:
-            return await trio.to_thread.run_sync(self._commit_batch, batch, _LOCK_WAIT_S)
+        if not any(write.bulk for write in batch):
+            try:
+                return self._commit_batch(batch, 0.0)
+            except _WriteLocked:
+                pass
+        return await trio.to_thread.run_sync(self._commit_batch, batch, _LOCK_WAIT_S)
 
     def _commit_batch(self, batch: list[Write], lock_wait_s: float) -> float:
         """Every write in its own savepoint, one commit for all (in whichever thread :meth:`_commit` chose)."""
@@ -509,7 +518,7 @@ class Store:
             )
             return deleted, floor
 
-        write = await self.submit(trim)
+        write = await self.submit(trim, bulk=True)
         deleted, floor = await write.wait()
         if deleted:
             self.retention_floor = max(self.retention_floor, floor)
@@ -607,7 +616,7 @@ class Store:
         return await self.read(read)  # type: ignore[no-any-return]
 
     async def purge_dead_letters(self) -> int:
-        write = await self.submit(lambda conn, _: conn.execute("DELETE FROM dead_letters").rowcount)
+        write = await self.submit(lambda conn, _: conn.execute("DELETE FROM dead_letters").rowcount, bulk=True)
         purged: int = await write.wait()
         return purged
 

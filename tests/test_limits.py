@@ -8,7 +8,11 @@ it was refused is stored, delivered or dispatched.
 
 from __future__ import annotations
 
+import base64
+import json
+import os
 import shutil
+import socket
 import sqlite3
 from pathlib import Path
 
@@ -24,6 +28,7 @@ from tests.conftest import (
     start_daemon,
     start_daemon_from_file,
 )
+from tests.hostile import check_upgrade, encode_frame, handshake_request, read_http_head
 from tests.wsclient import connect, no_more_messages
 
 
@@ -210,15 +215,32 @@ def _rss_kb(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+def _stalled_subscriber(port: int, pattern: str) -> socket.socket:
+    """A subscriber that never reads after its subscribe is answered: a raw socket, not a client
+    library whose reader task would go on reading (and close 1009 on a message over its own limit)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(handshake_request("127.0.0.1", port, key=key))
+    head, rest = read_http_head(sock, 10)
+    check_upgrade(head, key)
+    sock.sendall(encode_frame(0x1, json.dumps({"op": "subscribe", "pattern": pattern}).encode()))
+    while b'"op":"ok"' not in rest:
+        rest += sock.recv(4096)
+    return sock
+
+
 async def test_a_write_that_makes_no_way_ends_the_connection_after_write_timeout_s(tmp_dir: Path) -> None:
     """A subscriber that reads nothing, fed too little to fill its send buffer: the write the daemon
     has begun cannot finish, and after write_timeout_s the connection is cut (a slow consumer)."""
     proc = DaemonProcess(tmp_dir, websocket={"write_timeout_s": 1.0, "max_frame_bytes": 2_000_000})
     proc.start()
+    stalled = _stalled_subscriber(proc.ws_port, "big.#")
     try:
         with trio.fail_after(30):
-            async with connect(proc.ws_url) as stalled, connect(proc.ws_url) as pub:
-                await stalled.ok({"op": "subscribe", "pattern": "big.#"})
+            async with connect(proc.ws_url) as pub:
                 for _ in range(4):  # 6 MB: more than the socket buffers hold, less than send_buffer_bytes
                     await pub.publish("big.blob", "x" * 1_500_000)
                 while proc.control({"cmd": "status"})["status"]["websocket"]["slow_consumer_closes"] < 1:
@@ -227,6 +249,7 @@ async def test_a_write_that_makes_no_way_ends_the_connection_after_write_timeout
                 while proc.control({"cmd": "status"})["status"]["websocket"]["connections"] > 1:
                     await trio.sleep(0.1)
     finally:
+        stalled.close()
         proc.stop()
 
 

@@ -111,12 +111,15 @@ async def test_the_writer_runs_in_the_trio_thread_unless_each_commit_syncs(
     tmp_dir: Path, synchronous: str, in_trio_thread: bool
 ) -> None:
     """NORMAL commits inline (a thread of its own cost a GIL hand-off per statement); FULL keeps
-    its fsyncs off the event loop, in the writer's own thread."""
+    its fsyncs off the event loop, in the writer's own thread; bulk writes never run inline."""
     trio_thread = threading.current_thread()
     with trio.fail_after(20):
         async with open_store(store_config(tmp_dir, synchronous=synchronous)) as store:
             write = await store.submit(lambda conn, _: threading.current_thread())
             assert (await write.wait() is trio_thread) == in_trio_thread
+            # one statement over many rows (retention, a purge) runs without the GIL, off the loop
+            bulk = await store.submit(lambda conn, _: threading.current_thread(), bulk=True)
+            assert await bulk.wait() is not trio_thread
             assert (await store.append(env("t", 1))).seq == 1
 
 
