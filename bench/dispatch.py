@@ -38,7 +38,7 @@ trio-websocket serving the same frames to the same workers and driver, with
 nothing stored or checked (:func:`serve_relay`) — how far any daemon built on
 this WebSocket library could go on this machine.
 
-Prints both and the ratio (goal: aivad >= 5x Celery, aivad p99 < 20 ms at half
+Prints both and the ratio (goal, issue 13: aivad >= 3x Celery with 8 workers; p99 < 20 ms at half
 peak). The machine is shared and noisy (2 cores here): compare within one run.
 """
 
@@ -72,6 +72,8 @@ from bench._common import (
 )
 
 HOST = "127.0.0.1"
+#: the round-trip rate aivad should reach, as a multiple of Celery's in the same run (issue 13 item 2)
+GOAL_RATIO = 3
 TASK_TYPE = "bench.noop"
 
 
@@ -577,10 +579,10 @@ def main() -> None:
             for w, a, c, r in rows:
                 ratio = a["rate"] / c["rate"] if c else nan
                 ceiling = r["rate"] if r else nan
-                ok = "met" if ratio >= 5 and a["p99"] < 20 else "NOT met"
+                ok = "met" if ratio >= GOAL_RATIO and a["p99"] < 20 else "NOT met"
                 print(f"{w:>7} {a['rate']:>11.0f} {c['rate'] if c else nan:>12.0f} {ratio:>5.1f}x {ceiling:>13.0f} "
                       f"{ceiling / c['rate'] if c else nan:>14.1f}x {a['rate'] / ceiling:>13.0%} "
-                      f"{a['p50']:>7.1f}ms {a['p99']:>7.1f}ms {('≥5x, p99<20ms ' + ok):>14}")
+                      f"{a['p50']:>7.1f}ms {a['p99']:>7.1f}ms {(f'≥{GOAL_RATIO}x, p99<20ms ' + ok):>14}")
     finally:
         if rabbit is not None:
             rabbit.stop()

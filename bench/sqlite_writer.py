@@ -1,0 +1,133 @@
+"""Why the store commits on the trio thread, and why ids are time-ordered: the two effects alone.
+
+Usage::
+
+    python bench/sqlite_writer.py [--tasks 30000] [--per-commit 5]
+
+Both parts replay the dispatcher's writes on the daemon's own schema
+(``aivad.store._SCHEMA``, WAL, ``synchronous = NORMAL``): per task a row and its
+``task.created`` event, then ``task.dispatched`` and ``task.completed`` (an
+update and an event each), interleaved the way a busy daemon commits them,
+``--per-commit`` writes per transaction. Figures are CPU time per task.
+
+1. **Where the writer runs.** The same writes run (a) in the calling thread and
+   (b) in a thread of their own while the calling thread runs Python code, as
+   the trio thread does at the dispatch peak. ``sqlite3`` releases the GIL
+   around every statement, so in (b) each statement hands the GIL to the busy
+   thread and waits to get it back: the figure is the writer's CPU (both
+   threads' CPU for (b) is larger still). Baseline: (a).
+2. **Which ids.** Task ids from ``uuid4`` (random) against ``aivad.envelope.new_id``
+   (UUIDv7 layout, ordered by time). Task events' ids begin with the task id, so
+   both ``tasks.task_id`` and ``messages.message_id`` follow. Baseline: ``uuid4``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from aivad.envelope import new_id
+from aivad.store import _SCHEMA
+
+BODY = json.dumps({"payload": {"state": "queued", "attempt": 1}, "metadata": {"source": "aivad"}, "pad": "x" * 200})
+
+
+def open_db(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
+    conn.executescript(_SCHEMA)
+    return conn
+
+
+def operations(task_ids: list[str]) -> list[tuple[str, str]]:
+    """(kind, task id) in the order a busy daemon writes them: created, then two later dispatched, then ended."""
+    ops = []
+    for i in range(len(task_ids) + 4):
+        for kind, lag in (("created", 0), ("dispatched", 2), ("completed", 4)):
+            if 0 <= i - lag < len(task_ids):
+                ops.append((kind, task_ids[i - lag]))
+    return ops
+
+
+def write_all(conn: sqlite3.Connection, ops: list[tuple[str, str]], per_commit: int) -> None:
+    checkpoint = sqlite3.connect(conn.execute("PRAGMA database_list").fetchone()[2], isolation_level=None)
+    for start in range(0, len(ops), per_commit):
+        conn.execute("BEGIN IMMEDIATE")
+        for kind, task_id in ops[start:start + per_commit]:
+            now = time.time()
+            if kind == "created":
+                conn.execute("INSERT INTO tasks (task_id, type, spec, state, created_at, updated_at) "
+                             "VALUES (?, 'noop', ?, 'queued', ?, ?)", (task_id, BODY, now, now))
+            else:
+                conn.execute("UPDATE tasks SET state = ?, attempts = 1, updated_at = ? WHERE task_id = ?",
+                             (kind, now, task_id))
+            conn.execute("INSERT INTO messages (message_id, type, stored_at, body) VALUES (?, ?, ?, ?)",
+                         (f"aivad:{task_id}:task.{kind}:1", f"task.{kind}", now, BODY))
+        conn.execute("COMMIT")
+        if start // per_commit % 200 == 0:  # the daemon checkpoints beside the writer, once a second
+            checkpoint.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    checkpoint.close()
+
+
+def cpu_per_task(make_id: Callable[[], str], tasks: int, per_commit: int, *, busy_neighbour: bool) -> float:
+    """µs of the writing thread's CPU per task."""
+    ops = operations([make_id() for _ in range(tasks)])
+    with tempfile.TemporaryDirectory(prefix="aivad-bench-") as tmp:
+        conn = open_db(Path(tmp) / "w.db")
+        spent: list[float] = []
+
+        def run() -> None:
+            started = time.thread_time()
+            write_all(conn, ops, per_commit)
+            spent.append(time.thread_time() - started)
+
+        if not busy_neighbour:
+            run()
+        else:
+            stop = threading.Event()
+            writer = threading.Thread(target=lambda: (run(), stop.set()))
+            writer.start()
+            while not stop.is_set():  # the trio thread at the dispatch peak: Python code between system calls
+                sum(range(1000))
+                time.sleep(0)  # a system call (a socket send, epoll): the GIL is let go
+            writer.join()
+        conn.close()
+    return spent[0] / tasks * 1e6
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", type=int, default=30000)
+    p.add_argument("--per-commit", type=int, default=5, help="writes per transaction")
+    args = p.parse_args()
+    print(f"machine: {os.cpu_count()} cpus, SQLite {sqlite3.sqlite_version}; {args.tasks} tasks, "
+          f"{args.per_commit} writes per commit; CPU µs per task (3 writes)")
+
+    def random_id() -> str:
+        return uuid.uuid4().hex
+
+    inline = cpu_per_task(new_id, args.tasks, args.per_commit, busy_neighbour=False)
+    threaded = cpu_per_task(new_id, args.tasks, args.per_commit, busy_neighbour=True)
+    print(f"1. writer in the calling thread: {inline:7.1f} µs/task (baseline)")
+    print(f"   writer in its own thread beside a busy one: {threaded:7.1f} µs/task of the writer's CPU "
+          f"({threaded / inline:.1f}x the baseline)")
+    random = cpu_per_task(random_id, args.tasks, args.per_commit, busy_neighbour=False)
+    print(f"2. uuid4 ids:  {random:7.1f} µs/task (baseline)")
+    print(f"   new_id ids: {inline:7.1f} µs/task ({inline / random:.2f}x the baseline)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""bench/sqlite_writer.py runs: both of its comparisons print a figure beside its baseline and the ratio.
+
+Test policy: a smoke test of the bench as users run it (a subprocess); it checks
+that each figure is there, never how fast anything was (conftest.py).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "sqlite_writer.py"
+
+
+def test_sqlite_writer_prints_each_figure_beside_its_baseline() -> None:
+    done = subprocess.run([sys.executable, str(BENCH), "--tasks", "300"], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert len(re.findall(r"[\d.]+ µs/task \(baseline\)", out)) == 2, out
+    assert re.search(r"own thread beside a busy one: +[\d.]+ µs/task of the writer's CPU \([\d.]+x the baseline\)",
+                     out), out
+    assert re.search(r"new_id ids: +[\d.]+ µs/task \([\d.]+x the baseline\)", out), out
