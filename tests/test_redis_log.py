@@ -15,6 +15,8 @@ import json
 import random
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 import redis as redispy
@@ -410,6 +412,28 @@ async def test_a_log_that_went_back_in_time_gets_a_new_epoch_and_hands_out_no_se
             await other_tail.read()
         assert await other.reopen() is False  # adopts the new epoch
         assert other.epoch == lg.epoch
+
+
+async def test_a_history_read_is_not_a_log_gone_back_when_the_node_learns_newer_seqs_meanwhile(
+    redis_log: RedisLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tail (or an append) raises ``last_seq`` while a history read is out: the read's snapshot
+    is older than that, not a rewound log (this once failed a cluster test with ``overloaded``)."""
+    await redis_log.append_many(envs("h", 3))
+    known = redis_log.last_seq
+    pipeline = redis_log._client.pipeline
+
+    @asynccontextmanager
+    async def learning_meanwhile(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        async with pipeline(*args, **kwargs) as p:
+            yield p
+            redis_log.last_seq = known + 5  # heard through the tail as the read goes out
+
+    monkeypatch.setattr(redis_log._client, "pipeline", learning_meanwhile)
+    found = await redis_log.history("#", 0, 10)
+    monkeypatch.undo()
+    redis_log.last_seq = known
+    assert [m.seq for m in found.messages] == [known - 2, known - 1, known]
 
 
 async def test_restart_without_persistence_is_an_epoch_change() -> None:

@@ -528,6 +528,9 @@ class RedisLog:
         chunk = min(max(limit, 64), self.settings.history_chunk)
         while True:
             count = min(chunk, scan_budget - scanned)
+            # the newest seq this handle knew *before* the read: the tail or an append may raise
+            # last_seq while the read is out, and a snapshot older than that is not a log gone back
+            known = self.last_seq
             with self._guard("history"), trio.fail_after(self.settings.op_timeout_s):
                 async with self._client.pipeline(transaction=True) as p:
                     meta = p.hmget(self._meta, ["epoch", "seq", "floor"])
@@ -538,8 +541,8 @@ class RedisLog:
             if _text(raw_epoch) != epoch:
                 raise EpochChanged(epoch, _text(raw_epoch) or None)
             newest, chunk_floor = _int(raw_seq), _int(raw_floor)
-            if newest < self.last_seq:
-                raise LogRewound(epoch, newest, self.last_seq)
+            if newest < known:
+                raise LogRewound(epoch, newest, known)
             if chunk_floor > floor:
                 floor = chunk_floor
                 if floor > cursor:
