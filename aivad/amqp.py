@@ -249,7 +249,10 @@ def _rfc3339(value: dt.datetime) -> str:
     return value.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _loads(body: bytes) -> Any:
+def _loads(body: bytes, max_bytes: int | None) -> Any:
+    """The body's JSON; a body over ``max_bytes`` is refused unread (``[amqp] max_body_bytes``)."""
+    if max_bytes is not None and len(body) > max_bytes:
+        raise BadMessage(f"body is {len(body)} bytes, over max_body_bytes ({max_bytes})")
     try:
         return loads_json(body)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -265,15 +268,17 @@ def envelope_from_amqp(
     correlation_id: str | None = None,
     reply_to: str | None = None,
     headers: Mapping[str, Any] | None = None,
+    max_body_bytes: int | None = None,
 ) -> Envelope:
     """Turn one AMQP delivery into an envelope (DESIGN §4.5). Raises BadMessage.
 
     A JSON object whose keys are envelope fields and that has ``type`` is taken
     as an envelope; any other JSON value becomes the payload, with the routing
     key as the type. AMQP properties fill what the body leaves open: the
-    envelope's own ``message_id``/``timestamp``/metadata keys win.
+    envelope's own ``message_id``/``timestamp``/metadata keys win. A body over
+    ``max_body_bytes`` is refused before it is parsed.
     """
-    obj = _loads(body)
+    obj = _loads(body, max_body_bytes)
     if isinstance(obj, dict) and "type" in obj and obj.keys() <= _ENVELOPE_FIELDS:
         typ, payload = obj["type"], obj.get("payload")
         metadata = obj.get("metadata")
@@ -311,6 +316,7 @@ def task_spec_from_amqp(
     priority: int | None = None,
     reply_to: str | None = None,
     correlation_id: str | None = None,
+    max_body_bytes: int | None = None,
 ) -> TaskSpec:
     """Turn one delivery of the tasks queue into a task spec (DESIGN §4.5). Raises BadMessage.
 
@@ -320,9 +326,10 @@ def task_spec_from_amqp(
     the routing key is the type; when there is no ``priority`` the AMQP
     ``priority`` property counts (capped at 9, the top of aivad's scale);
     ``message_id`` becomes the task_id (else one is generated); ``reply_to`` and
-    ``correlation_id`` are kept in the spec for the RPC reply.
+    ``correlation_id`` are kept in the spec for the RPC reply. A body over
+    ``max_body_bytes`` is refused before it is parsed.
     """
-    obj = _loads(body)
+    obj = _loads(body, max_body_bytes)
     if isinstance(obj, dict):
         unknown = obj.keys() - TASK_FIELDS
         if unknown:
@@ -1010,6 +1017,7 @@ class AmqpBridge:
                     correlation_id=props.correlation_id,
                     reply_to=props.reply_to,
                     headers=headers,
+                    max_body_bytes=self._cfg.max_body_bytes,
                 ))
             except BadMessage as exc:
                 poison.append((message, str(exc)))
@@ -1054,6 +1062,7 @@ class AmqpBridge:
                     priority=props.priority,
                     reply_to=props.reply_to,
                     correlation_id=props.correlation_id,
+                    max_body_bytes=self._cfg.max_body_bytes,
                 ))
             except BadMessage as exc:
                 await self._dead_letter(session, consumer, message, str(exc))
@@ -1132,8 +1141,12 @@ class AmqpBridge:
             "message_id": props.message_id,
             "headers": _jsonable(props.headers or {}),
         }
-        await self._letters.add_dead_letter(DEAD_LETTER_KIND, reason,
-                                          message.body.decode("utf-8", errors="backslashreplace"), detail)
+        body = message.body
+        if len(body) > cfg.max_body_bytes:  # kept whole on the dead-letter exchange; here its head
+            detail["body_bytes"] = len(body)
+            body = body[:cfg.max_body_bytes]
+        await self._letters.add_dead_letter(DEAD_LETTER_KIND, reason, body.decode("utf-8", errors="backslashreplace"),
+                                          detail)
         self._rejected += 1
         log.warning("amqp: dead-lettered a delivery from %s (routing key %r): %s", consumer.queue, routing_key,
                     reason)

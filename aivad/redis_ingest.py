@@ -62,7 +62,8 @@ class RedisIngest:
         self._log = redis_log
         self._ops = ops
         self.stream = RedisIngress(redis_log, cfg.ingest_stream, consumer=node_name, count=cfg.ingest_batch,
-                                   claim_idle_s=cfg.ingest_claim_idle_s) if cfg.ingest_stream else None
+                                   claim_idle_s=cfg.ingest_claim_idle_s,
+                                   max_entry_bytes=cfg.ingest_max_entry_bytes) if cfg.ingest_stream else None
         self.dead_lettered = 0
         #: the open channel subscription (None while Redis is away), and channel messages stored / refused
         self._channels: ChannelIngress | None = None
@@ -127,8 +128,8 @@ class RedisIngest:
     # ---- channels: at most once --------------------------------------------------------------------
 
     async def run_channels(self) -> None:
-        async with open_channel_ingress(self._log, self._cfg.ingest_channels,
-                                        buffer=self._cfg.ingest_channel_buffer) as channels:
+        async with open_channel_ingress(self._log, self._cfg.ingest_channels, buffer=self._cfg.ingest_channel_buffer,
+                                        max_message_bytes=self._cfg.ingest_max_entry_bytes) as channels:
             log.info("redis ingress: subscribed to channels %s", ", ".join(self._cfg.ingest_channels))
             self._channels = channels
             try:

@@ -33,8 +33,9 @@ from aivad.amqp import (
     AmqpBridge,
     envelope_from_amqp,
     serve_amqp,
+    task_spec_from_amqp,
 )
-from aivad.config import AmqpConfig, StoreConfig
+from aivad.config import AmqpConfig, StoreConfig, TasksConfig
 from aivad.envelope import BadMessage, Envelope
 from aivad.store import Store, serve_store
 from tests.brokers import RabbitMQ, declare_events_topology
@@ -104,6 +105,15 @@ def test_non_object_json_and_objects_with_other_keys_are_payloads() -> None:
 def test_poison_is_refused_with_a_reason(body: bytes, routing_key: str, problem: str) -> None:
     with pytest.raises(BadMessage, match=problem):
         envelope_from_amqp(body, routing_key)
+
+
+def test_a_body_over_max_body_bytes_is_refused_unparsed() -> None:
+    body = json.dumps({"pad": "x" * 2000}).encode()
+    assert envelope_from_amqp(body, "a.b", max_body_bytes=len(body)).payload == {"pad": "x" * 2000}
+    with pytest.raises(BadMessage, match=rf"body is {len(body)} bytes, over max_body_bytes \(1024\)"):
+        envelope_from_amqp(body, "a.b", max_body_bytes=1024)
+    with pytest.raises(BadMessage, match="over max_body_bytes"):
+        task_spec_from_amqp(body, "a.b", TasksConfig(), max_body_bytes=1024)
 
 
 def test_config_accepts_amqp_enabled() -> None:
@@ -314,6 +324,26 @@ async def test_poison_goes_to_dead_letters_with_reason(rabbitmq: RabbitMQ, tmp_p
         assert {r.kind for r in rows} == {"amqp.poison"}
         assert queue_depth(rabbitmq.url, cfg.events_queue) == 0
         assert bridge.statistics().rejected == 2
+
+
+async def test_a_body_over_max_body_bytes_is_dead_lettered_and_the_consumer_goes_on(
+    rabbitmq: RabbitMQ, tmp_path: Path
+) -> None:
+    cfg = make_cfg(rabbitmq.url, max_body_bytes=1024)
+    big = json.dumps({"pad": "x" * 100_000}).encode()
+    async with running_bridge(cfg, tmp_path) as (bridge, store, _):
+        await trio.to_thread.run_sync(publish, rabbitmq.url, cfg.events_exchange, [
+            ("big.x", big, pika.BasicProperties(message_id="big-1")),
+            ("big.ok", b'{"fine": true}', pika.BasicProperties(message_id="ok-1")),
+        ])
+        await wait_until(lambda: bridge.statistics().acked == 2, 10, "both settled")
+        assert [m["message_id"] for m in await all_messages(store)] == ["ok-1"]
+        [(props, body)] = await trio.to_thread.run_sync(get_all, rabbitmq.url, cfg.dead_letter_queue)
+        assert body == big, "the dead-letter exchange gets the delivery whole"
+        assert f"body is {len(big)} bytes, over max_body_bytes (1024)" in props.headers[REASON_HEADER]
+        [row] = await store.dead_letters()
+        assert row.detail["body_bytes"] == len(big) and len(row.body) == 1024, "the table keeps its head"
+        assert bridge.statistics().rejected == 1
 
 
 async def test_own_events_published_with_confirms_and_not_reingested(rabbitmq: RabbitMQ, tmp_path: Path) -> None:

@@ -59,6 +59,7 @@ POISON: list[tuple[dict[str, Any], str]] = [
     ({"type": "in..x", "payload": "1"}, "type"),
     ({"envelope": "[1, 2]"}, "envelope"),
     ({"type": b"in.\xff", "payload": "1"}, "UTF-8"),
+    ({"type": "in.x", "payload": json.dumps("x" * 2_000_000)}, "over ingest_max_entry_bytes (1048576)"),
 ]
 
 

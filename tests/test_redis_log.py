@@ -672,6 +672,23 @@ async def test_ingress_reports_bad_entries_and_dead_letters_them(redis_log: Redi
     assert (stats.read, stats.rejected, stats.acked, stats.claimed) == (6, 5, 1, 0)
 
 
+async def test_an_entry_over_max_entry_bytes_is_refused_unparsed_and_its_dead_letter_keeps_heads(
+    redis_log: RedisLog, producer: redispy.Redis
+) -> None:
+    stream = f"{redis_log.settings.prefix}ingest"
+    fields = {"type": "big.one", "payload": json.dumps("x" * 5000)}
+    size = sum(len(k) + len(v) for k, v in fields.items())
+    big = producer.xadd(stream, fields)
+    fits = producer.xadd(stream, {"type": "small.one", "payload": "1"})
+    ingress = RedisIngress(redis_log, stream, consumer="node-a", block_s=0.1, max_entry_bytes=1024)
+    with trio.fail_after(WAIT_S):
+        first, second = await ingress.read()
+    assert (first.entry_id, first.envelope) == (big, None)
+    assert first.error == f"entry is {size} bytes, over ingest_max_entry_bytes (1024)"
+    assert first.fields == {"type": "big.one", "payload": '"' + "x" * 255}  # each value's first 256 bytes
+    assert second.entry_id == fits and second.envelope and second.envelope.payload == 1
+
+
 async def test_ingress_claims_the_pending_entries_of_a_dead_consumer(redis_log: RedisLog,
                                                                      producer: redispy.Redis) -> None:
     stream = f"{redis_log.settings.prefix}ingest"
@@ -738,6 +755,17 @@ async def test_channel_ingress_takes_publishes_and_drops_what_it_cannot_hold(red
                 await trio.sleep(0.01)
             batch = await ingress.receive_batch(10)
         assert [e.payload for e in batch] == [0, 1] and ingress.dropped == 3
+
+
+async def test_channel_ingress_drops_a_message_over_max_message_bytes(redis_log: RedisLog,
+                                                                    producer: redispy.Redis) -> None:
+    prefix = redis_log.settings.prefix.rstrip(":")
+    async with open_channel_ingress(redis_log, [f"{prefix}.*"], max_message_bytes=1024) as ingress:
+        producer.publish(f"{prefix}.big", json.dumps("x" * 2000))
+        producer.publish(f"{prefix}.small", "2")
+        with trio.fail_after(WAIT_S):
+            env = await ingress.__anext__()
+        assert (env.type, env.payload) == (f"{prefix}.small", 2) and ingress.invalid == 1
 
 
 async def test_channel_ingress_connection_loss_is_redis_unavailable() -> None:

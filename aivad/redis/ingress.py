@@ -44,6 +44,10 @@ def _loads(value: str, what: str) -> Any:
         raise BadMessage(f"{what} is not JSON: {exc}") from None
 
 
+#: bytes of each value an oversized entry's dead letter keeps
+_HEAD_BYTES = 256
+
+
 def envelope_from_entry(fields: Mapping[str, str], default_message_id: str) -> Envelope:
     """Turn one ingest stream entry into an envelope (DESIGN §5). Raises BadMessage.
 
@@ -130,9 +134,12 @@ class RedisIngress:
 
     def __init__(self, redis_log: RedisLog, stream: str, *, group: str = "aivad", consumer: str,
                  count: int = 100, block_s: float = 1.0, claim_idle_s: float = 60.0, claim_interval_s: float = 10.0,
-                 dead_stream: str | None = None, dead_max: int = 10_000, start_id: str = "0") -> None:
+                 dead_stream: str | None = None, dead_max: int = 10_000, start_id: str = "0",
+                 max_entry_bytes: int = 1_048_576) -> None:
         if count < 1 or dead_max < 1:
             raise ValueError("count and dead_max must be >= 1")
+        #: an entry whose fields and values are longer together is refused unparsed (a dead letter)
+        self.max_entry_bytes = max_entry_bytes
         self._log = redis_log
         self._client = redis_log.client
         self.stream = stream
@@ -238,6 +245,14 @@ class RedisIngress:
             if flat is None:  # deleted from the stream while pending: nothing to take
                 deleted.append(entry_id)
                 continue
+            size = sum(len(part) for part in flat)
+            if size > self.max_entry_bytes:  # not parsed; its dead letter keeps each value's head
+                fields = {bytes(k).decode(errors="replace"): bytes(v[:_HEAD_BYTES]).decode(errors="replace")
+                          for k, v in zip(flat[::2], flat[1::2], strict=True)}
+                entries.append(IngressEntry(entry_id, fields, None,
+                                            f"entry is {size} bytes, over ingest_max_entry_bytes "
+                                            f"({self.max_entry_bytes})"))
+                continue
             pairs = zip(flat[::2], flat[1::2], strict=True)
             try:
                 fields = {k.decode(): v.decode() for k, v in pairs}
@@ -339,8 +354,9 @@ class ChannelIngress:
     ``invalid``): Redis pub/sub keeps nothing for a slow or absent reader anyway.
     """
 
-    def __init__(self, buffer: int) -> None:
+    def __init__(self, buffer: int, max_message_bytes: int) -> None:
         self._send, self._receive = trio.open_memory_channel[Envelope](buffer)
+        self._max_message_bytes = max_message_bytes
         self.received = 0
         self.dropped = 0
         self.invalid = 0
@@ -348,6 +364,10 @@ class ChannelIngress:
     def _on_message(self, message: Mapping[str, Any]) -> None:
         # runs in coredis's reader task: never blocks, so its own buffer never grows
         self.received += 1
+        if len(message["data"]) > self._max_message_bytes:
+            self.invalid += 1
+            log.debug("redis channel %r: dropped a message of %d bytes", message.get("channel"), len(message["data"]))
+            return
         try:
             env = envelope_from_channel(_text(message["channel"]), _text(message["data"]))
         except (BadMessage, UnicodeDecodeError) as exc:
@@ -380,15 +400,15 @@ class ChannelIngress:
 
 
 @contextlib.asynccontextmanager
-async def open_channel_ingress(redis_log: RedisLog, patterns: Sequence[str], *, buffer: int = 1000
-                               ) -> AsyncIterator[ChannelIngress]:
+async def open_channel_ingress(redis_log: RedisLog, patterns: Sequence[str], *, buffer: int = 1000,
+                               max_message_bytes: int = 1_048_576) -> AsyncIterator[ChannelIngress]:
     """Subscribe to channel patterns (``PSUBSCRIBE``) for as long as the context is open.
 
     Error handling: a lost connection ends the context with :class:`RedisUnavailable`
     (no silent resubscribe: the caller's supervise loop opens it again and
     counts the outage; what was published meanwhile is gone, as pub/sub goes).
     """
-    ingress = ChannelIngress(buffer)
+    ingress = ChannelIngress(buffer, max_message_bytes)
     handlers = {p: ingress._on_message for p in patterns}
     try:
         async with redis_log.client.pubsub(pattern_handlers=handlers, retry_policy=None,  # type: ignore[arg-type]
