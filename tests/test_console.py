@@ -616,6 +616,9 @@ def test_the_console_asks_for_a_token_and_keeps_it_for_the_tab(tmp_dir: Path, pa
         dialog.get_by_label("Token").fill("not-a-token")
         dialog.get_by_role("button", name="Use this token").click()
         expect(dialog.locator("[data-role=error]")).to_contain_text("refused the token")
+        # the client's reconnect asks for a token meanwhile (backoff ~0.5 s): that must not wipe the reason
+        page.wait_for_timeout(2000)
+        expect(dialog.locator("[data-role=error]")).to_contain_text("refused the token", timeout=1000)
         expect(dialog).to_be_visible()
 
         dialog.get_by_label("Token").fill(admin)

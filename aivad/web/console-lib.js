@@ -343,8 +343,11 @@ export class Auth {
   /** @param {string} why */
   #ask(why) {
     const message = /** @type {HTMLElement} */ (this.dialog.querySelector("[data-role=error]"));
-    message.textContent = why;
-    message.hidden = why === "";
+    // a caller that only needs a token (a reconnect, an API call) must not wipe the reason on show
+    if (why !== "" || !this.dialog.open) {
+      message.textContent = why;
+      message.hidden = why === "";
+    }
     if (!this.dialog.open) this.dialog.showModal();
     this.#asking ??= new Promise((resolve) => {
       this.#answer = resolve;
