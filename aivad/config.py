@@ -142,6 +142,8 @@ class HttpConfig:
     tls_key_file: str = ""
     max_body_bytes: int = _at_least(1_048_576, 1024)
     read_timeout_s: float = _positive(30.0)
+    max_connections: int = _at_least(1000, 1)
+    max_connections_per_address: int = _at_least(100, 1)
 
     def problems(self) -> list[str]:
         return _tls_problems(self.tls_cert_file, self.tls_key_file)

@@ -15,9 +15,16 @@ written by hand inside the daemon's own trio loop, so ``/healthz`` answering
   the console needs to know: where the WebSocket is, whether a token is needed.
 
 The edge only translates: a request body becomes a command call, an
-``OpError`` becomes an HTTP status. Bounds: the request body
-(``[http] max_body_bytes``, 413 beyond), and the same per-peer rates as a
-WebSocket connection (one bucket per client address, in a bounded table).
+``OpError`` becomes an HTTP status. Bounds: open connections, in all and per
+address (``[http] max_connections``, ``max_connections_per_address``: refused
+with 503 / 429 before a byte is read, by the gate the WebSocket server uses),
+the request body (``[http] max_body_bytes``, 413 beyond), and the same per-peer
+rates as a WebSocket connection (one bucket per client address, in a bounded table).
+
+Hypercorn has no bound on its connections, so the accept loop is ours
+(:func:`serve_http`): each admitted connection is handed to hypercorn's
+``TCPServer`` — the three names imported from ``hypercorn.trio`` internals
+below are what ``hypercorn.trio.serve`` itself uses, pinned by tests/test_http.py.
 """
 
 from __future__ import annotations
@@ -25,16 +32,19 @@ from __future__ import annotations
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, MutableMapping
+from functools import partial
 from typing import Any
 
 import attrs
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.utils import wrap_app
 
 from .commands import COMMANDS
 from .config import HttpConfig
-from .exceptions import sole_exception
+from .limits import PeerGate, refuse
 from .ops import Caller, Operations, Quota
 from .protocol import OpError, decode_request, dumps
 from .web import ASSETS, read_asset
@@ -245,20 +255,19 @@ def make_app(readiness: Callable[[], list[str]], metrics_text: Callable[[], byte
 
 
 def _hypercorn_config(cfg: HttpConfig) -> HypercornConfig:
-    """Hypercorn settings for an internal endpoint: quiet, no access log, prompt shutdown."""
+    """Hypercorn settings for an internal endpoint: quiet, no access log (the listeners are ours)."""
     config = HypercornConfig()
-    host = f"[{cfg.host}]" if ":" in cfg.host and not cfg.host.startswith("[") else cfg.host
-    config.bind = [f"{host}:{cfg.port}"]
     config.accesslog = None  # scrapes every 15 s are not events
     server_log = logging.getLogger(f"{__name__}.server")
     server_log.setLevel(logging.WARNING)  # drops "Running on … (CTRL + C to quit)"; errors still log
     config.errorlog = server_log  # a Logger: hypercorn uses it as is, our handler formats it
     config.include_server_header = False
-    config.graceful_timeout = 1.0
-    config.keep_alive_timeout = 30.0  # Prometheus keeps its connection between scrapes
     config.h11_max_incomplete_size = 16 * 1024  # request line and headers
-    # a peer that stops sending mid-request is dropped (hypercorn takes whole seconds)
-    config.read_timeout = max(1, round(cfg.read_timeout_s))
+    # a peer that sends nothing for read_timeout_s — mid-request, between requests, or having sent
+    # nothing before it went (hypercorn then holds the connection, and its place at the gate, until
+    # keep_alive_timeout) — is dropped; Prometheus keeps its connection between scrapes (15 s)
+    config.read_timeout = max(1, round(cfg.read_timeout_s))  # hypercorn takes whole seconds
+    config.keep_alive_timeout = config.read_timeout
     if cfg.tls_cert_file:  # https: the console and the API over TLS
         config.certfile, config.keyfile = cfg.tls_cert_file, cfg.tls_key_file
     return config
@@ -277,38 +286,47 @@ async def serve_http(
     Returns: never (cancel the enclosing scope to stop). ``started()`` gets the
     bound TCP port once the socket listens (the real one when ``cfg.port`` is 0).
     Without ``api`` only the operator routes are served.
-    Resource handling: hypercorn owns and closes the listening socket.
+    Resource handling: the listeners and every connection close on exit; a
+    connection beyond ``max_connections`` (or ``max_connections_per_address``)
+    is answered 503 (429) and closed before a byte of it is read.
     Error handling: a failing command is its error response (``internal``
     logged); a failing ``readiness()``/``metrics_text()`` becomes a 500 logged by
     hypercorn; a bind error (port in use) raises OSError out of ``start()``,
     before readiness.
     """
     config = _hypercorn_config(cfg)
-
-    class _Status:
-        """Turns hypercorn's ``started(["http://host:port"])`` into ``started(port)``."""
-
-        done = False
-
-        def started(self, binds: list[str] | None = None) -> None:
-            self.done = True
-            port = int(binds[0].rsplit(":", 1)[1]) if binds else cfg.port
-            log.info("HTTP on %s", ", ".join(binds or []))
-            task_status.started(port)
-
-    status = _Status()
     try:
-        await serve(
-            make_app(readiness, metrics_text, api),  # type: ignore[arg-type]
-            config,
-            task_status=status,  # duck-typed: only .started() is called
-            mode="asgi",
-        )
-    except BaseExceptionGroup as group:
-        # hypercorn nests a bind failure three nurseries deep; the operator
-        # should read "http 127.0.0.1:8766: Address already in use", not a tree.
-        leaf = sole_exception(group)
-        if not status.done and isinstance(leaf, OSError):
-            raise OSError(leaf.errno, f"http {cfg.host}:{cfg.port}: {leaf.strerror}") from group
-        raise
+        listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
+    except OSError as exc:  # the operator reads "http 127.0.0.1:8766: Address already in use"
+        raise OSError(exc.errno, f"http {cfg.host}:{cfg.port}: {exc.strerror}") from None
+    served: list[trio.abc.Listener[Any]] = list(listeners)
+    if cfg.tls_cert_file:  # https: hypercorn's own TLS settings (ALPN among them)
+        context = config.create_ssl_context()
+        assert context is not None  # certfile is set
+        served = [trio.SSLListener(listener, context, https_compatible=True) for listener in listeners]
+    gate = PeerGate(cfg.max_connections, cfg.max_connections_per_address, cfg.max_connections)
+    app = wrap_app(make_app(readiness, metrics_text, api), config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
+    worker = WorkerContext(None)
 
+    async def serve_connection(stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]) -> None:
+        socket_stream = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+        try:
+            address = str(socket_stream.socket.getpeername()[0])
+        except OSError:  # reset before we looked: nothing to serve
+            await stream.aclose()
+            return
+        admission = gate.enter(address)
+        if isinstance(admission, str):
+            await refuse(stream, admission)
+            return
+        gate.handshake_done(admission)
+        try:
+            await TCPServer(app, config, worker, {}, stream)  # type: ignore[arg-type]
+        finally:
+            gate.leave(admission)
+
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as handlers:
+        await handlers.start(partial(trio.serve_listeners, serve_connection, served, handler_nursery=handlers))
+        log.info("HTTP on %s://%s:%d", "https" if cfg.tls_cert_file else "http", cfg.host, port)
+        task_status.started(port)

@@ -8,12 +8,14 @@ one gate per listener); the numbers come from ``[limits]`` and ``[websocket]``.
 
 from __future__ import annotations
 
+import contextlib
+import http
 from collections import Counter
 
 import attrs
 import trio
 
-__all__ = ["Admission", "GateStatistics", "PeerGate", "TokenBucket"]
+__all__ = ["REFUSALS", "Admission", "GateStatistics", "PeerGate", "TokenBucket", "refuse"]
 
 
 class TokenBucket:
@@ -59,6 +61,27 @@ class GateStatistics:
     handshakes: int
     addresses: int
     refused: dict[str, int]
+
+
+#: gate refusals: why → (HTTP status, body); written before any byte of the request is read
+REFUSALS = {
+    "connections": (503, "too many connections"),
+    "handshakes": (503, "too many handshakes in progress"),
+    "per_address": (429, "too many connections from your address"),
+}
+
+
+async def refuse(stream: trio.abc.Stream, why: str) -> None:
+    """Answer a connection the gate did not admit (``why``: a key of :data:`REFUSALS`) with a
+    plain HTTP error, then close it (the WebSocket and the HTTP server alike)."""
+    status, text = REFUSALS[why]
+    body = f"aivad: {text}\n".encode()
+    head = f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: text/plain\r\n"
+    response = head.encode() + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body
+    with trio.move_on_after(1.0):
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(response)
+    await trio.aclose_forcefully(stream)
 
 
 class PeerGate:

@@ -18,8 +18,6 @@ to the trio-websocket version in pyproject.
 
 from __future__ import annotations
 
-import contextlib
-import http
 import logging
 import math
 import ssl
@@ -38,7 +36,7 @@ from .auth import console_origins, origin_allowed
 from .boundary import Faults, describe
 from .config import ConfigError, WebSocketConfig
 from .envelope import rfc3339
-from .limits import Admission, PeerGate
+from .limits import Admission, PeerGate, refuse
 from .ops import Caller, Operations, Pending
 from .protocol import (
     OpError,
@@ -597,7 +595,7 @@ class WebSocketService:
         address, peer = str(address), f"{address}:{port}"  # kept: after a reset the socket cannot say
         admission = self.gate.enter(address)
         if isinstance(admission, str):
-            await _refuse(stream, *_REFUSALS[admission])
+            await refuse(stream, admission)
             return
         try:  # the connection's error boundary: Faults.isolated, written out here, as this frame lives as
             # long as the connection and one more (isolated's) would too (~400 bytes per connection)
@@ -944,20 +942,3 @@ def tls_context(cert_file: str, key_file: str, section: str = "websocket") -> ss
     return context
 
 
-#: gate refusals: why → (HTTP status, body); written before any byte of the handshake is read
-_REFUSALS = {
-    "connections": (503, "too many connections"),
-    "handshakes": (503, "too many handshakes in progress"),
-    "per_address": (429, "too many connections from your address"),
-}
-
-
-async def _refuse(stream: trio.abc.Stream, status: int, why: str) -> None:
-    """Answer a connection the gate did not admit with a plain HTTP error, then close it."""
-    body = f"aivad: {why}\n".encode()
-    head = f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: text/plain\r\n"
-    response = head.encode() + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body
-    with trio.move_on_after(1.0):
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await stream.send_all(response)
-    await trio.aclose_forcefully(stream)

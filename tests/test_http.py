@@ -1,4 +1,4 @@
-"""The operator HTTP endpoints, served by hypercorn's trio worker on a real port.
+"""The operator HTTP endpoints, served by hypercorn's HTTP/1.1 and HTTP/2 machinery on a real port.
 
 Policy: ``serve_http`` runs inside the test's trio loop on port 0 and is asked
 over a real TCP connection with hand-written HTTP/1.1 (no client library, so
@@ -8,6 +8,7 @@ sockets: real time, bounded by ``trio.fail_after``, never the autojump clock.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import socket
 import warnings
@@ -137,6 +138,45 @@ async def test_no_access_log_at_info(port: int, caplog: pytest.LogCaptureFixture
     await request(port, "GET", "/nope")
     # no line per request (an access log); the server's own start-up line may land here too
     assert [r for r in caplog.records if "/metrics" in r.getMessage() or "/nope" in r.getMessage()] == []
+
+
+async def _read_all(stream: trio.SocketStream) -> Response:
+    raw = b""
+    while chunk := await stream.receive_some():
+        raw += chunk
+    return Response(raw)
+
+
+@pytest.mark.parametrize(("limits", "status"), [
+    ({"max_connections": 2}, 503),
+    ({"max_connections_per_address": 2}, 429),
+])
+async def test_connections_beyond_the_limits_are_refused_before_a_byte_is_read(
+    state: State, limits: dict[str, int], status: int
+) -> None:
+    """Idle peers hold at most the limit: the next one is answered at once and closed, and a place
+    that frees up serves again (hypercorn alone keeps every connection until its read timeout)."""
+    cfg = HttpConfig(enabled=True, port=0, read_timeout_s=1.0, **limits)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(serve_http, cfg, state.readiness, state.metrics)
+            idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
+            await trio.sleep(0.2)  # both accepted and admitted
+            async with await trio.open_tcp_stream("127.0.0.1", port) as third:
+                refused = await _read_all(third)  # sent nothing: the answer comes unasked
+            assert refused.status == status and b"too many connections" in refused.body
+            assert refused.headers["connection"] == "close"
+            await idle.pop().aclose()
+            with trio.fail_after(10):  # a peer that sent nothing keeps its place until read_timeout_s
+                while True:  # until the server has let it go (a refusal may reset our unread request)
+                    with contextlib.suppress(trio.BrokenResourceError):
+                        if (response := await request(port, "GET", "/healthz")).status == 200:
+                            break
+                    await trio.sleep(0.05)
+            assert response.body == b"ok\n"
+            for stream in idle:
+                await stream.aclose()
+            nursery.cancel_scope.cancel()
 
 
 async def test_port_in_use_is_one_oserror() -> None:
