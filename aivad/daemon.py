@@ -167,7 +167,13 @@ class Daemon:
         errors = CounterMetricFamily("aivad_http_api_errors", "HTTP API error replies, by code.", labels=["code"])
         for code, n in sorted(self.api.errors.items()):
             errors.add_metric([code], n)
-        return [errors]
+        gate = self.api.gate.statistics()
+        refused = CounterMetricFamily("aivad_http_connections_refused",
+                                      "HTTP connections refused before a byte was read, by why.", labels=["reason"])
+        for reason, n in sorted(gate.refused.items()):
+            refused.add_metric([reason], n)
+        open_ = GaugeMetricFamily("aivad_http_connections", "Open HTTP connections.", value=gate.connections)
+        return [errors, refused, open_]
 
     def _cluster_metrics(self) -> list[Any]:
         """This node's view of the cluster (every node serves its own /metrics: scrape them all)."""
@@ -344,6 +350,7 @@ class Daemon:
             **({"cluster": {**attrs.asdict(self.cluster.statistics()), "journal": self.journal.statistics()}}
                if self.cluster is not None and self.journal is not None else {}),
             **({"redis_ingress": self.redis_ingest.statistics()} if self.redis_ingest is not None else {}),
+            **({"http": attrs.asdict(self.api.gate.statistics())} if self.api is not None else {}),
             "router": attrs.asdict(router),
             "tasks": attrs.asdict(self.dispatcher.statistics()),
             "amqp": attrs.asdict(self.amqp.statistics()) if self.amqp else {"enabled": False},

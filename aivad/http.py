@@ -109,6 +109,8 @@ class Api:
         self._quotas: OrderedDict[str, Quota] = OrderedDict()
         #: error replies by code (too_large, overloaded, unauthorized…): aivad_http_api_errors_total
         self.errors: Counter[str] = Counter()
+        #: admits the server's connections (serve_http); its counts are status.http and /metrics'
+        self.gate = PeerGate(cfg.max_connections, cfg.max_connections_per_address, cfg.max_connections)
 
     def _quota(self, address: str) -> Quota:
         quota = self._quotas.pop(address, None) or self.ops.quota()
@@ -304,7 +306,8 @@ async def serve_http(
         context = config.create_ssl_context()
         assert context is not None  # certfile is set
         served = [trio.SSLListener(listener, context, https_compatible=True) for listener in listeners]
-    gate = PeerGate(cfg.max_connections, cfg.max_connections_per_address, cfg.max_connections)
+    gate = api.gate if api is not None else PeerGate(cfg.max_connections, cfg.max_connections_per_address,
+                                                     cfg.max_connections)
     app = wrap_app(make_app(readiness, metrics_text, api), config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
     worker = WorkerContext(None)
 

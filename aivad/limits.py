@@ -81,7 +81,18 @@ async def refuse(stream: trio.abc.Stream, why: str) -> None:
     with trio.move_on_after(1.0):
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await stream.send_all(response)
+    # what the peer sent meanwhile (its request) is read and dropped, briefly: closing a socket with
+    # unread data resets the connection, and the peer could lose the answer before reading it
+    with trio.move_on_after(_DRAIN_S), contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        drained = 0
+        while drained < _DRAIN_BYTES and (data := await stream.receive_some(_DRAIN_BYTES)):
+            drained += len(data)
     await trio.aclose_forcefully(stream)
+
+
+#: how long, and how many bytes, a refused connection's request is read before it is closed
+_DRAIN_S = 0.1
+_DRAIN_BYTES = 65536
 
 
 class PeerGate:

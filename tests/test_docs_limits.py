@@ -21,6 +21,7 @@ import trio
 from aivad.amqp import AmqpStatistics
 from aivad.cluster import ClusterStatistics
 from aivad.config import RedisConfig
+from aivad.limits import GateStatistics
 from aivad.redis_ingest import RedisIngest
 from tests.conftest import control_async
 from tests.test_docs import code_defaults
@@ -115,6 +116,7 @@ async def test_named_status_fields_exist(daemon: Any) -> None:
     # sections of services this daemon does not run: their statistics snapshot is what status shows
     status["amqp"] = {f.name: None for f in attrs.fields(AmqpStatistics)}
     status["cluster"] = {**{f.name: None for f in attrs.fields(ClusterStatistics)}, "journal": None}
+    status["http"] = {f.name: None for f in attrs.fields(GateStatistics)}
     status["redis_ingress"] = RedisIngest(RedisConfig(ingest_stream=""), None, None, "a").statistics()  # type: ignore[arg-type]
     named = status_fields_named()
     assert len(named) >= 15

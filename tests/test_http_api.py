@@ -10,6 +10,7 @@ oversize, wrong types, wrong methods, stalls) end with the daemon still serving.
 from __future__ import annotations
 
 import json
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -185,3 +186,22 @@ async def test_a_peer_that_stalls_mid_request_does_not_hold_the_server(nursery: 
     finally:
         for s in stalled:
             s.close()
+
+
+async def test_connections_over_the_limit_are_refused_and_counted(nursery: trio.Nursery, tmp_dir: Path) -> None:
+    d = await with_http(nursery, tmp_dir, http={"max_connections_per_address": 1, "read_timeout_s": 1.0})
+    port = d.endpoints.http_port
+    assert port is not None
+    with socket.create_connection(("127.0.0.1", port)):  # holds this address's one place
+        with trio.fail_after(10):
+            while (await control_async(d.control_path, {"cmd": "status"}))["status"]["http"]["connections"] < 1:
+                await trio.sleep(0.02)
+        status, _, body = await http(port, "GET", "/healthz")
+        assert (status, body) == (429, b"aivad: too many connections from your address\n")
+    http_status = (await control_async(d.control_path, {"cmd": "status"}))["status"]["http"]
+    assert http_status["refused"] == {"per_address": 1}
+    with trio.fail_after(10):  # a peer that sent nothing gives its place back at read_timeout_s
+        while (response := await http(port, "GET", "/metrics"))[0] != 200:
+            await trio.sleep(0.05)
+    counted = re.search(rb'aivad_http_connections_refused_total\{reason="per_address"\} (\d+)\.0', response[2])
+    assert counted and int(counted[1]) >= 1, response[2]  # (and the refusals while it waited)
