@@ -9,7 +9,6 @@ reply on both. ``tail`` streams, so it lives with the control edge alone.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,7 +16,7 @@ import attrs
 
 from .dispatcher import TaskView
 from .ops import Caller, Operations
-from .protocol import OpError, field, parse_envelope, parse_history, seq_field
+from .protocol import OpError, field, loads_json, parse_envelope, parse_history, seq_field
 from .store import DeadLetter
 from .tasks import STATES, parse_task_spec
 
@@ -89,7 +88,7 @@ def _task_type(letter: DeadLetter) -> str | None:
     if letter.kind != "task":
         return None
     try:
-        spec = json.loads(letter.body)
+        spec = loads_json(letter.body)
     except ValueError:
         return None
     task_type = spec.get("type") if isinstance(spec, dict) else None

@@ -233,9 +233,14 @@ def loads_json(text: str | bytes) -> Any:
     neither stored nor sent on (UTF-8), so it would fail later, far from its
     producer — and take the neighbours of its group commit with it. Escaped
     surrogate *pairs* (an emoji written ``\\ud83d\\ude00``) are fine: only when
-    the text has such an escape at all is the decoded value checked.
+    the text has such an escape at all is the decoded value checked. JSON nested
+    deeper than Python's recursion limit (``[[[[…``, a few KB of it) is a ValueError
+    too, not the RecursionError ``json`` raises: every caller handles ValueError.
     """
-    value = json.loads(text)
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
     escapes = _SURROGATE_ESCAPE.search(text if isinstance(text, str) else text.decode("utf-8", "replace"))
     if escapes and not _encodable(value):
         raise LoneSurrogate(value)

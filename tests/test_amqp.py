@@ -100,6 +100,7 @@ def test_non_object_json_and_objects_with_other_keys_are_payloads() -> None:
         (b'{"type": "a", "metadata": []}', "a.b", "metadata must be an object"),
         (b'{"n": 1}', "", "routing key"),
         (b'{"n": 1}', "bad key!", "every dot-separated word"),
+        (b"[" * 100_000, "a.b", "nested too deeply"),  # json's RecursionError, once uncaught
     ],
 )
 def test_poison_is_refused_with_a_reason(body: bytes, routing_key: str, problem: str) -> None:

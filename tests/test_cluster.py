@@ -325,6 +325,7 @@ FOREIGN_ENTRIES: list[dict[str, Any]] = [
     {"t": "1", "type": "h.x", "d": '{"a":'},  # not JSON
     {"t": "1", "type": "h..x", "d": "{}"},  # not a topic
     {"t": "1", "type": b"h.\xff", "d": "{}"},  # not UTF-8
+    {"t": "1", "type": "h.x", "d": "[" * 100_000},  # nested past the recursion limit (json's RecursionError)
 ]
 
 
@@ -350,7 +351,7 @@ async def test_foreign_entries_in_the_log_are_skipped_and_every_node_serves_on(c
             assert await no_more_messages(on_a)
         # heartbeats that are not: the nodes' list skips them, status goes on
         nodes, expiry = f"{cluster.prefix}{{log}}:nodes", f"{cluster.prefix}{{log}}:node-expiry"
-        for name, info in (("evil1", "not json"), ("evil2", '{"info": 5}'), ("evil3", "[]")):
+        for name, info in (("evil1", "not json"), ("evil2", '{"info": 5}'), ("evil3", "[]"), ("evil4", "[" * 100_000)):
             producer.hset(nodes, name, info)
             producer.zadd(expiry, {name: 2**52})
         await trio.sleep(1.5)  # three heartbeats

@@ -185,7 +185,8 @@ async def test_foreign_task_records_in_redis_are_skipped_and_the_nodes_serve_on(
     client = redis.Redis.from_url(cluster.redis.url)
     key = f"{cluster.prefix}{{log}}:"
     bad = {"junk-1": b"{not json", "junk-2": json.dumps({"spec": {"task_id": "junk-2"}, "state": "queued"}),
-           "junk-3": json.dumps({"spec": {"task_id": 3, "type": []}, "state": "nope", "attempts": "x"})}
+           "junk-3": json.dumps({"spec": {"task_id": 3, "type": []}, "state": "nope", "attempts": "x"}),
+           "junk-4": b"[" * 100_000}  # nested past the recursion limit: json raised RecursionError
     client.hset(key + "task", mapping=bad)
     client.hset(key + "task-v", mapping=dict.fromkeys(bad, 1))
     client.zadd(key + "task-open", dict.fromkeys(bad, 1))
@@ -295,6 +296,7 @@ async def test_foreign_entries_in_the_dead_letter_queue_and_the_running_set_are_
     client.xadd(key + "dlq", {"d": "{not json"}, id="1-0")
     client.xadd(key + "dlq", {"x": "y"}, id="2-0")
     client.xadd(key + "dlq", {"d": json.dumps({"kind": "task"})}, id="3-0")
+    client.xadd(key + "dlq", {"d": "[" * 100_000}, id="3-1")
     client.hset(key + "meta", "dlq", 3)
     client.hset(key + "task-running", mapping={"ghost-task": "ghost-node", "x" * 300: "y" * 300})
     a, b = cluster.node("a"), cluster.node("b")

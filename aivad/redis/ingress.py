@@ -15,6 +15,7 @@ import coredis.exceptions
 import trio
 
 from aivad.envelope import BadMessage, Envelope
+from aivad.protocol import loads_json
 
 from .client import (
     _CLIENT_ERRORS,
@@ -39,7 +40,7 @@ _MAX_MESSAGE_ID = 255
 
 def _loads(value: str, what: str) -> Any:
     try:
-        return json.loads(value)
+        return loads_json(value)
     except ValueError as exc:
         raise BadMessage(f"{what} is not JSON: {exc}") from None
 
@@ -337,7 +338,7 @@ def envelope_from_channel(channel: str, data: str) -> Envelope:
     envelope (as the AMQP ingress does); data that is not JSON is a string payload.
     """
     try:
-        obj = json.loads(data)
+        obj = loads_json(data)
     except ValueError:
         obj = data
     if isinstance(obj, dict) and "type" in obj and obj.keys() <= {"message_id", "timestamp", "type", "payload",
