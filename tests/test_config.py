@@ -78,6 +78,7 @@ def _serve(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         ("[websocket\n", "not valid TOML"),
         ("[amqp]\nprefech = 5\n", "amqp: extra fields found (prefech)"),
         ("\xff\xfe", "cannot read"),
+        ("a = " + "[" * 100_000, "not valid TOML: nested too deeply"),
     ],
 )
 def test_serve_exits_2_with_one_line(tmp_path: Path, text: str, expected: str) -> None:
