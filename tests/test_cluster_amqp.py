@@ -139,3 +139,41 @@ async def test_an_amqp_rpc_task_taken_by_any_node_is_served_by_a_worker_on_anoth
         assert sent == [0, 10]  # answered by the node that ended the task (b's worker), once
     finally:
         cluster.stop()
+
+
+async def test_a_poison_delivery_in_a_cluster_is_one_dead_letter_seen_from_every_node(
+        rabbitmq: RabbitMQ, redis_server: Redis) -> None:
+    """Whichever node takes a delivery that is not an event, its dead letter is the cluster's (in
+    Redis): listed and shown the same on both nodes, and both go on storing the good ones."""
+    cfg = make_cfg(rabbitmq.url)
+    cluster = Cluster(redis_server, amqp={**_amqp_section(cfg), "max_body_bytes": 1024})
+    try:
+        a, b = cluster.node("a"), cluster.node("b")
+        with trio.fail_after(30):
+            while any(not node.control({"cmd": "status"})["status"]["amqp"].get("consuming") for node in (a, b)):
+                await trio.sleep(0.1)
+        await trio.to_thread.run_sync(publish, rabbitmq.url, cfg.events_exchange, [
+            ("p.x", b"not json", pika.BasicProperties(message_id="bad-1")),
+            ("p.x", b"[" * 1020, pika.BasicProperties(message_id="bad-2")),  # < 1 KiB, too deep
+            ("p.x", json.dumps({"pad": "x" * 5000}).encode(), pika.BasicProperties(message_id="bad-3")),
+            ("p.ok", b'{"fine": true}', pika.BasicProperties(message_id="ok-1")),
+        ])
+        with trio.fail_after(30):
+            while len(a.control({"cmd": "dlq.list", "kind": "amqp.poison"})["dead_letters"]) < 3:
+                await trio.sleep(0.1)
+        listed = [node.control({"cmd": "dlq.list", "kind": "amqp.poison"})["dead_letters"] for node in (a, b)]
+        assert listed[0] == listed[1] and len(listed[0]) == 3
+        shown = [b.control({"cmd": "dlq.show", "id": d["id"]})["dead_letter"] for d in listed[0]]
+        by_message = {letter["detail"]["message_id"]: letter for letter in shown}
+        assert "not JSON" in by_message["bad-1"]["reason"]
+        assert "nested too deeply" in by_message["bad-2"]["reason"]
+        assert "over max_body_bytes (1024)" in by_message["bad-3"]["reason"]
+        async with connect(b.ws_url) as c:
+            with trio.fail_after(20):
+                while not (payloads := await all_payloads(c, "p.#")):
+                    await trio.sleep(0.1)
+        assert payloads == [{"fine": True}]
+        for node in (a, b):
+            assert node.control({"cmd": "status"})["status"]["ready"] is True
+    finally:
+        cluster.stop()
