@@ -16,7 +16,7 @@ import attrs
 
 from .dispatcher import TaskView
 from .ops import Caller, Operations
-from .protocol import OpError, field, loads_json, parse_envelope, parse_history, seq_field
+from .protocol import OpError, field, parse_envelope, parse_history, parse_json, seq_field
 from .store import DeadLetter
 from .tasks import STATES, parse_task_spec
 
@@ -88,7 +88,7 @@ def _task_type(letter: DeadLetter) -> str | None:
     if letter.kind != "task":
         return None
     try:
-        spec = loads_json(letter.body)
+        spec = parse_json(letter.body)
     except ValueError:
         return None
     task_type = spec.get("type") if isinstance(spec, dict) else None

@@ -487,7 +487,8 @@ async def run_daemon(
         if cfg.http.enabled:
             ws_scheme = "wss" if cfg.websocket.tls_cert_file else "ws"
             api = daemon.api = Api(cfg.http, daemon.ops, lambda: (ws_scheme, daemon.websocket.port))
-            http_port = await root.start(serve_http, cfg.http, daemon.readiness, MetricsRenderer(daemon), api)
+            http_port = await root.start(partial(serve_http, cfg.http, daemon.readiness, MetricsRenderer(daemon), api,
+                                                 faults=daemon.faults))
             daemon.websocket.console = ("https" if cfg.http.tls_cert_file else "http", http_port)
         endpoints = Endpoints(daemon.websocket.port, cfg.control.socket, http_port)
         notifier.ready(daemon.summary())

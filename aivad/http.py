@@ -42,9 +42,10 @@ from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.utils import wrap_app
 
+from .boundary import Faults
 from .commands import COMMANDS
 from .config import HttpConfig
-from .limits import PeerGate, refuse
+from .limits import PeerGate, peer_of, refuse
 from .ops import Caller, Operations, Quota
 from .protocol import OpError, decode_request, dumps
 from .web import ASSETS, read_asset
@@ -110,7 +111,7 @@ class Api:
         #: error replies by code (too_large, overloaded, unauthorized…): aivad_http_api_errors_total
         self.errors: Counter[str] = Counter()
         #: admits the server's connections (serve_http); its counts are status.http and /metrics'
-        self.gate = PeerGate(cfg.max_connections, cfg.max_connections_per_address, cfg.max_connections)
+        self.gate = connection_gate(cfg)
 
     def _quota(self, address: str) -> Quota:
         quota = self._quotas.pop(address, None) or self.ops.quota()
@@ -256,6 +257,11 @@ def make_app(readiness: Callable[[], list[str]], metrics_text: Callable[[], byte
     return app
 
 
+def connection_gate(cfg: HttpConfig) -> PeerGate:
+    """The gate of the HTTP server's connections: in all and per address (no handshake phase)."""
+    return PeerGate(cfg.max_connections, cfg.max_connections_per_address, cfg.max_connections)
+
+
 def _hypercorn_config(cfg: HttpConfig) -> HypercornConfig:
     """Hypercorn settings for an internal endpoint: quiet, no access log (the listeners are ours)."""
     config = HypercornConfig()
@@ -281,6 +287,7 @@ async def serve_http(
     metrics_text: Callable[[], bytes],
     api: Api | None = None,
     *,
+    faults: Faults | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the HTTP routes on ``cfg.host:cfg.port`` until cancelled.
@@ -293,8 +300,9 @@ async def serve_http(
     is answered 503 (429) and closed before a byte of it is read.
     Error handling: a failing command is its error response (``internal``
     logged); a failing ``readiness()``/``metrics_text()`` becomes a 500 logged by
-    hypercorn; a bind error (port in use) raises OSError out of ``start()``,
-    before readiness.
+    hypercorn; what else escapes hypercorn for one connection ends that connection
+    alone (recorded in ``faults``); a bind error (port in use) raises OSError out of
+    ``start()``, before readiness.
     """
     config = _hypercorn_config(cfg)
     try:
@@ -306,25 +314,25 @@ async def serve_http(
         context = config.create_ssl_context()
         assert context is not None  # certfile is set
         served = [trio.SSLListener(listener, context, https_compatible=True) for listener in listeners]
-    gate = api.gate if api is not None else PeerGate(cfg.max_connections, cfg.max_connections_per_address,
-                                                     cfg.max_connections)
+    gate = api.gate if api is not None else connection_gate(cfg)
+    faults = faults or Faults()
     app = wrap_app(make_app(readiness, metrics_text, api), config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
     worker = WorkerContext(None)
 
     async def serve_connection(stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]) -> None:
-        socket_stream = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
-        try:
-            address = str(socket_stream.socket.getpeername()[0])
-        except OSError:  # reset before we looked: nothing to serve
+        peer = peer_of(stream)
+        if peer is None:
             await stream.aclose()
             return
-        admission = gate.enter(address)
+        admission = gate.enter(peer[0])
         if isinstance(admission, str):
             await refuse(stream, admission)
             return
-        gate.handshake_done(admission)
-        try:
+        gate.handshake_done(admission)  # (HTTP has no handshake phase: a connection counts as one)
+        try:  # the connection's error boundary: what escapes hypercorn ends this connection alone
             await TCPServer(app, config, worker, {}, stream)  # type: ignore[arg-type]
+        except* Exception as group:  # noqa: BLE001 - recorded, then ended
+            faults.record("http.connection", f"{peer[0]}:{peer[1]}", group)
         finally:
             gate.leave(admission)
 

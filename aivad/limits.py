@@ -15,7 +15,7 @@ from collections import Counter
 import attrs
 import trio
 
-__all__ = ["REFUSALS", "Admission", "GateStatistics", "PeerGate", "TokenBucket", "refuse"]
+__all__ = ["REFUSALS", "Admission", "GateStatistics", "PeerGate", "TokenBucket", "peer_of", "refuse"]
 
 
 class TokenBucket:
@@ -69,6 +69,17 @@ REFUSALS = {
     "handshakes": (503, "too many handshakes in progress"),
     "per_address": (429, "too many connections from your address"),
 }
+
+
+def peer_of(stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]) -> tuple[str, int] | None:
+    """An accepted connection's peer (address, port), looked up once: after a reset the socket
+    cannot say (None: reset before anyone looked — nothing to serve)."""
+    socket_stream = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    try:
+        address, port = socket_stream.socket.getpeername()[:2]
+    except OSError:
+        return None
+    return str(address), int(port)
 
 
 async def refuse(stream: trio.abc.Stream, why: str) -> None:

@@ -29,6 +29,7 @@ __all__ = [
     "parse_collect",
     "parse_envelope",
     "parse_history",
+    "parse_json",
     "parse_pattern",
     "parse_subscribe",
     "parse_timeout",
@@ -226,6 +227,17 @@ def parse_history(frame: dict[str, Any]) -> HistoryRequest:
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
+def parse_json(text: str | bytes) -> Any:
+    """``json.loads``, except that JSON nested deeper than Python's recursion limit (``[[[[…``,
+    a few KB of it) is a ValueError, not the RecursionError ``json`` raises: every caller handles
+    ValueError. For JSON aivad wrote or a trusted writer may have (Redis); a peer's goes through
+    :func:`loads_json`."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 def loads_json(text: str | bytes) -> Any:
     """Parse a peer's JSON (ValueError if it is not JSON), refusing lone surrogates (``LoneSurrogate``).
 
@@ -233,14 +245,10 @@ def loads_json(text: str | bytes) -> Any:
     neither stored nor sent on (UTF-8), so it would fail later, far from its
     producer — and take the neighbours of its group commit with it. Escaped
     surrogate *pairs* (an emoji written ``\\ud83d\\ude00``) are fine: only when
-    the text has such an escape at all is the decoded value checked. JSON nested
-    deeper than Python's recursion limit (``[[[[…``, a few KB of it) is a ValueError
-    too, not the RecursionError ``json`` raises: every caller handles ValueError.
+    the text has such an escape at all is the decoded value checked. Nesting past the
+    recursion limit is a ValueError (:func:`parse_json`).
     """
-    try:
-        value = json.loads(text)
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
+    value = parse_json(text)
     escapes = _SURROGATE_ESCAPE.search(text if isinstance(text, str) else text.decode("utf-8", "replace"))
     if escapes and not _encodable(value):
         raise LoneSurrogate(value)
@@ -277,7 +285,7 @@ def decode_request(text: str | bytes) -> dict[str, Any]:
         ref = exc.value.get("ref") if isinstance(exc.value, dict) else None
         clean_ref = ref if not isinstance(ref, (dict, list)) and _encodable(ref) else None
         raise OpError("bad_request", str(exc), clean_ref) from None
-    except (ValueError, RecursionError):
+    except ValueError:
         raise OpError("bad_json", "not valid JSON") from None
     if not isinstance(request, dict):
         raise OpError("bad_request", "a request must be a JSON object")

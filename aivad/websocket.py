@@ -36,7 +36,7 @@ from .auth import console_origins, origin_allowed
 from .boundary import Faults, describe
 from .config import ConfigError, WebSocketConfig
 from .envelope import rfc3339
-from .limits import Admission, PeerGate, refuse
+from .limits import Admission, PeerGate, peer_of, refuse
 from .ops import Caller, Operations, Pending
 from .protocol import (
     OpError,
@@ -586,13 +586,11 @@ class WebSocketService:
 
     async def serve_stream(self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]) -> None:
         """One accepted TCP connection: admitted by the gate, then handshake and ops behind an error boundary."""
-        socket_stream = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
-        try:
-            address, port = socket_stream.socket.getpeername()[:2]
-        except OSError:  # reset before we looked: nothing to serve
+        found = peer_of(stream)
+        if found is None:
             await stream.aclose()
             return
-        address, peer = str(address), f"{address}:{port}"  # kept: after a reset the socket cannot say
+        address, peer = found[0], f"{found[0]}:{found[1]}"
         admission = self.gate.enter(address)
         if isinstance(admission, str):
             await refuse(stream, admission)

@@ -110,9 +110,9 @@ def test_poison_is_refused_with_a_reason(body: bytes, routing_key: str, problem:
 
 def test_a_body_over_max_body_bytes_is_refused_unparsed() -> None:
     body = json.dumps({"pad": "x" * 2000}).encode()
-    assert envelope_from_amqp(body, "a.b", max_body_bytes=len(body)).payload == {"pad": "x" * 2000}
-    with pytest.raises(BadMessage, match=rf"body is {len(body)} bytes, over max_body_bytes \(1024\)"):
-        envelope_from_amqp(body, "a.b", max_body_bytes=1024)
+    assert envelope_from_amqp(body, "a.b", max_body_bytes=len(body)).payload == {"pad": "x" * 2000}  # at the limit
+    with pytest.raises(BadMessage, match=rf"body is {len(body)} bytes, over max_body_bytes \({len(body) - 1}\)"):
+        envelope_from_amqp(body, "a.b", max_body_bytes=len(body) - 1)  # one over
     with pytest.raises(BadMessage, match="over max_body_bytes"):
         task_spec_from_amqp(body, "a.b", TasksConfig(), max_body_bytes=1024)
 

@@ -679,14 +679,14 @@ async def test_an_entry_over_max_entry_bytes_is_refused_unparsed_and_its_dead_le
     fields = {"type": "big.one", "payload": json.dumps("x" * 5000)}
     size = sum(len(k) + len(v) for k, v in fields.items())
     big = producer.xadd(stream, fields)
-    fits = producer.xadd(stream, {"type": "small.one", "payload": "1"})
-    ingress = RedisIngress(redis_log, stream, consumer="node-a", block_s=0.1, max_entry_bytes=1024)
+    fits = producer.xadd(stream, {"type": "small.one", "payload": json.dumps("y" * 4997)})  # size - 1 bytes
+    ingress = RedisIngress(redis_log, stream, consumer="node-a", block_s=0.1, max_entry_bytes=size - 1)
     with trio.fail_after(WAIT_S):
         first, second = await ingress.read()
-    assert (first.entry_id, first.envelope) == (big, None)
-    assert first.error == f"entry is {size} bytes, over ingest_max_entry_bytes (1024)"
+    assert (first.entry_id, first.envelope) == (big, None)  # one byte over
+    assert first.error == f"entry is {size} bytes, over ingest_max_entry_bytes ({size - 1})"
     assert first.fields == {"type": "big.one", "payload": '"' + "x" * 255}  # each value's first 256 bytes
-    assert second.entry_id == fits and second.envelope and second.envelope.payload == 1
+    assert second.entry_id == fits and second.envelope and second.envelope.payload == "y" * 4997  # at the limit
 
 
 async def test_ingress_claims_the_pending_entries_of_a_dead_consumer(redis_log: RedisLog,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import random
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -464,3 +466,20 @@ async def test_worker_drain_gets_no_new_tasks_and_hands_back_what_it_holds(daemo
                 await staying.send("task.result", task_id=task["task_id"], result="ok")
             done = await caller.ok({"op": "collect", "task_ids": [held, later], "timeout": 5})
             assert done["reason"] == "all_done" and done["failed"] == {}
+
+
+async def test_made_ids_grow_with_time_in_the_uuid7_layout() -> None:
+    """Task and message ids the daemon makes sort by creation time (the store's id indexes then
+    take appends on their last pages): 48 bits of Unix milliseconds first, version 7, variant 10."""
+    from aivad.envelope import Envelope, new_id
+    from aivad.tasks import parse_task_spec
+
+    first = [new_id() for _ in range(50)]
+    await trio.sleep(0.002)  # a later millisecond
+    later = parse_task_spec({"type": "t"}, TasksConfig()).task_id, Envelope.from_fields("t.x", None).message_id
+    assert all(a < b for a in first for b in later)
+    for made in (*first, *later):
+        value = uuid.UUID(made)
+        assert (len(made), value.version, value.variant) == (32, 7, uuid.RFC_4122)
+        assert abs((value.int >> 80) - time.time() * 1000) < 60_000
+    assert len(set(first)) == len(first)

@@ -108,7 +108,7 @@ import trio
 import trio.lowlevel
 
 from aivad.envelope import Envelope, check_topic, compile_pattern
-from aivad.protocol import loads_json
+from aivad.protocol import parse_json
 from aivad.store import Appended, StoredMessage
 
 from .client import (
@@ -277,7 +277,7 @@ def _entry(entry: Sequence[Any]) -> tuple[int, StoredMessage | None]:
         if fields is None or len(fields) != 6 or fields[0] != b"t" or fields[2] != b"type" or fields[4] != b"d":
             raise ValueError("not an entry of the append script")
         topic = check_topic(fields[3].decode())
-        if not isinstance(loads_json(fields[5]), dict):
+        if not isinstance(parse_json(fields[5]), dict):
             raise ValueError("the body is not a JSON object")
         return seq, StoredMessage(seq, topic, _with_seq(fields[5], seq))
     except (ValueError, UnicodeDecodeError) as exc:  # BadMessage is a ValueError
@@ -654,7 +654,7 @@ class RedisLog:
         nodes = []
         for i in range(1, len(reply), 2):
             try:  # written by the heartbeat script — or by anyone who can write to Redis
-                name, obj = _text(reply[i]), loads_json(reply[i + 1])
+                name, obj = _text(reply[i]), parse_json(reply[i + 1])
                 info = obj["info"]
                 if not isinstance(info, dict):
                     raise TypeError("info is not an object")

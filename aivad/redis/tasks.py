@@ -40,7 +40,7 @@ import attrs
 import cattrs
 import trio
 
-from aivad.protocol import OpError, loads_json
+from aivad.protocol import OpError, parse_json
 from aivad.store import DeadLetter
 from aivad.tasks import STATES, TaskSpec
 
@@ -96,7 +96,7 @@ class TaskRecord:
 def _parse_record(task_id: str, version: bytes, raw: bytes) -> TaskRecord:
     """The record of ``task_id``, checked; ValueError when it is not one aivad wrote."""
     try:
-        obj = loads_json(raw)
+        obj = parse_json(raw)
         spec = _converter.structure(obj["spec"], TaskSpec)
         found = TaskRecord(_int(version), spec, str(obj["state"]), int(obj["attempts"]), list(obj["history"]),
                            obj.get("result"), obj.get("error"), str(obj.get("owner") or ""),
@@ -308,7 +308,7 @@ def letter_json(kind: str, reason: str, body: str, detail: dict[str, Any]) -> st
 
 def _letter(letter_id: int, fields: dict[Any, Any]) -> DeadLetter | None:
     try:
-        obj = loads_json(fields[b"d"])
+        obj = parse_json(fields[b"d"])
         return DeadLetter(letter_id, str(obj["kind"]), str(obj["reason"]), float(obj["created_at"]),
                           str(obj["body"]), dict(obj["detail"]))
     except (KeyError, ValueError, TypeError):
