@@ -277,6 +277,7 @@ class ClusterLog:
                     delay = min(delay * 2, 10.0)
                     continue
                 tail = None
+                self.epoch = self.redis.epoch  # before the reset: a client it closes may resubscribe at once
                 self._reset(f"the history is a new one (epoch {self.redis.epoch})")
                 continue
             except RedisLogError as exc:  # unreachable, or what is in the log's keys is not the log's data

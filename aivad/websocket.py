@@ -1,19 +1,16 @@
-"""The WebSocket edge: trio-websocket server, one nursery per connection, DESIGN §4.3 ops.
+"""The WebSocket edge: one nursery per connection, DESIGN §4.3 ops.
 
-Each connection has the handler task (reads frames, runs ops in order),
-trio-websocket's reader task, and the sender (writes whatever is queued in its
-bounded outbox). The replier (answers pipelined ``publish`` ops in order, after
-their commit), the auth-deadline task and tasks for waiting ops are made when a
-connection first needs them: most connections only subscribe, and what an idle
-connection holds is what thousands of them cost (docs/performance.md). The
-sender takes everything already queued and writes it with one ``send_all`` of
-pre-built frames — serialised once per message, shared by every subscriber —
-which is where the fan-out speed comes from.
+Each connection has the handler task (reads frames itself, through :mod:`aivad.wsserver`, and runs
+ops in order) and the sender (writes whatever is queued in its bounded outbox). The replier
+(answers pipelined ``publish`` ops in order, after their commit), the auth-deadline task and tasks
+for waiting ops are made when a connection first needs them: most connections only subscribe, and
+what an idle connection holds is what thousands of them cost (docs/performance.md). The sender
+takes everything already queued and writes it with one ``send_all`` of pre-built frames —
+serialised once per message, shared by every subscriber — which is where the fan-out speed comes
+from.
 
-Writing pre-built frames beside trio-websocket uses two private attributes of
-its connection (``_stream`` and ``_stream_lock``) and ``_max_message_size`` for
-the live-reloadable frame limit; ``tests/test_websocket_internals.py`` pins them
-to the trio-websocket version in pyproject.
+trio-websocket does the opening handshake; :mod:`aivad.wsserver` holds the connection after it
+(the private names that takes are pinned there).
 """
 
 from __future__ import annotations
@@ -22,15 +19,14 @@ import logging
 import math
 import ssl
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import attrs
 import trio
-from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection, WebSocketRequest
-from wsproto import ConnectionType, WSConnection
+from trio_websocket import ConnectionClosed, WebSocketRequest
 
 from .auth import console_origins, origin_allowed
 from .boundary import Faults, describe
@@ -57,11 +53,12 @@ from .sdnotify import listen_fds
 from .store import Appended
 from .tasks import parse_task_spec
 from .wsframes import OP_TEXT, encode_frame
+from .wsserver import Closed, ServerSocket, read_request, request_host
 
 if TYPE_CHECKING:
     from .dispatcher import Worker
 
-__all__ = ["WebSocketService", "serve_websocket", "trim_connection"]
+__all__ = ["WebSocketService", "serve_websocket"]
 
 log = logging.getLogger(__name__)
 
@@ -76,50 +73,6 @@ _MAX_WRITE_BYTES = 1 << 20
 #: a sender that waited for a frame through two sweeps this far apart ends; the next frame starts
 #: another (an idle connection holds no sender task: docs/performance.md, idle memory)
 IDLE_SENDER_S = 1.0
-
-
-#: what an open connection's finished handshake keeps as its event queue: wsproto only reads it
-#: (and a deque with maxlen 0 drops anything appended), so every connection shares this one
-_NO_HANDSHAKE_EVENTS: deque[Any] = deque(maxlen=0)
-
-
-class _EventQueue(list[Any]):
-    """The events wsproto's ``Connection`` queues itself (only an abnormal closure, when the peer
-    vanishes): a list, where its ``deque`` costs ~620 bytes per connection for a queue that stays
-    empty. wsproto only appends, pops from the left and tests it for truth."""
-
-    __slots__ = ()
-
-    def popleft(self) -> Any:
-        return self.pop(0)
-
-
-#: set events shared by every open server connection, in place of two of trio-websocket's own
-_SHARED_EVENTS: list[trio.Event] = []
-
-
-def trim_connection(ws: WebSocketConnection) -> None:
-    """Let go of what trio-websocket and wsproto keep for an open server connection's whole life and
-    do not need (~2.5 KB per connection, docs/performance.md). Pinned by tests/test_websocket_internals.py.
-
-    - wsproto's finished opening handshake: its h11 parser, the request with its headers, and its
-      empty event queue (once the handshake is done wsproto routes every byte and event through
-      ``WSConnection.connection`` and only still iterates ``handshake.events()``);
-    - the wsproto connection's own event deque, for a list;
-    - trio-websocket's ``_open_handshake`` (set at the accept, awaited only by its client helpers)
-      and ``_for_testing_peer_closed_connection`` (set, never awaited): one shared, set event.
-    """
-    if not _SHARED_EVENTS:
-        _SHARED_EVENTS.append(trio.Event())
-        _SHARED_EVENTS[0].set()
-    ws._open_handshake = ws._for_testing_peer_closed_connection = _SHARED_EVENTS[0]
-    handshake = ws._wsproto.handshake
-    handshake._h11_connection = None  # type: ignore[assignment]
-    handshake._initiating_request = None
-    handshake._events = _NO_HANDSHAKE_EVENTS
-    connection = ws._wsproto.connection
-    assert connection is not None
-    connection._events = _EventQueue(connection._events)  # type: ignore[assignment]
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -170,12 +123,12 @@ class Connection:
     __slots__ = (
         "_auth_deadline", "_background", "_batch", "_batch_op", "_idle", "_inflight", "_max_bytes", "_max_frames",
         "_nursery", "_opened", "_outbox", "_pending", "_queued_bytes", "_retire", "_room",
-        "_sender", "_sending", "_slow", "_writing", "caller", "service", "subscriptions", "worker", "ws",
+        "_sender", "_sending", "_slow", "_writing", "caller", "service", "sock", "subscriptions", "worker",
     )  # fmt: skip
 
-    def __init__(self, service: WebSocketService, ws: WebSocketConnection, caller: Caller) -> None:
+    def __init__(self, service: WebSocketService, sock: ServerSocket, caller: Caller) -> None:
         self.service = service
-        self.ws = ws
+        self.sock = sock
         self.caller = caller
         self.subscriptions: dict[str, Subscription] = {}
         #: frames queued for the sender; a list, not a memory channel: an idle connection's empty list
@@ -245,8 +198,7 @@ class Connection:
             await trio.sleep_forever()
         why = "not authenticated in time" if not self.caller.authenticated else "token expired"
         log.info("closing %s with 4001: %s", self.caller.peer, why)
-        with trio.move_on_after(self.service.cfg.close_timeout_s):
-            await self.ws.aclose(CLOSE_UNAUTHENTICATED, why)
+        await self.sock.aclose(CLOSE_UNAUTHENTICATED, why)
 
     # ---- the Sink protocol of the router -----------------------------------
 
@@ -335,28 +287,21 @@ class Connection:
     # ---- tasks --------------------------------------------------------------
 
     async def run(self) -> None:
-        """Run frames in order until the peer closes; take what is already read ahead, so publishes
-        among them share a commit.
+        """Run frames in order until the peer closes; take everything one read brought (up to
+        ``receive_buffer_frames``), so publishes among them share a commit.
 
         The read loop is in this frame, not in a call below it: this coroutine lives as long as the
         connection, and every frame of its await chain is held that long (~250 bytes each)."""
-        ws = self.ws
-        read_ahead = ws._recv_channel.receive_nowait
+        receive = self.sock.receive
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery  # the first frame queued starts the sender in it
                 self._arm_auth_deadline()
                 try:
                     while True:
-                        try:
-                            messages = [await ws.get_message()]
-                        except ConnectionClosed:
+                        messages = await receive(self.service.cfg.receive_buffer_frames)
+                        if not messages:
                             break
-                        while len(messages) < self.service.cfg.receive_buffer_frames:
-                            try:
-                                messages.append(read_ahead())
-                            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                                break
                         self.service.frames_in += len(messages)
                         for message in messages:
                             await self._handle(message, nursery)
@@ -366,7 +311,7 @@ class Connection:
                     self._nursery = None
                 nursery.cancel_scope.cancel()
         finally:
-            self.service.count_close(self.ws.closed)
+            self.service.count_close(self.sock.closed)
             for sub in self.subscriptions.values():
                 self.service.ops.unsubscribe(sub)
             if self.worker is not None:
@@ -381,7 +326,7 @@ class Connection:
         stays, and the next frame queued starts another sender."""
         retired = False
         try:
-            ws = self.ws
+            sock = self.sock
             while True:
                 if not self._outbox and not self._slow:
                     self._sender = trio.lowlevel.current_task()
@@ -403,26 +348,26 @@ class Connection:
                 if self._room is not None:
                     self._room.set()
                     self._room = None
-                # the write — and the wait for the lock, which trio-websocket holds while it sends a
+                # the write — and the wait for the lock, which the reader holds while it sends a
                 # pong or a close to a peer that may read nothing — can be cut short (_close_slow)
                 with trio.CancelScope(deadline=trio.current_time() + self.service.cfg.write_timeout_s) as self._writing:
-                    async with ws._stream_lock:
-                        if ws._close_reason is not None:
+                    async with sock.send_lock:
+                        if sock.closed is not None:
                             return
                         try:
-                            await ws._stream.send_all(b"".join(frames))
+                            await sock.stream.send_all(b"".join(frames))
                         except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            sock.lost()
                             return
                 aborted, self._writing = self._writing.cancelled_caught, None
                 if aborted:  # a write that made no way in time (write_timeout_s), or a slow consumer's:
                     # part of a frame may be out, so no close frame can follow — the connection is cut
                     self._close_slow("a write did not finish in time")
-                    await trio.aclose_forcefully(ws._stream)
+                    await trio.aclose_forcefully(sock.stream)
                     return
                 if self._slow:
                     break
-            with trio.move_on_after(self.service.cfg.close_timeout_s):
-                await ws.aclose(CLOSE_SLOW_CONSUMER, "slow consumer")
+            await sock.aclose(CLOSE_SLOW_CONSUMER, "slow consumer")
         finally:
             if retired:
                 self._sending = False
@@ -582,7 +527,7 @@ class WebSocketService:
         self.gate.max_per_address = cfg.max_connections_per_address
         self.gate.max_handshakes = cfg.max_handshakes
         for conn in self.connections:
-            conn.ws._max_message_size = cfg.max_frame_bytes
+            conn.sock.max_message_bytes = cfg.max_frame_bytes
 
     async def serve_stream(self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]) -> None:
         """One accepted TCP connection: admitted by the gate, then handshake and ops behind an error boundary."""
@@ -604,65 +549,46 @@ class WebSocketService:
             self.gate.leave(admission)
 
     async def _serve_connection(self, stream: trio.abc.Stream, admission: Admission, peer: str) -> None:
-        """trio-websocket's server side of one connection (``WebSocketServer._handle_connection``),
-        with one change: a peer that goes away during the handshake ends it at once, where
-        trio-websocket would hold the socket (and a handshake slot) until the handshake timeout.
-
-        Uses the connection's private ``_reader_task`` and ``_get_request``, pinned by
-        tests/test_websocket_internals.py. A peer that goes away at any point is not
-        a fault of the daemon: what that raises ends the connection quietly.
-        """
+        """The handshake (:func:`aivad.wsserver.read_request`: a peer that goes away during it ends
+        it at once, where trio-websocket would hold the socket, and a handshake slot, until the
+        handshake timeout), then the connection's ops until it closes. A peer that goes away at
+        any point is not a fault of the daemon: what that raises ends the connection quietly."""
         try:  # (one frame, not two: this coroutine lives as long as the connection)
             cfg = self.cfg
-            connection = WebSocketConnection(
-                stream,
-                WSConnection(ConnectionType.SERVER),
-                message_queue_size=cfg.receive_buffer_frames,
-                max_message_size=cfg.max_frame_bytes,
-            )
-            async with trio.open_nursery() as nursery:
-                handshake = trio.CancelScope(deadline=trio.current_time() + cfg.handshake_timeout_s)
-
-                async def read() -> None:
-                    await connection._reader_task()
-                    handshake.cancel()  # EOF, reset or a protocol error: no request will come
-
-                nursery.start_soon(read, name="websocket reader")  # (a constant: trio formats a name per task)
-                with handshake:
-                    request = await connection._get_request()
-                if handshake.cancelled_caught:  # no complete request within handshake_timeout_s, or the peer left
+            try:
+                found = await read_request(stream, cfg.handshake_timeout_s)
+                if found is None:  # no complete request within handshake_timeout_s, or the peer left
                     self.refused["handshake_incomplete"] += 1
-                    nursery.cancel_scope.cancel()
-                    await trio.aclose_forcefully(stream)
                     return
+                request, received = found
+                del found
                 self.gate.handshake_done(admission)
+                caller = await self._admit(request, peer)
+                if caller is None:
+                    return
                 try:
-                    caller = await self._admit(request, peer)
-                    if caller is None:
-                        return
-                    try:
-                        ws = await request.accept()
-                    except ConnectionClosed:
-                        return  # the peer left during the handshake
-                    del request  # (this frame lives as long as the connection: what it holds is kept)
-                    trim_connection(ws)
-                    ws._max_message_size = cfg.max_frame_bytes
-                    conn = Connection(self, ws, caller)
-                    self.connections.add(conn)
-                    try:
-                        await conn.run()
-                    finally:
-                        self.connections.discard(conn)
-                        if self.draining and not self.connections:
-                            self._handlers_done.set()
+                    await request.accept()
+                except ConnectionClosed:
+                    return  # the peer left during the handshake
+                del request  # (this frame lives as long as the connection: what it holds is kept)
+                sock = ServerSocket(
+                    stream, received, max_message_bytes=cfg.max_frame_bytes, close_timeout_s=cfg.close_timeout_s
+                )
+                del received
+                conn = Connection(self, sock, caller)
+                self.connections.add(conn)
+                try:
+                    await conn.run()
                 finally:
-                    with trio.move_on_after(cfg.close_timeout_s):
-                        await connection.aclose()
-                    await trio.aclose_forcefully(stream)  # closed even when cancelled (the daemon stops)
+                    self.connections.discard(conn)
+                    if self.draining and not self.connections:
+                        self._handlers_done.set()
+            finally:
+                await trio.aclose_forcefully(stream)  # closed even when cancelled (the daemon stops)
         except* (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             await trio.aclose_forcefully(stream)
 
-    def count_close(self, reason: CloseReason | None) -> None:
+    def count_close(self, reason: Closed | None) -> None:
         """Count a connection's end by its close code (1006: no close frame; a peer's own codes: "other")."""
         code = 1006 if reason is None else reason.code
         self.closes[str(code) if code in CLOSE_CODES_COUNTED else "other"] += 1
@@ -675,7 +601,7 @@ class WebSocketService:
             return None
         headers = {name.lower(): value for name, value in request.headers}
         origin = headers.get(b"origin")
-        if origin is not None and not self._origin_allowed(origin.decode("latin-1"), request._event.host):
+        if origin is not None and not self._origin_allowed(origin.decode("latin-1"), request_host(request)):
             self.refused["origin"] += 1
             await request.reject(403, body=b"aivad: this origin is not allowed (websocket.allowed_origins)\n")
             return None
@@ -709,7 +635,7 @@ class WebSocketService:
         with trio.move_on_after(self.cfg.close_timeout_s):
             async with trio.open_nursery() as nursery:
                 for conn in list(self.connections):
-                    nursery.start_soon(conn.ws.aclose, CLOSE_GOING_AWAY, "aivad is draining")
+                    nursery.start_soon(conn.sock.aclose, CLOSE_GOING_AWAY, "aivad is draining")
             await self._handlers_done.wait()
 
     def statistics(self) -> WebSocketStatistics:

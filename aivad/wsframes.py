@@ -35,6 +35,7 @@ __all__ = [
     "OP_TEXT",
     "FrameError",
     "FrameReader",
+    "close_answer",
     "close_payload",
     "encode_frame",
     "parse_close",
@@ -98,6 +99,12 @@ def close_payload(code: int, reason: str = "") -> bytes:
     return _SHORT.pack(code) + reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
 
 
+def close_answer(code: int) -> bytes:
+    """The body of the close frame answering a peer's close with ``code``: its code (RFC 6455
+    §5.5.1), or nothing when the peer's had none (1005, which may not be sent)."""
+    return close_payload(code) if code != 1005 else b""
+
+
 def parse_close(payload: bytes) -> tuple[int, str]:
     """A received close frame's (code, reason); an empty one means 1005 (no status)."""
     if not payload:
@@ -131,7 +138,7 @@ class FrameReader:
         self._opcode: int | None = None  # of the fragmented message in progress
         self._error: FrameError | None = None
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         self._buffer += data
 
     def events(self) -> list[tuple[int, str | bytes]]:

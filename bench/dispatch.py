@@ -33,10 +33,10 @@ Also prints the CPU time per round trip, the whole machine's for both (the
 broker's included for Celery) and, for aivad, by process (daemon, workers,
 driver): on a 2-core machine that is what bounds the rate.
 
-And the **ceiling** (``--no-ceiling`` skips it): an empty relay on
-trio-websocket serving the same frames to the same workers and driver, with
-nothing stored or checked (:func:`serve_relay`) — how far any daemon built on
-this WebSocket library could go on this machine.
+And the **ceiling** (``--no-ceiling`` skips it): an empty relay on aivad's
+WebSocket layer (:mod:`aivad.wsserver`) serving the same frames to the same
+workers and driver, with nothing stored or checked (:func:`serve_relay`) — how
+far any daemon built on this WebSocket layer could go on this machine.
 
 Prints both and the ratio (goal, issue 13: aivad >= 3x Celery with 8 workers; p99 < 20 ms at half
 peak). The machine is shared and noisy (2 cores here): compare within one run.
@@ -114,69 +114,84 @@ def serve_raw_worker(url: str, name: str, concurrency: int) -> None:
 
 
 def serve_relay(port: int, workers: int) -> None:
-    """The least any daemon on trio-websocket can do per task: the same frames, nothing else.
+    """The least any daemon on aivad's WebSocket layer can do per task: the same frames, nothing else.
 
-    A trio-websocket server (the daemon's own WebSocket library, used plainly)
-    speaking just the frames of this benchmark — ``worker.hello``, ``dispatch``,
-    ``task.result``, ``subscribe`` and the ``task.completed`` push — to the same
-    workers and driver. Nothing is validated, stored, retried or timed: its rate
-    is a ceiling for aivad on this machine, measured in the same run. It hands
-    out tasks only once ``workers`` workers said hello.
+    A server on the daemon's own WebSocket layer (trio-websocket's handshake, then
+    :class:`aivad.wsserver.ServerSocket` reading and pre-built frames written to its stream), used
+    plainly, speaking just the frames of this benchmark — ``worker.hello``, ``dispatch``,
+    ``task.result``, ``subscribe`` and the ``task.completed`` push — to the same workers and
+    driver. Nothing is validated, stored, retried or timed: its rate is a ceiling for aivad on this
+    machine, measured in the same run. It hands out tasks only once ``workers`` workers said hello.
     """
     import collections
 
     import trio
-    from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
-    slots: collections.deque[WebSocketConnection] = collections.deque()
-    queue: collections.deque[tuple[str, WebSocketConnection]] = collections.deque()
-    subscribers: list[WebSocketConnection] = []
+    from aivad.websocket import text_frame
+    from aivad.wsserver import ServerSocket, read_request
+
+    slots: collections.deque[ServerSocket] = collections.deque()
+    queue: collections.deque[tuple[str, ServerSocket]] = collections.deque()
+    subscribers: list[ServerSocket] = []
     seq = 0
     joined = 0
+
+    async def send(sock: ServerSocket, obj: dict[str, Any]) -> None:
+        async with sock.send_lock:
+            await sock.stream.send_all(text_frame(json.dumps(obj).encode()))
 
     async def pump() -> None:
         while slots and queue and joined >= workers:
             worker = slots.popleft()
             task_id, _ = queue.popleft()
-            await worker.send_message(json.dumps({"op": "task", "task": {
+            await send(worker, {"op": "task", "task": {
                 "task_id": task_id, "type": TASK_TYPE, "payload": None, "attempt": 1,
-                "deadline": "2999-01-01T00:00:00.000Z"}}))
+                "deadline": "2999-01-01T00:00:00.000Z"}})
 
-    async def handler(request: WebSocketRequest) -> None:
+    async def handle(sock: ServerSocket, message: str | bytes) -> None:
         nonlocal seq, joined
-        ws = await request.accept()
+        frame = json.loads(message)
+        op, ref = frame.get("op"), frame.get("ref")
+        if op == "dispatch":
+            task_id = uuid.uuid4().hex
+            queue.append((task_id, sock))
+            await send(sock, {"op": "ok", "ref": ref, "task_id": task_id})
+        elif op == "task.result":
+            slots.append(sock)
+            seq += 1
+            push = {"op": "message", "pattern": "task.completed", "msg": {
+                "message_id": f"aivad:{frame['task_id']}:task.completed:1", "timestamp": "2026-01-01T00:00:00Z",
+                "type": "task.completed", "payload": {"task_id": frame["task_id"], "type": TASK_TYPE,
+                                                      "state": "completed", "attempt": 1, "result": None},
+                "metadata": {"source": "aivad"}, "seq": seq}}
+            for sub in subscribers:
+                await send(sub, push)
+        elif op == "worker.hello":
+            slots.extend([sock] * int(frame.get("concurrency", 1)))
+            joined += 1
+            await send(sock, {"op": "ok", "ref": ref, "worker_id": f"w{joined}"})
+        elif op == "subscribe":
+            subscribers.append(sock)
+            await send(sock, {"op": "ok", "ref": ref, "pattern": frame.get("pattern"),
+                              "last_seq": seq, "recovered": True})
+        await pump()
+
+    async def connection(stream: trio.SocketStream) -> None:
+        found = await read_request(stream, 10.0)
+        if found is None:
+            return
+        request, received = found
+        await request.accept()
+        sock = ServerSocket(stream, received, max_message_bytes=1 << 20, close_timeout_s=1.0)
         try:
-            while True:
-                frame = json.loads(await ws.get_message())
-                op, ref = frame.get("op"), frame.get("ref")
-                if op == "dispatch":
-                    task_id = uuid.uuid4().hex
-                    queue.append((task_id, ws))
-                    await ws.send_message(json.dumps({"op": "ok", "ref": ref, "task_id": task_id}))
-                elif op == "task.result":
-                    slots.append(ws)
-                    seq += 1
-                    push = json.dumps({"op": "message", "pattern": "task.completed", "msg": {
-                        "message_id": f"aivad:{frame['task_id']}:task.completed:1", "timestamp": "2026-01-01T00:00:00Z",
-                        "type": "task.completed", "payload": {"task_id": frame["task_id"], "type": TASK_TYPE,
-                                                              "state": "completed", "attempt": 1, "result": None},
-                        "metadata": {"source": "aivad"}, "seq": seq}})
-                    for sub in subscribers:
-                        await sub.send_message(push)
-                elif op == "worker.hello":
-                    slots.extend([ws] * int(frame.get("concurrency", 1)))
-                    joined += 1
-                    await ws.send_message(json.dumps({"op": "ok", "ref": ref, "worker_id": f"w{joined}"}))
-                elif op == "subscribe":
-                    subscribers.append(ws)
-                    await ws.send_message(json.dumps({"op": "ok", "ref": ref, "pattern": frame.get("pattern"),
-                                                      "last_seq": seq, "recovered": True}))
-                await pump()
-        except ConnectionClosed:
+            while messages := await sock.receive(64):
+                for message in messages:
+                    await handle(sock, message)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
     async def main() -> None:
-        await serve_websocket(handler, HOST, port, ssl_context=None)
+        await trio.serve_tcp(connection, port, host=HOST)
 
     trio.run(main)
 
@@ -567,8 +582,9 @@ def main() -> None:
                 r = None
                 if not args.no_ceiling:
                     r = bench_relay(tmp, w, args.worker_kind, args)
-                    print(f"relay  W={w}: {r['rate']:8.0f} round trips/s (the ceiling: an empty trio-websocket relay, "
-                          f"same workers and driver); CPU per round trip {r['cpu_machine_ms']:.2f} ms (relay "
+                    print(f"relay  W={w}: {r['rate']:8.0f} round trips/s (the ceiling: an empty relay on "
+                          f"aivad.wsserver, same workers and driver); CPU per round trip "
+                          f"{r['cpu_machine_ms']:.2f} ms (relay "
                           f"{r['cpu_daemon_ms']:.2f}, workers {r['cpu_workers_ms']:.2f}, driver "
                           f"{r['cpu_driver_ms']:.2f})", flush=True)
                 rows.append((w, a, c, r))

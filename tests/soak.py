@@ -497,11 +497,10 @@ def check_leaks(report: SoakReport) -> None:
 
     RSS cannot be exact: CPython's allocator keeps freed arenas, so the baseline is taken
     after a warm-up round of the same mix, when the allocator has reached its working
-    size, and the soak may add at most ``RSS_TOLERANCE_KIB`` (16 MiB) to it. A connection
-    costs the daemon well over 16 KiB while it lives (its nursery and tasks, trio-websocket's
-    wsproto state and buffers, a 64-frame outbox, its subscriptions: measured ~50 KiB,
-    see docs/operations.md "Soak"), so keeping even a third of 1,000 connections would
-    exceed the tolerance, while fragmentation of freed memory stays well within it.
+    size, and the soak may add at most ``RSS_TOLERANCE_KIB`` (16 MiB) to it: growth per
+    message or per round shows, fragmentation of freed memory stays within it. A connection
+    kept after its peer left would not show here (~9 KB idle, docs/performance.md); the
+    descriptor count catches it, as every connection holds its socket.
     """
     for name, tolerance in (("fds", FD_TOLERANCE), ("rss_kib", RSS_TOLERANCE_KIB)):
         grown = report.after[name] - report.baseline[name]

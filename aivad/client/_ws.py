@@ -45,6 +45,7 @@ from aivad.wsframes import (
     OP_TEXT,
     FrameError,
     FrameReader,
+    close_answer,
     close_payload,
     encode_frame,
     parse_close,
@@ -194,9 +195,8 @@ class WebSocketConnection:
             self._events.clear()  # nothing after a close frame counts (RFC 6455 §5.5.1)
             if not self._close_sent:  # answer the close with its code (RFC 6455 §5.5.1)
                 self._close_sent = True
-                answer = close_payload(code) if code != 1005 else b""
                 with anyio.move_on_after(self._close_timeout_s, shield=True), contextlib.suppress(WebSocketClosed):
-                    await self._send_raw(encode_frame(OP_CLOSE, answer, mask=True))
+                    await self._send_raw(encode_frame(OP_CLOSE, close_answer(code), mask=True))
             await self._close_stream()
         # a pong carries nothing for us
 

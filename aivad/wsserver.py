@@ -1,0 +1,238 @@
+"""The server side of one WebSocket: trio-websocket's opening handshake, then frames on the raw stream.
+
+Why: trio-websocket reads every frame through wsproto (a frame object, a generator step and an
+incremental UTF-8 decoder per frame), then its reader task and a memory channel hand each message to
+the handler, one task switch per message — about a fifth of the daemon's main thread at the dispatch
+peak (docs/performance.md, "Reading frames"). After the handshake a connection here is read by its
+handler task itself, through :class:`aivad.wsframes.FrameReader` (the codec the client already uses;
+the server already wrote its frames with it), and everything one ``receive_some`` brought is handed on
+at once. A connection holds no reader task, no channel and no wsproto state.
+
+trio-websocket still does the opening handshake: h11 and wsproto parse and check the request, and
+answer it (accept, or reject with a status and a body). Taking the connection over after the request
+uses private names, pinned to the versions in pyproject by tests/test_websocket_internals.py:
+``WebSocketConnection._reader_task`` and ``_get_request`` (read until the request is in, then stop),
+``WebSocketConnection._wsproto.handshake._h11_connection`` (the bytes that came right behind the
+request: a client may send frames before it has read our 101) and ``WebSocketRequest._event`` (the
+request's ``Host``).
+
+One task reads (:meth:`ServerSocket.receive`); any task writes, holding ``send_lock``. What RFC 6455
+leaves to the endpoint is here: pings are answered, a close frame is answered with its code and the
+TCP connection closed (§5.5.1, §7.1.1: the server closes first), a violation is answered with the
+close code §7.4.1 assigns to it (1002, 1007, 1009), and a close we start waits for the peer's answer
+at most ``close_timeout_s`` before the TCP connection is cut.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Final
+
+import attrs
+import trio
+from trio_websocket import WebSocketConnection, WebSocketRequest
+from wsproto import ConnectionType, WSConnection
+
+from .wsframes import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    FrameError,
+    FrameReader,
+    close_answer,
+    close_payload,
+    encode_frame,
+    parse_close,
+)
+
+__all__ = ["Closed", "ServerSocket", "read_request", "request_host"]
+
+#: bytes asked of the stream per read: what one read brings is handed on as one batch
+RECEIVE_CHUNK: Final = 65536
+#: the close code recorded when the TCP connection ended without a close frame
+CLOSE_ABNORMAL: Final = 1006
+
+
+@attrs.frozen
+class Closed:
+    """How a connection ended: the code of the first close frame sent either way, or 1006."""
+
+    code: int
+    reason: str = ""
+
+
+async def read_request(stream: trio.abc.Stream, timeout_s: float) -> tuple[WebSocketRequest, bytes] | None:
+    """trio-websocket reads the opening handshake's request; its reader stops once the request is in.
+
+    Returns the request and the bytes that came right behind it, or None when no complete request
+    came within ``timeout_s`` or the peer left or broke HTTP first (trio-websocket has answered
+    a malformed request with 400 then)."""
+    connection = WebSocketConnection(stream, WSConnection(ConnectionType.SERVER), message_queue_size=0)
+    request: WebSocketRequest | None = None
+    async with trio.open_nursery() as nursery:
+        with trio.move_on_after(timeout_s) as waiting:
+
+            async def read() -> None:
+                await connection._reader_task()
+                waiting.cancel()  # EOF, reset or a protocol error: no request will come
+
+            nursery.start_soon(read, name="websocket handshake reader")
+            request = await connection._get_request()
+        nursery.cancel_scope.cancel()  # (cancelled in receive_some: no byte it read is lost)
+    if request is None:
+        return None
+    return request, connection._wsproto.handshake._h11_connection.trailing_data[0]
+
+
+def request_host(request: WebSocketRequest) -> str:
+    """The handshake request's ``Host``."""
+    return request._event.host
+
+
+class ServerSocket:
+    """One accepted WebSocket: read by one task, written by any under ``send_lock``.
+
+    ``closed`` is None while open; then how it ended (:class:`Closed`). A writer checks it under
+    ``send_lock`` before writing: once a close frame went either way, no data frame may follow."""
+
+    __slots__ = (
+        "_close_by", "_done", "_finished", "_reader", "_ready", "close_timeout_s", "closed", "send_lock", "stream",
+    )  # fmt: skip
+
+    def __init__(
+        self, stream: trio.abc.Stream, received: bytes, *, max_message_bytes: int, close_timeout_s: float
+    ) -> None:
+        self.stream = stream
+        self.send_lock = trio.StrictFIFOLock()
+        self.close_timeout_s = close_timeout_s
+        self.closed: Closed | None = None
+        self._reader = FrameReader(masked=True, max_message_bytes=max_message_bytes)
+        self._reader.feed(received)
+        #: frames parsed and not handed on yet (more than one receive's limit came in one read)
+        self._ready: list[tuple[int, str | bytes]] = []
+        #: once we sent a close frame: until when the peer's answer is awaited
+        self._close_by = math.inf
+        #: reading is over: the TCP connection is closed
+        self._done = False
+        #: made by a task waiting in :meth:`aclose` for the reader to see the peer's close
+        self._finished: trio.Event | None = None
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self._reader.max_message_bytes
+
+    @max_message_bytes.setter
+    def max_message_bytes(self, size: int) -> None:  # a reload: the next frame header is checked against it
+        self._reader.max_message_bytes = size
+
+    async def receive(self, limit: int) -> list[str | bytes]:
+        """The next messages, at least one and at most ``limit``, in order; an empty list once the
+        connection is closed (``closed`` says how). Messages that came before a close frame are
+        handed on first; none that came after our own close frame are."""
+        while True:
+            ready = self._ready
+            if ready:
+                messages: list[str | bytes] = []
+                taken = 0
+                for opcode, payload in ready:
+                    taken += 1
+                    if opcode <= OP_BINARY:  # text or binary (continuations are reassembled)
+                        if self.closed is None:
+                            messages.append(payload)
+                            if len(messages) == limit:
+                                break
+                    else:
+                        await self._control(opcode, payload)  # type: ignore[arg-type]
+                        if self._done:
+                            break
+                if self._done or taken == len(ready):
+                    ready.clear()
+                else:
+                    del ready[:taken]
+                    await trio.lowlevel.checkpoint()  # more is read: let the others run between batches
+                if messages:
+                    return messages
+                continue
+            if self._done:
+                return []
+            try:
+                ready += self._reader.events()
+            except FrameError as exc:  # the connection fails (RFC 6455 §7.1.7): what follows cannot be
+                await self._send_close(exc.code, exc.reason)  # read as frames, so the close is not awaited
+                await self._finish()
+                continue
+            if ready:
+                continue
+            try:
+                if self._close_by < math.inf:
+                    with trio.move_on_at(self._close_by):
+                        data = await self.stream.receive_some(RECEIVE_CHUNK)
+                    if self._close_by <= trio.current_time():
+                        data = b""
+                else:
+                    data = await self.stream.receive_some(RECEIVE_CHUNK)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:  # EOF, reset, closed by aclose, or no answer to our close in time
+                await self._finish()
+                continue
+            self._reader.feed(data)
+
+    async def _control(self, opcode: int, payload: bytes) -> None:
+        if opcode == OP_PING:
+            if self.closed is None:
+                await self._send_control(encode_frame(OP_PONG, payload, mask=False))
+        elif opcode == OP_CLOSE:
+            if self.closed is None:  # the peer closes first: answer with its code, or a violation's
+                try:
+                    self.closed = Closed(*parse_close(payload))
+                    answer = close_answer(self.closed.code)
+                except FrameError as exc:
+                    self.closed = Closed(exc.code, exc.reason)
+                    answer = close_payload(exc.code, exc.reason)
+                await self._send_control(encode_frame(OP_CLOSE, answer, mask=False))
+            await self._finish()
+        # a pong carries nothing for us
+
+    async def _send_control(self, frame: bytes) -> None:
+        """Write a control frame within ``close_timeout_s``; a peer that does not take it is cut off
+        (part of the frame may be out: nothing can follow it)."""
+        with trio.move_on_after(self.close_timeout_s) as waiting:
+            async with self.send_lock:
+                try:
+                    await self.stream.send_all(frame)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self._finish()
+        if waiting.cancelled_caught:
+            await self._finish()
+
+    async def _send_close(self, code: int, reason: str) -> None:
+        """Start the closing handshake: our close frame, then the peer's answer awaited until ``_close_by``."""
+        if self.closed is None:
+            self.closed = Closed(code, reason)
+            self._close_by = trio.current_time() + self.close_timeout_s
+            await self._send_control(encode_frame(OP_CLOSE, close_payload(code, reason), mask=False))
+
+    def lost(self) -> None:
+        """A writer found the TCP connection gone."""
+        if self.closed is None:
+            self.closed = Closed(CLOSE_ABNORMAL)
+
+    async def _finish(self) -> None:
+        self.lost()
+        self._done = True
+        if self._finished is not None:
+            self._finished.set()
+        await trio.aclose_forcefully(self.stream)
+
+    async def aclose(self, code: int, reason: str = "") -> None:
+        """Close from any task but the reader: our close frame, the reader waited for while it reads the
+        peer's answer (at most ``close_timeout_s``), then the TCP connection closed."""
+        await self._send_close(code, reason)
+        if not self._done and self._close_by < math.inf:
+            if self._finished is None:
+                self._finished = trio.Event()
+            with trio.move_on_at(self._close_by):
+                await self._finished.wait()
+        await self._finish()

@@ -1,0 +1,188 @@
+"""aivad.wsserver: the server side of a WebSocket after the handshake, against raw client frames.
+
+The peer here is tests/hostile.py's codec (not aivad's), over a real socket pair; the daemon test
+at the end sends frames in the same packet as the upgrade request, through trio-websocket's
+handshake and the hand-over of what came behind it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+import trio.testing
+
+from aivad.wsserver import Closed, ServerSocket
+from tests.conftest import InProcessDaemon
+from tests.hostile import (
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    FrameParser,
+    check_upgrade,
+    encode_frame,
+    handshake_request,
+)
+
+
+@asynccontextmanager
+async def _pair(
+    received: bytes = b"", *, max_message_bytes: int = 1 << 20
+) -> AsyncIterator[tuple[ServerSocket, trio.SocketStream]]:
+    a, b = trio.socket.socketpair()
+    server, peer = trio.SocketStream(a), trio.SocketStream(b)
+    async with server, peer:
+        yield ServerSocket(server, received, max_message_bytes=max_message_bytes, close_timeout_s=5.0), peer
+
+
+async def _frames(peer: trio.SocketStream, parser: FrameParser) -> list[tuple[int, bytes]]:
+    """What the server sent next; [] at EOF."""
+    data = await peer.receive_some(65536)
+    return parser.feed(data) if data else []
+
+
+def _text(payload: str) -> bytes:
+    return encode_frame(OP_TEXT, payload.encode())
+
+
+def _close(code: int, reason: bytes = b"") -> bytes:
+    return encode_frame(OP_CLOSE, struct.pack("!H", code) + reason)
+
+
+async def test_bytes_that_came_behind_the_request_are_read_first_and_a_read_is_cut_at_the_limit() -> None:
+    b = _text("b")
+    async with _pair(_text("a") + b[:3]) as (server, peer):  # the second frame is split
+        await peer.send_all(b[3:] + _text("c"))
+        with trio.fail_after(5):
+            got = await server.receive(8)
+            while len(got) < 3:
+                got += await server.receive(8)
+            assert got == ["a", "b", "c"]
+            await peer.send_all(b"".join(_text(str(i)) for i in range(5)))
+            assert await server.receive(2) == ["0", "1"]  # the rest of that read waits for the next call
+            assert await server.receive(2) == ["2", "3"]
+            assert await server.receive(2) == ["4"]
+
+
+async def test_a_ping_is_answered_and_the_peers_close_is_answered_with_its_code_then_the_tcp_connection_ends() -> None:
+    async with _pair() as (server, peer):
+        parser = FrameParser()
+        with trio.fail_after(5):
+            await peer.send_all(
+                encode_frame(OP_PING, b"are you there") + _text("before") + _close(4000, b"bye") + _text("after")
+            )
+            assert await server.receive(8) == ["before"]  # what came before the close is handed on
+            assert await server.receive(8) == []
+            assert server.closed == Closed(4000, "bye")
+            assert await _frames(peer, parser) == [(OP_PONG, b"are you there"), (OP_CLOSE, struct.pack("!H", 4000))]
+            assert await _frames(peer, parser) == []  # the server closed the TCP connection first (RFC 6455 §7.1.1)
+            assert await server.receive(8) == []
+
+
+async def test_a_close_with_no_code_is_answered_with_an_empty_one() -> None:
+    async with _pair() as (server, peer):
+        with trio.fail_after(5):
+            await peer.send_all(encode_frame(OP_CLOSE, b""))
+            assert await server.receive(8) == []
+            assert server.closed == Closed(1005, "")
+            assert await _frames(peer, FrameParser()) == [(OP_CLOSE, b"")]
+
+
+async def test_a_violation_is_answered_with_its_close_code_after_the_messages_before_it() -> None:
+    for bad, code in (
+        (encode_frame(OP_TEXT, b"x", mask=False), 1002),  # unmasked client frame
+        (encode_frame(OP_TEXT, b"\xff\xfe"), 1007),  # not UTF-8
+        (encode_frame(OP_TEXT, b"x" * 101), 1009),  # over max_message_bytes
+        (_close(999), 1002),  # a close code no peer may send
+    ):
+        async with _pair(max_message_bytes=100) as (server, peer):
+            parser = FrameParser()
+            with trio.fail_after(5):
+                await peer.send_all(_text("fine") + bad)
+                assert await server.receive(8) == ["fine"]
+                assert await server.receive(8) == []
+                assert server.closed is not None and server.closed.code == code, bad
+                await _frames(peer, parser)
+                assert parser.closed is not None and parser.closed.code == code
+                assert await _frames(peer, parser) == []
+
+
+async def test_a_lower_max_message_bytes_applies_to_the_next_frame() -> None:
+    async with _pair(max_message_bytes=1000) as (server, peer):
+        with trio.fail_after(5):
+            await peer.send_all(_text("x" * 500))
+            assert await server.receive(8) == ["x" * 500]
+            server.max_message_bytes = 100  # a reload
+            await peer.send_all(_text("x" * 500))
+            assert await server.receive(8) == []
+            assert server.closed is not None and server.closed.code == 1009
+
+
+async def test_a_close_we_start_ends_when_the_peer_answers_and_nothing_after_it_is_handed_on() -> None:
+    async with _pair() as (server, peer):
+        parser = FrameParser()
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                got: list[list[str | bytes]] = []
+
+                async def read() -> None:
+                    while messages := await server.receive(8):
+                        got.append(messages)
+                    got.append([])
+
+                nursery.start_soon(read)
+                nursery.start_soon(server.aclose, 4008, "slow consumer")
+                assert await _frames(peer, parser) == [(OP_CLOSE, struct.pack("!H", 4008) + b"slow consumer")]
+                await peer.send_all(_text("late") + _close(4008))  # sent before it read our close
+            assert got == [[]]  # "late" came after our close frame: not handed on
+            assert server.closed == Closed(4008, "slow consumer")
+            assert await _frames(peer, parser) == []
+
+
+async def test_a_close_we_start_gives_up_on_a_silent_peer_after_close_timeout_s(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with _pair() as (server, peer):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.receive, 8)
+            start = trio.current_time()
+            await server.aclose(1001, "going away")  # the peer reads nothing and answers nothing
+            assert trio.current_time() - start == pytest.approx(5.0)
+        assert server.closed == Closed(1001, "going away")
+        parser = FrameParser()
+        assert await _frames(peer, parser) == [(OP_CLOSE, struct.pack("!H", 1001) + b"going away")]
+        assert await _frames(peer, parser) == []
+
+
+async def test_frames_in_the_same_packet_as_the_upgrade_request_are_run(daemon: InProcessDaemon) -> None:
+    """A client may write frames before it has read the 101: the daemon runs them in order."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    port = daemon.endpoints.ws_port
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(
+                handshake_request("127.0.0.1", port, key=key)
+                + encode_frame(OP_TEXT, json.dumps({"op": "ping", "ref": 1}).encode())
+                + encode_frame(OP_TEXT, json.dumps({"op": "ping", "ref": 2}).encode())
+            )
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += await stream.receive_some(65536)
+            head, _, rest = data.partition(b"\r\n\r\n")
+            check_upgrade(head + b"\r\n\r\n", key)
+            parser = FrameParser()
+            frames = parser.feed(rest)
+            while len(frames) < 2:
+                frames += parser.feed(await stream.receive_some(65536))
+            assert [json.loads(payload) for _, payload in frames] == [
+                {"op": "pong", "ref": 1},
+                {"op": "pong", "ref": 2},
+            ]
