@@ -528,6 +528,7 @@ class WebSocketService:
         self.gate.max_handshakes = cfg.max_handshakes
         for conn in self.connections:
             conn.sock.max_message_bytes = cfg.max_frame_bytes
+            conn.sock.close_timeout_s = cfg.close_timeout_s
 
     async def serve_stream(self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]) -> None:
         """One accepted TCP connection: admitted by the gate, then handshake and ops behind an error boundary."""

@@ -196,15 +196,18 @@ class ServerSocket:
         # a pong carries nothing for us
 
     async def _send_control(self, frame: bytes) -> None:
-        """Write a control frame within ``close_timeout_s``; a peer that does not take it is cut off
-        (part of the frame may be out: nothing can follow it)."""
-        with trio.move_on_after(self.close_timeout_s) as waiting:
-            async with self.send_lock:
+        """Write a control frame once the writer before it is done (whose write has a deadline of its
+        own), within ``close_timeout_s``: a peer that does not take it is cut off (part of the frame
+        may be out, nothing can follow it)."""
+        sent = False
+        async with self.send_lock:
+            with trio.move_on_after(self.close_timeout_s):
                 try:
                     await self.stream.send_all(frame)
+                    sent = True
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    await self._finish()
-        if waiting.cancelled_caught:
+                    pass
+        if not sent:
             await self._finish()
 
     async def _send_close(self, code: int, reason: str) -> None:

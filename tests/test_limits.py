@@ -263,7 +263,8 @@ def _lock_the_store(path: str) -> sqlite3.Connection:
 async def test_max_inflight_publishes_counts_publishes_awaiting_their_commit(nursery: trio.Nursery,
                                                                             tmp_dir: Path) -> None:
     """With commits held, a client that pipelines 100 publishes has at most max_inflight_publishes
-    of them submitted: one write of 4 is committing and at most one more (not one per batch) waits behind it."""
+    of them submitted: one write is committing and the writes waiting behind it hold the rest of the
+    4 permits, one publish at least each — at most 3 writes, not one per batch read."""
     d = await start_daemon(nursery, tmp_dir, websocket={"max_inflight_publishes": 4})
     async with connect(d.ws_url) as c:
         await c.publish("warm.up", 0)
@@ -273,7 +274,7 @@ async def test_max_inflight_publishes_counts_publishes_awaiting_their_commit(nur
                 await c.send({"op": "publish", "type": "inflight.x", "payload": i, "ref": i})
             await trio.sleep(0.5)
             store = (await control_async(d.control_path, {"cmd": "status"}))["status"]["store"]
-            assert store["write_queue_depth"] <= 1, store["write_queue_depth"]
+            assert store["write_queue_depth"] <= 3, store["write_queue_depth"]
         finally:
             blocker.execute("ROLLBACK")
             blocker.close()
