@@ -193,7 +193,7 @@ async def test_cancelling_the_caller_whose_flush_is_in_flight_fails_no_one(redis
     with trio.fail_after(WAIT_S):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(leader)
-            while not redis_log._commit_lock.locked():  # the leader's script call is on its way
+            while not redis_log._appends._lock.locked():  # the leader's script call is on its way
                 await trio.lowlevel.checkpoint()
             for k in range(19):
                 nursery.start_soon(follower, k)
@@ -203,7 +203,7 @@ async def test_cancelling_the_caller_whose_flush_is_in_flight_fails_no_one(redis
     assert all(len(seqs) == 5 for seqs in followers)
     info = await redis_log.info()
     assert info.length == info.last_seq == 100  # the leader's rows were on their way: stored
-    assert redis_log._pending_messages == 0 and not redis_log._waiting
+    assert redis_log._appends.pending == 0 and not redis_log._appends._waiting
 
 
 async def test_a_cancelled_append_is_stored_entirely_or_not_at_all(redis_log: RedisLog) -> None:
@@ -221,7 +221,7 @@ async def test_a_cancelled_append_is_stored_entirely_or_not_at_all(redis_log: Re
     cancelled = [m for m in page.messages if json.loads(m.json)["message_id"].startswith("cancelled-")]
     assert len(cancelled) in (0, 5)  # taken by another caller's flush before the cancel landed, or not
     assert len(page.messages) == 100 + len(cancelled)
-    assert redis_log._pending_messages == 0 and not redis_log._waiting
+    assert redis_log._appends.pending == 0 and not redis_log._appends._waiting
 
 
 # ---- history -------------------------------------------------------------------------------------------

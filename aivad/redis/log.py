@@ -94,7 +94,6 @@ misconfiguration (a key of the wrong type).
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import logging
@@ -115,7 +114,6 @@ from .client import (
     EpochChanged,
     LogRewound,
     RedisLogError,
-    RedisOverloaded,
     RedisSettings,
     RedisUnavailable,
     _client,
@@ -126,6 +124,7 @@ from .client import (
     _Script,
     _text,
 )
+from .group_commit import GroupCommit
 from .lua import APPEND_LUA, HEARTBEAT_LUA, LIVE_NODES_LUA, OPEN_LUA, TRIM_LUA
 
 log = logging.getLogger(__name__)
@@ -291,18 +290,9 @@ def _entry(entry: Sequence[Any]) -> tuple[int, StoredMessage | None]:
 # ---- the log ---------------------------------------------------------------------------------
 
 
-class _PendingAppend:
-    """Rows of one append call waiting for the commit lock's holder to send them."""
-
-    __slots__ = ("done", "error", "results", "rows", "size", "taken")
-
-    def __init__(self, rows: Sequence[tuple[str, str, str]], size: int) -> None:
-        self.rows = rows
-        self.size = size
-        self.taken = False  # in a flush: it will be done
-        self.done = False
-        self.results: list[Appended] = []
-        self.error: RedisLogError | None = None
+def _row_size(row: tuple[str, str, str]) -> int:
+    """What an append row counts against ``max_batch_bytes``: its envelope's JSON."""
+    return len(row[2])
 
 
 class RedisLog:
@@ -329,10 +319,11 @@ class RedisLog:
         self._appended = 0
         self._duplicates = 0
         self._append_calls = 0
-        #: group commit: chunks waiting to be sent, in arrival order, and the lock whose holder sends them
-        self._waiting: collections.deque[_PendingAppend] = collections.deque()
-        self._pending_messages = 0
-        self._commit_lock = trio.Lock()
+        #: group commit: appends of concurrent callers share a script call
+        self._appends = GroupCommit[tuple[str, str, str], Appended](
+            "append", self._send_appends, max_items=settings.max_batch, max_bytes=settings.max_batch_bytes,
+            size_of=_row_size, max_pending=settings.max_pending,
+        )
         self._tail_reads = 0
         self._errors = 0
         self._last_error: str | None = None
@@ -401,19 +392,14 @@ class RedisLog:
     async def append_rows(self, rows: Sequence[tuple[str, str, str]]) -> list[Appended]:
         """``append_many`` for rows already encoded: (message_id, type, envelope JSON without seq).
 
-        Group commit: the call queues its rows (cut into chunks of at most
-        ``max_batch`` messages / ``max_batch_bytes``) and waits for the commit
-        lock; whoever holds it sends everything waiting, in arrival order, as one
-        script call and hands each caller its results. So concurrent callers
-        share script calls and one call is in flight per handle, as in the
-        embedded store. A flush, once begun, finishes (shielded, bounded by
-        ``op_timeout_s``): the caller that happens to run it being cancelled does
-        not fail the others'.
+        Group commit (:class:`~aivad.redis.group_commit.GroupCommit`): the rows, cut into chunks of
+        at most ``max_batch`` messages / ``max_batch_bytes``, go out with other callers' waiting
+        ones in one script call; one call is in flight per handle, as in the embedded store.
 
         Raises :class:`RedisOverloaded` when ``max_pending`` messages already wait.
         """
         settings = self.settings
-        chunks: list[_PendingAppend] = []
+        chunks: list[Sequence[tuple[str, str, str]]] = []
         start = 0
         while start < len(rows):
             end, size = start, 0
@@ -421,64 +407,17 @@ class RedisLog:
                     end == start or size + len(rows[end][2]) <= settings.max_batch_bytes):
                 size += len(rows[end][2])
                 end += 1
-            chunks.append(_PendingAppend(rows[start:end], size))
+            chunks.append(rows[start:end])
             start = end
-        if not chunks:
-            return []
-        if self._pending_messages + len(rows) > settings.max_pending:
-            raise RedisOverloaded(f"{self._pending_messages} messages already wait for Redis")
-        self._waiting.extend(chunks)
-        self._pending_messages += len(rows)
-        try:
-            for chunk in chunks:
-                if not chunk.done:
-                    async with self._commit_lock:
-                        if not chunk.done:
-                            await self._flush()
-        except BaseException:
-            for chunk in chunks:
-                if not chunk.taken:  # not sent: forget it
-                    self._waiting.remove(chunk)
-                    self._pending_messages -= len(chunk.rows)
-            raise
-        results: list[Appended] = []
-        for chunk in chunks:
-            if chunk.error is not None:
-                raise chunk.error
-            results += chunk.results
-        return results
+        return await self._appends.submit(chunks)
 
-    async def _flush(self) -> None:
-        """Send what waits (from the front, up to the batch bounds) as one script call. Holds the lock."""
-        settings = self.settings
-        batch: list[_PendingAppend] = []
-        count = size = 0
-        while self._waiting:
-            chunk = self._waiting[0]
-            if batch and (count + len(chunk.rows) > settings.max_batch
-                          or size + chunk.size > settings.max_batch_bytes):
-                break
-            self._waiting.popleft()
-            chunk.taken = True
-            batch.append(chunk)
-            count += len(chunk.rows)
-            size += chunk.size
-        self._pending_messages -= count
+    async def _send_appends(self, rows: list[tuple[str, str, str]]) -> list[Appended]:
+        """One append script call for ``rows``, bounded by ``op_timeout_s``."""
         args: list[str | bytes | int] = [self.epoch, self.last_seq]
-        for chunk in batch:
-            for message_id, topic, body in chunk.rows:
-                args += (message_id, topic, body)
-        try:
-            with trio.CancelScope(shield=True), self._guard("append"), trio.fail_after(settings.op_timeout_s):
-                seqs = await _APPEND(self._client, self._log_keys, args)
-        except BaseException as exc:
-            error = exc if isinstance(exc, RedisLogError) else RedisLogError(f"append failed: {exc!r}")
-            for chunk in batch:
-                chunk.error = error
-                chunk.done = True
-            if error is exc:
-                return
-            raise
+        for message_id, topic, body in rows:
+            args += (message_id, topic, body)
+        with self._guard("append"), trio.fail_after(self.settings.op_timeout_s):
+            seqs = await _APPEND(self._client, self._log_keys, args)
         self._append_calls += 1
         results = [Appended(s, False) if s > 0 else Appended(-s, True) for s in seqs]
         duplicates = sum(1 for r in results if r.duplicate)
@@ -486,11 +425,7 @@ class RedisLog:
         self._appended += len(results) - duplicates
         if results:
             self._saw(max(r.seq for r in results))
-        i = 0
-        for chunk in batch:
-            chunk.results = results[i:i + len(chunk.rows)]
-            chunk.done = True
-            i += len(chunk.rows)
+        return results
 
     # ---- reads ----------------------------------------------------------------------
 
@@ -674,7 +609,7 @@ class RedisLog:
 
     def statistics(self) -> RedisLogStatistics:
         return RedisLogStatistics(self.epoch, self.last_seq, self._appended, self._duplicates, self._append_calls,
-                                  self._pending_messages, self._tail_reads, self._errors, self._last_error)
+                                  self._appends.pending, self._tail_reads, self._errors, self._last_error)
 
 
 class LogTail:

@@ -28,7 +28,6 @@ gives that; a RabbitMQ ack and a Redis write cannot be one step.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import logging
@@ -38,13 +37,13 @@ from typing import Any
 
 import attrs
 import cattrs
-import trio
 
 from aivad.protocol import OpError, parse_json
 from aivad.store import DeadLetter
 from aivad.tasks import STATES, TaskSpec
 
 from .client import RedisLogError, _int, _Script, _text
+from .group_commit import GroupCommit
 from .log import RedisLog
 from .lua import DEAD_LETTER_ADD_LUA, TASK_CHANGE_LUA
 
@@ -108,19 +107,6 @@ def _parse_record(task_id: str, version: bytes, raw: bytes) -> TaskRecord:
     return found
 
 
-class _PendingChanges:
-    """The changes of one ``change`` call, waiting for the commit lock's holder to send them."""
-
-    __slots__ = ("changes", "done", "error", "results", "taken")
-
-    def __init__(self, changes: Sequence[TaskChange]) -> None:
-        self.changes = changes
-        self.taken = False  # in a flush: it will be done
-        self.done = False
-        self.results: list[int] = []
-        self.error: RedisLogError | None = None
-
-
 class RedisTaskBook:
     """Reads and changes of the task book; every change goes through the one CAS script.
 
@@ -136,56 +122,17 @@ class RedisTaskBook:
                              key("task-running"), key("task-ended"), key("dlq")]
         self._records, self._versions, self._open, self._running, self._ended = self._change_keys[3:8]
         self.ended_kept = ended_kept
-        self._waiting: collections.deque[_PendingChanges] = collections.deque()
-        self._commit_lock = trio.Lock()
+        self._changes = GroupCommit[TaskChange, int]("task change", self._send, max_items=_MAX_CHANGES)
         #: records skipped because they were not aivad's (another writer, a garbled value)
         self.bad_records = 0
 
     async def change(self, changes: Sequence[TaskChange]) -> list[int]:
         """Apply ``changes`` in order; per change its new version, or -current when the CAS failed.
 
-        One call's changes are sent in one script call (with other callers' waiting
-        ones, up to ``_MAX_CHANGES``); a flush once begun finishes (shielded, bounded by
-        ``op_timeout_s``).
+        One call's changes are sent in one script call (with other callers' waiting ones, up to
+        ``_MAX_CHANGES``: :class:`~aivad.redis.group_commit.GroupCommit`).
         """
-        pending = _PendingChanges(changes)
-        self._waiting.append(pending)
-        try:
-            if not pending.done:
-                async with self._commit_lock:
-                    if not pending.done:
-                        await self._flush()
-        except BaseException:
-            if not pending.taken:
-                self._waiting.remove(pending)
-            raise
-        if pending.error is not None:
-            raise pending.error
-        return pending.results
-
-    async def _flush(self) -> None:
-        """Send what waits (from the front) as one script call. Holds the lock."""
-        batch: list[_PendingChanges] = []
-        count = 0
-        while self._waiting and (not batch or count + len(self._waiting[0].changes) <= _MAX_CHANGES):
-            pending = self._waiting.popleft()
-            pending.taken = True
-            batch.append(pending)
-            count += len(pending.changes)
-        try:
-            with trio.CancelScope(shield=True):
-                results = await self._send([c for pending in batch for c in pending.changes])
-        except BaseException as exc:  # every caller of the batch hears of it; a bug still propagates
-            error = exc if isinstance(exc, RedisLogError) else RedisLogError(f"task change failed: {exc!r}")
-            for pending in batch:
-                pending.error, pending.done = error, True
-            if error is exc:
-                return
-            raise
-        start = 0
-        for pending in batch:
-            pending.results, pending.done = results[start:start + len(pending.changes)], True
-            start += len(pending.changes)
+        return await self._changes.submit([changes])
 
     async def _send(self, changes: Sequence[TaskChange]) -> list[int]:
         redis_log = self._log
