@@ -509,11 +509,17 @@ class WebSocketService:
         self._handlers_done = trio.Event()
 
     async def retire_idle_senders(self) -> NoReturn:
-        """End the sender task of every connection idle for ``IDLE_SENDER_S`` to twice that."""
+        """End the sender task of every connection idle for ``IDLE_SENDER_S`` to twice that.
+
+        Each sweep is its own error boundary: one that fails is recorded and the next runs (this task
+        lives in the handlers' nursery, where an escaping error would end the whole server)."""
         while True:
             await trio.sleep(IDLE_SENDER_S)
-            for conn in self.connections:
-                conn.retire_if_idle()
+            try:
+                for conn in self.connections:
+                    conn.retire_if_idle()
+            except Exception as exc:  # noqa: BLE001 - the sweep's boundary: recorded, then the next sweep
+                self.faults.record("websocket.sweep", "idle senders", exc)
 
     def error_frame(self, ref: Any, code: str, message: str) -> bytes:
         self.errors_sent += 1

@@ -110,3 +110,27 @@ async def test_an_idle_subscribed_connection_holds_no_task_of_its_own_and_nothin
             assert (await clients[1].next_message())["msg"]["payload"] == {"n": 1}
             await trio.testing.wait_all_tasks_blocked()
             assert (_websocket_tasks() - before)["Connection._reply_loop"] == 1
+
+
+async def test_a_failed_idle_sender_sweep_is_recorded_and_the_next_one_runs(
+    daemon: InProcessDaemon, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(aivad.websocket, "IDLE_SENDER_S", 0.02)  # from the sweep after the current one
+    sweeps: list[Connection] = []
+    retire = Connection.retire_if_idle
+
+    def failing_once(conn: Connection) -> None:
+        sweeps.append(conn)
+        if len(sweeps) == 1:
+            raise RuntimeError("a bug in the sweep")
+        retire(conn)
+
+    monkeypatch.setattr(Connection, "retire_if_idle", failing_once)
+    with trio.fail_after(10):
+        async with connect(daemon.ws_url) as client:
+            await client.ok({"op": "subscribe", "pattern": "sweep.#"})
+            while len(sweeps) < 3:
+                await trio.sleep(0.02)
+            await client.publish("sweep.x", 1)  # the server serves on
+            assert (await client.next_message())["msg"]["payload"] == 1
+    assert "websocket.sweep ended by its error boundary" in caplog.text
