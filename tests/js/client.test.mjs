@@ -46,10 +46,14 @@ test("publish / subscribe round trip, history and de-duplicated publishes", asyn
   assert.equal(status.resumed, false);
   assert.equal(status.lastSeq, 0);
 
+  const before = Date.now();
   const first = await client.publish("chat.message", { text: "hi" }, { metadata: { source: "test" } });
   assert.equal(first.duplicate, false);
   assert.ok(Number.isInteger(first.seq) && first.seq > 0);
-  assert.match(first.messageId, /^[0-9a-f-]{36}$/);
+  // a UUIDv7: version 7, variant 10, and its first 48 bits the time it was made, in ms (ids ordered by time)
+  assert.match(first.messageId, /^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
+  const madeAt = parseInt(first.messageId.replaceAll("-", "").slice(0, 12), 16);
+  assert.ok(before <= madeAt && madeAt <= Date.now(), `${before} <= ${madeAt}`);
   const again = await client.publish("chat.message", { text: "hi" }, { messageId: first.messageId });
   assert.deepEqual([again.seq, again.duplicate], [first.seq, true]);
   await client.publish("chat.other", null);
