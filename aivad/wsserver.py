@@ -17,10 +17,11 @@ request: a client may send frames before it has read our 101) and ``WebSocketReq
 request's ``Host``).
 
 One task reads (:meth:`ServerSocket.receive`); any task writes, holding ``send_lock``. What RFC 6455
-leaves to the endpoint is here: pings are answered, a close frame is answered with its code and the
-TCP connection closed (§5.5.1, §7.1.1: the server closes first), a violation is answered with the
-close code §7.4.1 assigns to it (1002, 1007, 1009), and a close we start waits for the peer's answer
-at most ``close_timeout_s`` before the TCP connection is cut.
+leaves to the endpoint is here: the pings of one read are answered with one pong, for the last
+(§5.5.3: a flood of pings costs one write per read, not one per ping), a close frame is answered
+with its code and the TCP connection closed (§5.5.1, §7.1.1: the server closes first), a violation
+is answered with the close code §7.4.1 assigns to it (1002, 1007, 1009), and a close we start waits
+for the peer's answer at most ``close_timeout_s`` before the TCP connection is cut.
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ class ServerSocket:
             ready = self._ready
             if ready:
                 messages: list[str | bytes] = []
+                ping: bytes | None = None  # the last one of this batch: one pong answers it (RFC 6455 §5.5.3)
                 taken = 0
                 for opcode, payload in ready:
                     taken += 1
@@ -142,10 +144,14 @@ class ServerSocket:
                             messages.append(payload)
                             if len(messages) == limit:
                                 break
-                    else:
-                        await self._control(opcode, payload)  # type: ignore[arg-type]
-                        if self._done:
-                            break
+                    elif opcode == OP_PING:
+                        ping = payload  # type: ignore[assignment]
+                    elif opcode == OP_CLOSE:
+                        await self._close_received(payload)  # type: ignore[arg-type]
+                        break
+                    # a pong carries nothing for us
+                if ping is not None and self.closed is None:  # a flood of pings costs one write per read
+                    await self._send_control(encode_frame(OP_PONG, ping, mask=False))
                 if self._done or taken == len(ready):
                     ready.clear()
                 else:
@@ -179,21 +185,18 @@ class ServerSocket:
                 continue
             self._reader.feed(data)
 
-    async def _control(self, opcode: int, payload: bytes) -> None:
-        if opcode == OP_PING:
-            if self.closed is None:
-                await self._send_control(encode_frame(OP_PONG, payload, mask=False))
-        elif opcode == OP_CLOSE:
-            if self.closed is None:  # the peer closes first: answer with its code, or a violation's
-                try:
-                    self.closed = Closed(*parse_close(payload))
-                    answer = close_answer(self.closed.code)
-                except FrameError as exc:
-                    self.closed = Closed(exc.code, exc.reason)
-                    answer = close_payload(exc.code, exc.reason)
-                await self._send_control(encode_frame(OP_CLOSE, answer, mask=False))
-            await self._finish()
-        # a pong carries nothing for us
+    async def _close_received(self, payload: bytes) -> None:
+        """The peer's close frame: answered with its code (or a violation's) if it closes first; then
+        the TCP connection ends (RFC 6455 §7.1.1: the server closes first)."""
+        if self.closed is None:
+            try:
+                self.closed = Closed(*parse_close(payload))
+                answer = close_answer(self.closed.code)
+            except FrameError as exc:
+                self.closed = Closed(exc.code, exc.reason)
+                answer = close_payload(exc.code, exc.reason)
+            await self._send_control(encode_frame(OP_CLOSE, answer, mask=False))
+        await self._finish()
 
     async def _send_control(self, frame: bytes) -> None:
         """Write a control frame once the writer before it is done (whose write has a deadline of its

@@ -71,17 +71,28 @@ async def test_bytes_that_came_behind_the_request_are_read_first_and_a_read_is_c
             assert await server.receive(2) == ["4"]
 
 
-async def test_a_ping_is_answered_and_the_peers_close_is_answered_with_its_code_then_the_tcp_connection_ends() -> None:
+async def test_the_pings_of_one_read_get_one_pong_for_the_last() -> None:
+    """RFC 6455 §5.5.3 lets a pong answer only the most recent ping: a flood costs one write per read."""
     async with _pair() as (server, peer):
         parser = FrameParser()
         with trio.fail_after(5):
-            await peer.send_all(
-                encode_frame(OP_PING, b"are you there") + _text("before") + _close(4000, b"bye") + _text("after")
-            )
+            await peer.send_all(b"".join(encode_frame(OP_PING, b"%d" % i) for i in range(100)) + _text("after"))
+            assert await server.receive(8) == ["after"]
+            assert await _frames(peer, parser) == [(OP_PONG, b"99")]
+
+
+async def test_the_peers_close_is_answered_with_its_code_then_the_tcp_connection_ends() -> None:
+    async with _pair() as (server, peer):
+        parser = FrameParser()
+        with trio.fail_after(5):
+            await peer.send_all(encode_frame(OP_PING, b"are you there") + _text("first"))
+            assert await server.receive(8) == ["first"]
+            assert await _frames(peer, parser) == [(OP_PONG, b"are you there")]
+            await peer.send_all(_text("before") + _close(4000, b"bye") + _text("after") + encode_frame(OP_PING, b"x"))
             assert await server.receive(8) == ["before"]  # what came before the close is handed on
             assert await server.receive(8) == []
             assert server.closed == Closed(4000, "bye")
-            assert await _frames(peer, parser) == [(OP_PONG, b"are you there"), (OP_CLOSE, struct.pack("!H", 4000))]
+            assert await _frames(peer, parser) == [(OP_CLOSE, struct.pack("!H", 4000))]  # no pong after it
             assert await _frames(peer, parser) == []  # the server closed the TCP connection first (RFC 6455 §7.1.1)
             assert await server.receive(8) == []
 
