@@ -9,8 +9,9 @@ Usage::
 Servers, each in its own child process, started and stopped here:
 
 * ``aivad``: ``aivad serve`` with a temporary store, once per ``--sync`` mode
-  (``FULL`` is the default users get; ``NORMAL`` survives a crash of aivad but
-  not of the OS). Every publish is committed to SQLite before it is acknowledged
+  (``NORMAL``, the default users get, survives a crash of aivad but not of the
+  OS; ``FULL`` survives power loss too, and keeps the store's writer in a thread
+  of its own). Every publish is committed to SQLite before it is acknowledged
   and delivered.
 * ``broadcast``: a bare ``websockets`` (asyncio) server that answers the same
   ``subscribe`` / ``publish`` frames as aivad and fans each publish out with
@@ -828,8 +829,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=3, help="saturated runs per case; the median is shown (default 3)")
     p.add_argument("--window", type=int, default=256, help="unacknowledged publishes in flight (default 256)")
     p.add_argument("--payload-bytes", type=int, default=200, help="payload size (default 200)")
-    p.add_argument("--sync", default="FULL,NORMAL", help="aivad store.synchronous modes, comma separated; "
-                   "the first is the one compared (default FULL,NORMAL)")
+    p.add_argument("--sync", default="NORMAL,FULL", help="aivad store.synchronous modes, comma separated; "
+                   "the first is the one compared (default NORMAL,FULL: the daemon's default first)")
     p.add_argument("--servers", default="aivad,broadcast,socketio", help="which servers (default all three)")
     p.add_argument("--quiet-wait-s", type=float, default=1.0,
                    help="before each measurement, wait up to this long for other load on the machine to drop "
