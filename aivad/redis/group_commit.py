@@ -68,14 +68,13 @@ class GroupCommit(Generic[T, R]):
         #: items queued and not yet taken by a flush
         self.pending = 0
 
-    async def submit(self, chunks: Sequence[Sequence[T]]) -> list[R]:
-        """Send the items of ``chunks`` (each cut by the caller to fit the bounds, or sent whole);
-        their results, in order."""
-        size_of = self._size_of
-        queued = [_Chunk[T, R](c, sum(map(size_of, c)) if size_of else 0) for c in chunks if c]
-        if not queued:
+    async def submit(self, items: Sequence[T], *, whole: bool = False) -> list[R]:
+        """Send ``items``, cut into chunks that fit the bounds (``whole``: in one call, whatever the
+        bounds); their results, in order."""
+        if not items:
             return []
-        count = sum(len(c.items) for c in queued)
+        queued = [_Chunk[T, R](items, self._size(items))] if whole else self._cut(items)
+        count = len(items)
         if self._max_pending is not None and self.pending + count > self._max_pending:
             raise RedisOverloaded(f"{self.pending} items already wait for Redis ({self._what})")
         self._waiting.extend(queued)
@@ -98,6 +97,26 @@ class GroupCommit(Generic[T, R]):
                 raise chunk.error
             results += chunk.results
         return results
+
+    def _size(self, items: Sequence[T]) -> int:
+        return sum(map(self._size_of, items)) if self._size_of is not None else 0
+
+    def _cut(self, items: Sequence[T]) -> list[_Chunk[T, R]]:
+        """``items`` in chunks of at most ``max_items`` and ``max_bytes`` (a bigger item alone)."""
+        size_of, max_bytes = self._size_of, self._max_bytes
+        chunks: list[_Chunk[T, R]] = []
+        start = 0
+        while start < len(items):
+            end, size = start, 0
+            while end < len(items) and end - start < self._max_items:
+                item_size = size_of(items[end]) if size_of is not None else 0
+                if end > start and max_bytes is not None and size + item_size > max_bytes:
+                    break
+                size += item_size
+                end += 1
+            chunks.append(_Chunk[T, R](items[start:end], size))
+            start = end
+        return chunks
 
     async def _flush(self) -> None:
         """Send what waits, from the front, within the bounds, as one call. Holds the lock."""

@@ -398,18 +398,7 @@ class RedisLog:
 
         Raises :class:`RedisOverloaded` when ``max_pending`` messages already wait.
         """
-        settings = self.settings
-        chunks: list[Sequence[tuple[str, str, str]]] = []
-        start = 0
-        while start < len(rows):
-            end, size = start, 0
-            while end < len(rows) and end - start < settings.max_batch and (
-                    end == start or size + len(rows[end][2]) <= settings.max_batch_bytes):
-                size += len(rows[end][2])
-                end += 1
-            chunks.append(rows[start:end])
-            start = end
-        return await self._appends.submit(chunks)
+        return await self._appends.submit(rows)
 
     async def _send_appends(self, rows: list[tuple[str, str, str]]) -> list[Appended]:
         """One append script call for ``rows``, bounded by ``op_timeout_s``."""

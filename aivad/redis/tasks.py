@@ -132,7 +132,7 @@ class RedisTaskBook:
         One call's changes are sent in one script call (with other callers' waiting ones, up to
         ``_MAX_CHANGES``: :class:`~aivad.redis.group_commit.GroupCommit`).
         """
-        return await self._changes.submit([changes])
+        return await self._changes.submit(changes, whole=True)
 
     async def _send(self, changes: Sequence[TaskChange]) -> list[int]:
         redis_log = self._log
