@@ -8,28 +8,33 @@ handshake and the hand-over of what came behind it.
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import os
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
+from aivad.websocket import Connection
 from aivad.wsserver import Closed, ServerSocket
-from tests.conftest import InProcessDaemon
+from tests.conftest import InProcessDaemon, control_async, reload_daemon, start_daemon_from_file
 from tests.hostile import (
     OP_CLOSE,
     OP_PING,
     OP_PONG,
     OP_TEXT,
+    AsyncRawClient,
     FrameParser,
     check_upgrade,
     encode_frame,
     handshake_request,
 )
+from tests.wsclient import connect
 
 
 @asynccontextmanager
@@ -197,3 +202,42 @@ async def test_frames_in_the_same_packet_as_the_upgrade_request_are_run(daemon: 
                 {"op": "pong", "ref": 1},
                 {"op": "pong", "ref": 2},
             ]
+
+
+async def test_a_reload_sets_the_frame_limit_and_close_timeout_of_open_connections(
+    nursery: trio.Nursery, tmp_dir: Path
+) -> None:
+    d = await start_daemon_from_file(nursery, tmp_dir)
+    with trio.fail_after(10):
+        async with connect(d.ws_url) as client:
+            await client.ok({"op": "subscribe", "pattern": "reload.#"})
+            port = d.endpoints.ws_port
+            (conn,) = [o for o in gc.get_objects() if type(o) is Connection and o.service.port == port]
+            reply = await reload_daemon(d, tmp_dir, websocket={"max_frame_bytes": 4096, "close_timeout_s": 0.25})
+            assert reply["ok"], reply
+            assert conn.sock.max_message_bytes == 4096 and conn.sock.close_timeout_s == 0.25
+
+
+async def test_peers_that_stall_or_reset_mid_frame_leave_a_well_behaved_client_served(daemon: InProcessDaemon) -> None:
+    """Half a frame, then silence (its connection waits, costing one partial frame) or a reset (its
+    connection ends, counted 1006): another client's publish and subscription go on meanwhile."""
+    port = daemon.endpoints.ws_port
+    frame = encode_frame(OP_TEXT, json.dumps({"op": "publish", "type": "half.x", "payload": "x" * 1000}).encode())
+    with trio.fail_after(10):
+        peers = [await AsyncRawClient.connect("127.0.0.1", port) for _ in range(2)]
+        stalled, resetting = peers
+        try:
+            await stalled.send(frame[: len(frame) // 2])
+            await resetting.send(frame[: len(frame) // 2])
+            resetting.reset()
+            async with connect(daemon.ws_url) as client:
+                await client.ok({"op": "subscribe", "pattern": "well.#"})
+                assert (await client.publish("well.behaved", 1))["seq"] >= 1
+                assert (await client.next_message())["msg"]["payload"] == 1
+                status = (await control_async(daemon.control_path, {"cmd": "status"}))["status"]["websocket"]
+                while status["closes"].get("1006", 0) < 1:  # the reset peer's connection is gone
+                    await trio.sleep(0.02)
+                    status = (await control_async(daemon.control_path, {"cmd": "status"}))["status"]["websocket"]
+                assert status["connections"] == 2  # the stalled peer and the client
+        finally:
+            stalled.reset()  # (a close frame now would only be more of its half frame's payload)
