@@ -1,13 +1,15 @@
 """The WebSocket edge: one nursery per connection, DESIGN §4.3 ops.
 
 Each connection has the handler task (reads frames itself, through :mod:`aivad.wsserver`, and runs
-ops in order) and the sender (writes whatever is queued in its bounded outbox). The replier
-(answers pipelined ``publish`` ops in order, after their commit), the auth-deadline task and tasks
-for waiting ops are made when a connection first needs them: most connections only subscribe, and
-what an idle connection holds is what thousands of them cost (docs/performance.md). The sender
-takes everything already queued and writes it with one ``send_all`` of pre-built frames —
-serialised once per message, shared by every subscriber — which is where the fan-out speed comes
-from.
+ops in order) and a bounded outbox. The service's one writer task (:meth:`WebSocketService.write_queued`)
+takes everything a connection has queued and hands it to the kernel in one non-blocking system call
+— pre-built frames, serialised once per message and shared by every subscriber — which is where
+the fan-out speed comes from. A connection gets a sender task of its own only when a write must
+wait (the socket's buffer is full, or another write is under way): that write has a deadline, and a
+peer that reads nothing is closed with 4008. The replier (answers pipelined ``publish`` ops in
+order, after their commit), the auth-deadline task and tasks for waiting ops are made when a
+connection first needs them: most connections only subscribe, and what an idle connection holds
+is what thousands of them cost (docs/performance.md).
 
 trio-websocket does the opening handshake; :mod:`aivad.wsserver` holds the connection after it
 (the private names that takes are pinned there).
@@ -70,6 +72,8 @@ CLOSE_SLOW_CONSUMER = 4008
 CLOSE_CODES_COUNTED = frozenset({1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1011, 4001, 4008})
 #: the sender writes at most this many bytes per send_all
 _MAX_WRITE_BYTES = 1 << 20
+#: connections the writer serves between two scheduler passes
+_WRITES_PER_TURN = 256
 #: a sender that waited for a frame through two sweeps this far apart ends; the next frame starts
 #: another (an idle connection holds no sender task: docs/performance.md, idle memory)
 IDLE_SENDER_S = 1.0
@@ -232,7 +236,33 @@ class Connection:
     def _queue(self, frame: bytes) -> None:
         self._outbox.append(frame)
         self._queued_bytes += len(frame)
+        self.service.wants_write(self)
+
+    def write_now(self) -> None:
+        """The writer's turn (:meth:`WebSocketService.write_queued`): what is queued goes in one
+        non-blocking system call when nothing else writes; what that leaves, or what cannot go now,
+        is the sender task's (the path with a deadline and a 4008 for a peer that reads nothing)."""
+        if not self._outbox or self._slow or self._nursery is None:
+            return  # written already; or closing (the sender was woken by _close_slow); or over
+        sock = self.sock
+        if self._writing is None and (not self._sending or self._sender is not None) and sock.can_write_now():
+            frames, size = self._take()
+            self._took(size)
+            sock.write_now(b"".join(frames))
+            if not (self._outbox or sock.tail) or sock.closed is not None:
+                return  # all out; or lost (the reader sees it too, and later writes end the connection)
         self._wake()
+
+    def hand_to_sender(self) -> None:
+        """The writer failed on this connection: its sender task writes what is queued."""
+        self._wake()
+
+    def _took(self, size: int) -> None:
+        """Frames of ``size`` bytes left the outbox: room for a ``put`` waiting on it."""
+        self._queued_bytes -= size
+        if self._room is not None:
+            self._room.set()
+            self._room = None
 
     def _wake(self) -> None:
         """Wake the sender if it waits for a frame; start one if there is none."""
@@ -328,13 +358,13 @@ class Connection:
         try:
             sock = self.sock
             while True:
-                if not self._outbox and not self._slow:
+                if not self._outbox and not self._slow and not sock.tail:
                     self._sender = trio.lowlevel.current_task()
                     await trio.lowlevel.wait_task_rescheduled(self._stop_waiting)
                     self._idle = False
                     if self._retire:
                         self._retire = False
-                        if not self._outbox and not self._slow:
+                        if not self._outbox and not self._slow and not sock.tail:
                             retired = True
                             return
                 else:  # as a channel's receive() did: a scheduler pass, so more is queued for this write
@@ -344,21 +374,12 @@ class Connection:
                 # one scheduler pass first: frames other tasks are about to queue go in the same write
                 await trio.lowlevel.checkpoint()
                 frames, size = self._take()
-                self._queued_bytes -= size
-                if self._room is not None:
-                    self._room.set()
-                    self._room = None
+                self._took(size)
                 # the write — and the wait for the lock, which the reader holds while it sends a
                 # pong or a close to a peer that may read nothing — can be cut short (_close_slow)
                 with trio.CancelScope(deadline=trio.current_time() + self.service.cfg.write_timeout_s) as self._writing:
-                    async with sock.send_lock:
-                        if sock.closed is not None:
-                            return
-                        try:
-                            await sock.stream.send_all(b"".join(frames))
-                        except (trio.BrokenResourceError, trio.ClosedResourceError):
-                            sock.lost()
-                            return
+                    if not await sock.send(b"".join(frames)):
+                        return
                 aborted, self._writing = self._writing.cancelled_caught, None
                 if aborted:  # a write that made no way in time (write_timeout_s), or a slow consumer's:
                     # part of a frame may be out, so no close frame can follow — the connection is cut
@@ -507,6 +528,46 @@ class WebSocketService:
         self.gate = PeerGate(cfg.max_connections, cfg.max_connections_per_address, cfg.max_handshakes)
         self._accepting: trio.CancelScope | None = None
         self._handlers_done = trio.Event()
+        #: connections with frames queued since the writer's last turn, in the order they queued
+        self._to_write: dict[Connection, None] = {}
+        #: the writer task while it waits for a connection to write
+        self._writer: trio.lowlevel.Task | None = None
+
+    def wants_write(self, conn: Connection) -> None:
+        """``conn`` queued a frame: the writer's next turn writes it (one wake-up for all connections)."""
+        self._to_write[conn] = None
+        if self._writer is not None:
+            trio.lowlevel.reschedule(self._writer)
+            self._writer = None
+
+    async def write_queued(self) -> NoReturn:
+        """Write every connection's queued frames, each in one non-blocking system call.
+
+        Why a task of its own: a commit queues a frame on every subscribed connection, and waking each
+        connection's sender task cost three scheduler passes, a cancel scope, a lock and trio's
+        ``send_all`` per delivery — twice the CPU of a saturated delivery when messages come one by
+        one (docs/performance.md, "Writing without a task"). Here one wake-up and one system call per
+        connection do it; a connection whose socket does not take everything at once goes on in its
+        sender task. Each connection's write is its own error boundary."""
+        def stop_waiting(raise_cancel: object) -> trio.lowlevel.Abort:
+            self._writer = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        while True:
+            if not self._to_write:
+                self._writer = trio.lowlevel.current_task()
+                await trio.lowlevel.wait_task_rescheduled(stop_waiting)
+            # one scheduler pass first: frames other tasks are about to queue go in the same writes
+            await trio.lowlevel.checkpoint()
+            batch, self._to_write = self._to_write, {}
+            for n, conn in enumerate(batch, 1):
+                try:
+                    conn.write_now()
+                except Exception as exc:  # noqa: BLE001 - one connection's boundary: recorded; its sender goes on
+                    self.faults.record("websocket.write", conn.caller.peer, exc)
+                    conn.hand_to_sender()
+                if n % _WRITES_PER_TURN == 0:
+                    await trio.lowlevel.checkpoint()  # thousands of subscribers: let the others run between
 
     async def retire_idle_senders(self) -> NoReturn:
         """End the sender task of every connection idle for ``IDLE_SENDER_S`` to twice that.
@@ -842,6 +903,7 @@ async def serve_websocket(
     service = WebSocketService(cfg, ops, faults, on_slow_consumer)
     async with trio.open_nursery() as handlers:
         handlers.start_soon(service.retire_idle_senders, name="websocket idle senders")
+        handlers.start_soon(service.write_queued, name="websocket writer")
         # under socket activation systemd has bound the port (systemd/aivad.socket); else bind it here
         inherited = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in listen_fds()]
         listeners = inherited or await trio.open_tcp_listeners(cfg.port, host=cfg.host)

@@ -16,7 +16,10 @@ uses private names, pinned to the versions in pyproject by tests/test_websocket_
 request: a client may send frames before it has read our 101) and ``WebSocketRequest._event`` (the
 request's ``Host``).
 
-One task reads (:meth:`ServerSocket.receive`); any task writes, holding ``send_lock``. What RFC 6455
+One task reads (:meth:`ServerSocket.receive`); any task writes, holding ``send_lock``
+(:meth:`ServerSocket.send`), or without waiting when no write is under way (:meth:`ServerSocket.write_now`:
+one non-blocking system call, no lock, no deadline, no task switch — the path of nearly every
+write, docs/performance.md "Writing without a task"). What RFC 6455
 leaves to the endpoint is here: the pings of one read are answered with one pong, for the last
 (§5.5.3: a flood of pings costs one write per read, not one per ping), a close frame is answered
 with its code and the TCP connection closed (§5.5.1, §7.1.1: the server closes first), a violation
@@ -27,6 +30,7 @@ for the peer's answer at most ``close_timeout_s`` before the TCP connection is c
 from __future__ import annotations
 
 import math
+import os
 from typing import Final
 
 import attrs
@@ -98,7 +102,8 @@ class ServerSocket:
     ``send_lock`` before writing: once a close frame went either way, no data frame may follow."""
 
     __slots__ = (
-        "_close_by", "_done", "_finished", "_reader", "_ready", "close_timeout_s", "closed", "send_lock", "stream",
+        "_close_by", "_done", "_finished", "_reader", "_ready", "_socket", "close_timeout_s", "closed", "send_lock",
+        "stream", "tail",
     )  # fmt: skip
 
     def __init__(
@@ -118,6 +123,10 @@ class ServerSocket:
         self._done = False
         #: made by a task waiting in :meth:`aclose` for the reader to see the peer's close
         self._finished: trio.Event | None = None
+        #: the plain TCP socket written by write_now (None under TLS: its records are written by the stream)
+        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+        #: what write_now's system call left: it goes first, under ``send_lock``, before any other bytes
+        self.tail = b""
 
     @property
     def max_message_bytes(self) -> int:
@@ -198,6 +207,48 @@ class ServerSocket:
             await self._send_control(encode_frame(OP_CLOSE, answer, mask=False))
         await self._finish()
 
+    def can_write_now(self) -> bool:
+        """:meth:`write_now` may be called: a plain socket, open, and no write under way or left over."""
+        return self._socket is not None and self.closed is None and not self.tail and not self.send_lock.locked()
+
+    def write_now(self, data: bytes) -> None:
+        """Hand ``data`` to the kernel in one non-blocking system call (only when :meth:`can_write_now`).
+
+        What the socket's buffer does not take stays in ``tail``: the caller has it written by
+        :meth:`send` (with its deadline) before anything else goes. A connection found reset is
+        ``lost``; ``data`` is dropped with it."""
+        assert self._socket is not None
+        try:
+            sent = os.write(self._socket.fileno(), data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # reset, or closed meanwhile (fileno -1): nothing more goes out
+            self.lost()
+            return
+        if sent < len(data):
+            self.tail = data[sent:]
+
+    async def send(self, data: bytes) -> bool:
+        """Write ``tail`` and ``data`` holding ``send_lock``; False once the connection is closed or lost.
+
+        No deadline of its own: the caller's scope bounds it (part of a frame may be out when it is
+        cut short, so the caller then cuts the connection)."""
+        async with self.send_lock:
+            if self.closed is not None:
+                return False
+            return await self._write(data)
+
+    async def _write(self, data: bytes) -> bool:
+        """Under ``send_lock``: the tail first (what a non-blocking write left of a frame), then ``data``."""
+        if self.tail:
+            data, self.tail = self.tail + data, b""
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.lost()
+            return False
+        return True
+
     async def _send_control(self, frame: bytes) -> None:
         """Write a control frame once the writer before it is done (whose write has a deadline of its
         own), within ``close_timeout_s``: a peer that does not take it is cut off (part of the frame
@@ -205,11 +256,7 @@ class ServerSocket:
         sent = False
         async with self.send_lock:
             with trio.move_on_after(self.close_timeout_s):
-                try:
-                    await self.stream.send_all(frame)
-                    sent = True
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
+                sent = await self._write(frame)
         if not sent:
             await self._finish()
 

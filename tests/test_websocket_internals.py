@@ -83,8 +83,8 @@ async def test_an_idle_subscribed_connection_holds_no_task_of_its_own_and_nothin
 ) -> None:
     """A connection that only subscribes: trio's handler task, which reads its frames, and a
     sender only until it has been idle for a while; no reader, replier, auth-deadline or waiting-op
-    task; no channel, semaphore or event of the publish path. A frame queued later starts a sender
-    again."""
+    task; no channel, semaphore or event of the publish path. A frame queued later is written by the
+    service's writer: no sender task is started for it."""
     monkeypatch.setattr(aivad.websocket, "IDLE_SENDER_S", 0.05)  # from the sweep after the current one
     n = 3
     with trio.fail_after(10):
@@ -105,27 +105,34 @@ async def test_an_idle_subscribed_connection_holds_no_task_of_its_own_and_nothin
                 assert conn._auth_deadline is None and conn._room is None and conn._writing is None
                 assert conn._sender is None and not conn._sending and conn._outbox == []
                 assert conn.sock._ready == [] and conn.sock._finished is None and conn.sock.closed is None
-            # a frame starts a sender again; a publish starts the replier of its connection
+            # the service's writer writes a frame (no sender task); a publish starts its connection's replier
             await clients[0].publish("idle.c1.x", {"n": 1})
             assert (await clients[1].next_message())["msg"]["payload"] == {"n": 1}
             await trio.testing.wait_all_tasks_blocked()
-            assert (_websocket_tasks() - before)["Connection._reply_loop"] == 1
+            assert _websocket_tasks() - before == Counter({"Connection._reply_loop": 1})
+
+
+def _fail_once(monkeypatch: pytest.MonkeyPatch, method: str) -> list[Connection]:
+    """Make ``Connection.<method>`` raise on its first call (a bug in the service's task that calls
+    it for every connection); returns the connections it was called for."""
+    calls: list[Connection] = []
+    original = getattr(Connection, method)
+
+    def failing_once(conn: Connection) -> None:
+        calls.append(conn)
+        if len(calls) == 1:
+            raise RuntimeError(f"a bug in {method}")
+        original(conn)
+
+    monkeypatch.setattr(Connection, method, failing_once)
+    return calls
 
 
 async def test_a_failed_idle_sender_sweep_is_recorded_and_the_next_one_runs(
     daemon: InProcessDaemon, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(aivad.websocket, "IDLE_SENDER_S", 0.02)  # from the sweep after the current one
-    sweeps: list[Connection] = []
-    retire = Connection.retire_if_idle
-
-    def failing_once(conn: Connection) -> None:
-        sweeps.append(conn)
-        if len(sweeps) == 1:
-            raise RuntimeError("a bug in the sweep")
-        retire(conn)
-
-    monkeypatch.setattr(Connection, "retire_if_idle", failing_once)
+    sweeps = _fail_once(monkeypatch, "retire_if_idle")
     with trio.fail_after(10):
         async with connect(daemon.ws_url) as client:
             await client.ok({"op": "subscribe", "pattern": "sweep.#"})
@@ -134,3 +141,17 @@ async def test_a_failed_idle_sender_sweep_is_recorded_and_the_next_one_runs(
             await client.publish("sweep.x", 1)  # the server serves on
             assert (await client.next_message())["msg"]["payload"] == 1
     assert "websocket.sweep ended by its error boundary" in caplog.text
+
+
+async def test_a_failed_write_is_recorded_and_the_connections_sender_writes_the_frame(
+    daemon: InProcessDaemon, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The service's writer is one task for every connection: one connection's failure there is
+    recorded, and that connection's frames go out through its own sender task."""
+    _fail_once(monkeypatch, "write_now")
+    with trio.fail_after(10):
+        async with connect(daemon.ws_url) as client:
+            await client.ok({"op": "subscribe", "pattern": "writer.#"})  # its ok reply: the failed write
+            await client.publish("writer.x", 1)
+            assert (await client.next_message())["msg"]["payload"] == 1
+    assert "websocket.write ended by its error boundary" in caplog.text

@@ -86,6 +86,56 @@ async def test_the_pings_of_one_read_get_one_pong_for_the_last() -> None:
             assert await _frames(peer, parser) == [(OP_PONG, b"99")]
 
 
+async def _read_all(peer: trio.SocketStream, parser: FrameParser, count: int) -> list[tuple[int, bytes]]:
+    got: list[tuple[int, bytes]] = []
+    while len(got) < count:
+        data = await peer.receive_some(1 << 20)
+        assert data, f"EOF after {len(got)} frames"
+        got += parser.feed(data)
+    return got
+
+
+async def test_what_a_write_now_leaves_goes_first_so_no_frame_is_cut_by_another() -> None:
+    """A non-blocking write that the socket takes only part of keeps the rest as ``tail``: no other
+    write may start (``can_write_now`` is False), and both ways of writing under the lock — the
+    sender's ``send`` and a pong from the reader — put the tail out before their own frame."""
+    big = encode_frame(OP_TEXT, b"x" * (4 << 20), mask=False)  # more than any socket buffer takes at once
+    async with _pair() as (server, peer):
+        assert server.can_write_now()
+        server.write_now(big)
+        assert server.tail and not server.can_write_now()
+        parser = FrameParser()
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(server.send, encode_frame(OP_TEXT, b"after", mask=False))
+                assert await _read_all(peer, parser, 2) == [(OP_TEXT, b"x" * (4 << 20)), (OP_TEXT, b"after")]
+            assert server.tail == b"" and server.can_write_now()
+
+            server.write_now(big)
+            assert server.tail
+            await peer.send_all(encode_frame(OP_PING, b"p") + _text("m"))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(server.receive, 8)  # answers the ping under the lock: the tail first
+                assert await _read_all(peer, parser, 2) == [(OP_TEXT, b"x" * (4 << 20)), (OP_PONG, b"p")]
+
+
+async def test_a_write_now_to_a_reset_or_closed_socket_marks_the_connection_lost() -> None:
+    async with _pair() as (server, peer):
+        peer.socket.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await peer.aclose()  # RST
+        with trio.fail_after(5):
+            while server.closed is None:  # the first write may still be taken; the reset shows on a later one
+                server.write_now(_text("x"))
+                await trio.sleep(0.01)
+        assert server.closed == Closed(1006) and not server.can_write_now()
+        assert not await server.send(_text("y"))
+    async with _pair() as (server, peer):
+        await server.stream.aclose()  # its descriptor is gone (and may be another socket's by now)
+        assert server.can_write_now()  # it does not know yet
+        server.write_now(_text("x"))
+        assert server.closed == Closed(1006)
+
+
 async def test_the_peers_close_is_answered_with_its_code_then_the_tcp_connection_ends() -> None:
     async with _pair() as (server, peer):
         parser = FrameParser()
