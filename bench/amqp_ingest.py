@@ -13,7 +13,7 @@ Each run fills a durable queue with N persistent 200-byte JSON messages
 * raw: a plain-asyncio aiormq consumer, manual ack per message, prefetch P —
   the baseline of DESIGN §6;
 * aivad -> store: ``serve_amqp`` + ``serve_store`` under trio (the real SQLite
-  store, ``synchronous`` as configured, FULL by default): consume, validate,
+  store, ``synchronous`` as given, by default NORMAL — the daemon's default): consume, validate,
   group commit, ``basic_ack(multiple=True)``. Time: ConsumeOk → last ack.
 * aivad -> WebSocket: the real ``aivad serve`` with AMQP on, and a ``#``
   subscriber in a separate process (``websockets`` sync client, ``since: 0``).
@@ -251,7 +251,8 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=50_000)
     parser.add_argument("--prefetch", type=int, default=500)
     parser.add_argument("--runs", type=int, default=1)
-    parser.add_argument("--synchronous", choices=["NORMAL", "FULL"], default="FULL")
+    parser.add_argument("--synchronous", choices=["NORMAL", "FULL"], default="NORMAL",
+                        help="the store's synchronous mode (default NORMAL, the daemon's own default)")
     parser.add_argument("--no-websocket", action="store_true", help="skip the run through to a WebSocket subscriber")
     args = parser.parse_args()
 
