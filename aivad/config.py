@@ -66,6 +66,7 @@ class WebSocketConfig:
     replay_batch: int = _at_least(500, 1)
     handshake_timeout_s: float = _positive(10.0)
     close_timeout_s: float = _positive(5.0)
+    message_timeout_s: float = _positive(30.0)
     write_timeout_s: float = _positive(30.0)
     allowed_origins: list[str] = attrs.field(factory=list)
     tls_cert_file: str = ""

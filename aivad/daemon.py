@@ -56,7 +56,7 @@ LIVE_KEYS: dict[str, frozenset[str]] = {
     "websocket": frozenset(
         {"max_frame_bytes", "send_buffer_frames", "send_buffer_bytes", "max_subscriptions", "max_inflight_publishes",
          "max_connections", "max_connections_per_address", "max_handshakes", "replay_batch",
-         "handshake_timeout_s", "close_timeout_s", "write_timeout_s"}
+         "handshake_timeout_s", "close_timeout_s", "message_timeout_s", "write_timeout_s"}
     ),
     "log": frozenset({"level"}),
     "shutdown": frozenset({"grace_s"}),

@@ -596,6 +596,7 @@ class WebSocketService:
         for conn in self.connections:
             conn.sock.max_message_bytes = cfg.max_frame_bytes
             conn.sock.close_timeout_s = cfg.close_timeout_s
+            conn.sock.message_timeout_s = cfg.message_timeout_s
 
     async def serve_stream(self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]) -> None:
         """One accepted TCP connection: admitted by the gate, then handshake and ops behind an error boundary."""
@@ -640,7 +641,11 @@ class WebSocketService:
                     return  # the peer left during the handshake
                 del request  # (this frame lives as long as the connection: what it holds is kept)
                 sock = ServerSocket(
-                    stream, received, max_message_bytes=cfg.max_frame_bytes, close_timeout_s=cfg.close_timeout_s
+                    stream,
+                    received,
+                    max_message_bytes=cfg.max_frame_bytes,
+                    close_timeout_s=cfg.close_timeout_s,
+                    message_timeout_s=cfg.message_timeout_s,
                 )
                 del received
                 conn = Connection(self, sock, caller)

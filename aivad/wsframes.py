@@ -141,6 +141,16 @@ class FrameReader:
     def feed(self, data: bytes | bytearray) -> None:
         self._buffer += data
 
+    @property
+    def in_message(self) -> bool:
+        """Part of a frame, or of a fragmented message, is buffered: the peer owes the rest."""
+        return bool(self._buffer) or self._opcode is not None
+
+    @property
+    def fragmented(self) -> bool:
+        """The first fragments of a message are in, its final frame is not."""
+        return self._opcode is not None
+
     def events(self) -> list[tuple[int, str | bytes]]:
         """Every complete message and control frame buffered so far, in order.
 

@@ -19,12 +19,15 @@ request's ``Host``).
 One task reads (:meth:`ServerSocket.receive`); any task writes, holding ``send_lock``
 (:meth:`ServerSocket.send`), or without waiting when no write is under way (:meth:`ServerSocket.write_now`:
 one non-blocking system call, no lock, no deadline, no task switch — the path of nearly every
-write, docs/performance.md "Writing without a task"). What RFC 6455
-leaves to the endpoint is here: the pings of one read are answered with one pong, for the last
-(§5.5.3: a flood of pings costs one write per read, not one per ping), a close frame is answered
-with its code and the TCP connection closed (§5.5.1, §7.1.1: the server closes first), a violation
-is answered with the close code §7.4.1 assigns to it (1002, 1007, 1009), and a close we start waits
-for the peer's answer at most ``close_timeout_s`` before the TCP connection is cut.
+write, docs/performance.md "Writing without a task"). What RFC 6455 leaves to the endpoint is here:
+the pings of one read are answered with one pong, for the last (§5.5.3: a flood of pings costs one
+write per read, not one per ping), a close frame is answered with its code and the TCP connection
+closed (§5.5.1, §7.1.1: the server closes first), a violation is answered with the close code
+§7.4.1 assigns to it (1002, 1007, 1009), a message (a frame, or all the fragments of one) not
+finished within ``message_timeout_s`` of its first byte with 1008 (a peer that sends half a frame
+and then nothing would hold its connection, and the memory of the part it sent, for as long as it
+likes), and a close we start waits for the peer's answer at most ``close_timeout_s`` before the
+TCP connection is cut.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ __all__ = ["Closed", "ServerSocket", "read_request", "request_host"]
 RECEIVE_CHUNK: Final = 65536
 #: the close code recorded when the TCP connection ended without a close frame
 CLOSE_ABNORMAL: Final = 1006
+#: a message not finished in time (RFC 6455 §7.4.1: a message that violates the endpoint's policy)
+CLOSE_POLICY: Final = 1008
 
 
 @attrs.frozen
@@ -102,16 +107,25 @@ class ServerSocket:
     ``send_lock`` before writing: once a close frame went either way, no data frame may follow."""
 
     __slots__ = (
-        "_close_by", "_done", "_finished", "_reader", "_ready", "_socket", "close_timeout_s", "closed", "send_lock",
-        "stream", "tail",
+        "_close_by", "_done", "_finished", "_message_by", "_reader", "_ready", "_socket", "close_timeout_s", "closed",
+        "message_timeout_s", "send_lock", "stream", "tail",
     )  # fmt: skip
 
     def __init__(
-        self, stream: trio.abc.Stream, received: bytes, *, max_message_bytes: int, close_timeout_s: float
+        self,
+        stream: trio.abc.Stream,
+        received: bytes,
+        *,
+        max_message_bytes: int,
+        close_timeout_s: float,
+        message_timeout_s: float = math.inf,
     ) -> None:
         self.stream = stream
         self.send_lock = trio.StrictFIFOLock()
         self.close_timeout_s = close_timeout_s
+        self.message_timeout_s = message_timeout_s
+        #: while a message is partly read: when the connection fails if its rest has not come
+        self._message_by = math.inf
         self.closed: Closed | None = None
         self._reader = FrameReader(masked=True, max_message_bytes=max_message_bytes)
         self._reader.feed(received)
@@ -178,17 +192,30 @@ class ServerSocket:
                 await self._finish()
                 continue
             if ready:
+                if not self._reader.fragmented:  # frames came whole: the next one's time starts with its first
+                    self._message_by = math.inf  # byte (a fragmented message has its time as a whole)
                 continue
+            if not self._reader.in_message:
+                self._message_by = math.inf
+            elif self._message_by == math.inf:  # the last read ended inside a frame (or between fragments)
+                self._message_by = trio.current_time() + self.message_timeout_s
+            data: bytes | bytearray | None
             try:
-                if self._close_by < math.inf:
-                    with trio.move_on_at(self._close_by):
+                deadline = min(self._close_by, self._message_by)
+                if deadline < math.inf:
+                    with trio.move_on_at(deadline):
                         data = await self.stream.receive_some(RECEIVE_CHUNK)
-                    if self._close_by <= trio.current_time():
-                        data = b""
+                    if deadline <= trio.current_time():
+                        data = None
                 else:
                     data = await self.stream.receive_some(RECEIVE_CHUNK)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
+            if data is None and self._close_by > trio.current_time():  # a message not finished in time: what
+                # follows cannot be read as frames, so the close is not awaited (as for a violation)
+                await self._send_close(CLOSE_POLICY, f"message not finished within {self.message_timeout_s:g} s")
+                await self._finish()
+                continue
             if not data:  # EOF, reset, closed by aclose, or no answer to our close in time
                 await self._finish()
                 continue

@@ -8,8 +8,11 @@ handshake and the hand-over of what came behind it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import gc
+import itertools
 import json
+import math
 import os
 import struct
 from collections.abc import AsyncIterator
@@ -25,10 +28,12 @@ from aivad.wsserver import Closed, ServerSocket
 from tests.conftest import InProcessDaemon, control_async, reload_daemon, start_daemon_from_file
 from tests.hostile import (
     OP_CLOSE,
+    OP_CONTINUATION,
     OP_PING,
     OP_PONG,
     OP_TEXT,
     AsyncRawClient,
+    Close,
     FrameParser,
     check_upgrade,
     encode_frame,
@@ -39,12 +44,15 @@ from tests.wsclient import connect
 
 @asynccontextmanager
 async def _pair(
-    received: bytes = b"", *, max_message_bytes: int = 1 << 20
+    received: bytes = b"", *, max_message_bytes: int = 1 << 20, message_timeout_s: float = 30.0
 ) -> AsyncIterator[tuple[ServerSocket, trio.SocketStream]]:
     a, b = trio.socket.socketpair()
     server, peer = trio.SocketStream(a), trio.SocketStream(b)
     async with server, peer:
-        yield ServerSocket(server, received, max_message_bytes=max_message_bytes, close_timeout_s=5.0), peer
+        yield ServerSocket(
+            server, received, max_message_bytes=max_message_bytes, close_timeout_s=5.0,
+            message_timeout_s=message_timeout_s,
+        ), peer
 
 
 async def _frames(peer: trio.SocketStream, parser: FrameParser) -> list[tuple[int, bytes]]:
@@ -227,6 +235,64 @@ async def test_a_close_we_start_gives_up_on_a_silent_peer_after_close_timeout_s(
         assert await _frames(peer, parser) == []
 
 
+async def _stalled(server: ServerSocket, peer: trio.SocketStream, *pieces: bytes) -> tuple[float, list[str | bytes]]:
+    """Send ``pieces`` 20 s apart while the server reads: how long after the first one the server's
+    reading ended (inf: not within 1,000 s of the last), and what it handed on."""
+    got: list[str | bytes] = []
+    start = trio.current_time()
+    ended = math.inf
+
+    async def read() -> None:
+        nonlocal ended
+        while messages := await server.receive(8):
+            got.extend(messages)
+        ended = trio.current_time() - start
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        for piece in pieces:
+            with contextlib.suppress(trio.BrokenResourceError):
+                await peer.send_all(piece)
+            await trio.sleep(20)
+        nursery.cancel_scope.deadline = trio.current_time() + 1000
+    return ended, got
+
+
+async def test_a_frame_not_finished_within_message_timeout_s_closes_the_connection_with_1008(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Half a frame and then silence: 1008 once ``message_timeout_s`` has passed since its first byte
+    (the same for a frame that trickles in, piece after piece, and for a fragmented message whose
+    fragments, and pings between them, keep coming but not its final frame), and the TCP connection
+    is cut — its answer is not awaited."""
+    frame = _text("x" * 100)
+    first, ping = encode_frame(OP_TEXT, b"first", fin=False), encode_frame(OP_PING, b"p")
+    more = encode_frame(OP_CONTINUATION, b"more", fin=False)
+    for pieces in ([frame[:10]], [frame[:10], frame[10:20], frame[20:30]], [first, ping + more, ping + more]):
+        async with _pair(message_timeout_s=30.0) as (server, peer):
+            ended, got = await _stalled(server, peer, *pieces)
+            assert got == [] and ended == pytest.approx(30.0)
+            assert server.closed == Closed(1008, "message not finished within 30 s")
+            parser, sent = FrameParser(), []
+            while data := await peer.receive_some(65536):  # until EOF: cut at once after the close
+                sent += parser.feed(data)
+            assert sent[-1] == (OP_CLOSE, struct.pack("!H", 1008) + b"message not finished within 30 s")
+            assert set(sent[:-1]) <= {(OP_PONG, b"p")}
+
+
+async def test_frames_that_keep_coming_whole_are_never_timed_out_even_when_every_read_ends_inside_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The time is per frame: reads that each finish a frame and start the next one, 20 s apart
+    (longer in all than ``message_timeout_s``), close nothing."""
+    frames = b"".join(_text(str(i)) for i in range(4))
+    cuts = [0, 5, 12, 19, len(frames)]  # every piece but the last ends inside a frame (each is 7 bytes)
+    pieces = [frames[a:b] for a, b in itertools.pairwise(cuts)]
+    async with _pair(message_timeout_s=30.0) as (server, peer):
+        ended, got = await _stalled(server, peer, *pieces)
+        assert got == ["0", "1", "2", "3"] and server.closed is None and ended == math.inf
+
+
 async def test_frames_in_the_same_packet_as_the_upgrade_request_are_run(daemon: InProcessDaemon) -> None:
     """A client may write frames before it has read the 101: the daemon runs them in order."""
     key = base64.b64encode(os.urandom(16)).decode()
@@ -254,7 +320,7 @@ async def test_frames_in_the_same_packet_as_the_upgrade_request_are_run(daemon: 
             ]
 
 
-async def test_a_reload_sets_the_frame_limit_and_close_timeout_of_open_connections(
+async def test_a_reload_sets_the_frame_limit_and_timeouts_of_open_connections(
     nursery: trio.Nursery, tmp_dir: Path
 ) -> None:
     d = await start_daemon_from_file(nursery, tmp_dir)
@@ -263,14 +329,21 @@ async def test_a_reload_sets_the_frame_limit_and_close_timeout_of_open_connectio
             await client.ok({"op": "subscribe", "pattern": "reload.#"})
             port = d.endpoints.ws_port
             (conn,) = [o for o in gc.get_objects() if type(o) is Connection and o.service.port == port]
-            reply = await reload_daemon(d, tmp_dir, websocket={"max_frame_bytes": 4096, "close_timeout_s": 0.25})
+            reply = await reload_daemon(
+                d, tmp_dir, websocket={"max_frame_bytes": 4096, "close_timeout_s": 0.25, "message_timeout_s": 7.0}
+            )
             assert reply["ok"], reply
             assert conn.sock.max_message_bytes == 4096 and conn.sock.close_timeout_s == 0.25
+            assert conn.sock.message_timeout_s == 7.0
 
 
-async def test_peers_that_stall_or_reset_mid_frame_leave_a_well_behaved_client_served(daemon: InProcessDaemon) -> None:
-    """Half a frame, then silence (its connection waits, costing one partial frame) or a reset (its
-    connection ends, counted 1006): another client's publish and subscription go on meanwhile."""
+async def test_peers_that_stall_or_reset_mid_frame_leave_a_well_behaved_client_served(
+    nursery: trio.Nursery, tmp_dir: Path
+) -> None:
+    """Half a frame, then silence (its connection waits, costing one partial frame, until
+    ``message_timeout_s`` closes it with 1008) or a reset (its connection ends, counted 1006): another
+    client's publish and subscription go on meanwhile."""
+    daemon = await start_daemon_from_file(nursery, tmp_dir, websocket={"message_timeout_s": 2.0})
     port = daemon.endpoints.ws_port
     frame = encode_frame(OP_TEXT, json.dumps({"op": "publish", "type": "half.x", "payload": "x" * 1000}).encode())
     with trio.fail_after(10):
@@ -289,5 +362,13 @@ async def test_peers_that_stall_or_reset_mid_frame_leave_a_well_behaved_client_s
                     await trio.sleep(0.02)
                     status = (await control_async(daemon.control_path, {"cmd": "status"}))["status"]["websocket"]
                 assert status["connections"] == 2  # the stalled peer and the client
+                while not stalled.eof:
+                    await stalled.receive()
+                assert stalled.closed == Close(1008, b"message not finished within 2 s")
+                while status["closes"].get("1008", 0) < 1:  # and its connection is gone
+                    await trio.sleep(0.02)
+                    status = (await control_async(daemon.control_path, {"cmd": "status"}))["status"]["websocket"]
+                assert status["connections"] == 1
+                assert (await client.publish("well.behaved", 2))["seq"] >= 2
         finally:
             stalled.reset()  # (a close frame now would only be more of its half frame's payload)
