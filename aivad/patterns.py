@@ -26,7 +26,7 @@ class _Node(Generic[S]):
 
 
 class PatternIndex(Generic[S]):
-    """Maps patterns to sets of subscribers; ``match(topic)`` yields ``(pattern, subscriber)``."""
+    """Maps patterns to sets of subscribers; ``match(topic)`` yields ``(pattern, subscribers)``."""
 
     def __init__(self) -> None:
         self._root: _Node[S] = _Node()
@@ -79,8 +79,12 @@ class PatternIndex(Generic[S]):
             stack.extend(node.children.values())
         return found
 
-    def match(self, topic: str) -> Iterator[tuple[str, S]]:
-        """Every (pattern, subscriber) whose pattern matches ``topic``, each once."""
+    def match(self, topic: str) -> Iterator[tuple[str, set[S]]]:
+        """Every pattern that matches ``topic`` and has subscribers, each once, with its subscribers.
+
+        The set is the index's own (a set per pattern, not a pair per subscriber: the router walks
+        it once per message, and a delivery costs no generator step); it must not change while the
+        caller walks it."""
         words = topic.split(".")
         n = len(words)
         seen: set[tuple[int, int]] = set()
@@ -93,8 +97,7 @@ class PatternIndex(Generic[S]):
             seen.add(key)
             if i == n:
                 if node.subscribers:
-                    for sub in node.subscribers:
-                        yield node.pattern, sub
+                    yield node.pattern, node.subscribers
                 hash_child = node.children.get("#")
                 if hash_child is not None:  # '#' may match zero words at the end
                     stack.append((hash_child, i))

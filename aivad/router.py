@@ -133,20 +133,27 @@ class Router:
         delivered = 0
         overflowed: list[Subscription] = []
         for message in messages:
+            seq = message.seq
             frames: dict[tuple[Encoder, str], bytes] = {}
-            for pattern, sub in self._index.match(message.type):
-                if message.seq <= sub.after or not sub.live:
-                    continue  # given by the replay that preceded going live, or overflowed just now
-                key = (sub.sink.encode, pattern)
-                frame = frames.get(key)
-                if frame is None:
-                    frame = frames[key] = sub.sink.encode(sub.pattern_json, message.json)
-                if sub.sink.offer(frame):
-                    sub.after = message.seq
-                    delivered += 1
-                else:
-                    sub.live = False
-                    overflowed.append(sub)
+            for pattern, subs in self._index.match(message.type):
+                encode: Encoder | None = None  # the wire format of ``frame``: looked up when it changes
+                frame = b""
+                for sub in subs:
+                    if seq <= sub.after or not sub.live:
+                        continue  # given by the replay that preceded going live, or overflowed just now
+                    sink = sub.sink
+                    if sink.encode is not encode:
+                        encode = sink.encode
+                        built = frames.get((encode, pattern))
+                        if built is None:
+                            built = frames[encode, pattern] = encode(sub.pattern_json, message.json)
+                        frame = built
+                    if sink.offer(frame):
+                        sub.after = seq
+                        delivered += 1
+                    else:
+                        sub.live = False
+                        overflowed.append(sub)
         self._deliveries += delivered
         for sub in overflowed:  # the index is not changed while it is being walked
             self._overflows += 1

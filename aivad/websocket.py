@@ -397,7 +397,11 @@ class Connection:
 
     def _take(self) -> tuple[list[bytes], int]:
         """The queued frames of one write (up to ``_MAX_WRITE_BYTES``, at least one) and their size."""
-        outbox, size = self._outbox, 0
+        outbox, size = self._outbox, self._queued_bytes
+        if size <= _MAX_WRITE_BYTES:
+            self._outbox = []
+            return outbox, size
+        size = 0
         for n, frame in enumerate(outbox, 1):
             size += len(frame)
             if size >= _MAX_WRITE_BYTES and n < len(outbox):
