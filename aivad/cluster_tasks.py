@@ -509,7 +509,7 @@ class ClusterDispatcher(Dispatcher):
     # ---- dead letters --------------------------------------------------------------------------
 
     async def replay(self, dead_letter_id: int) -> str:
-        letters = await self._dead_letters.dead_letters(None, 1, dead_letter_id - 1)
+        letters = (await self._dead_letters.dead_letters(None, 1, dead_letter_id - 1)).letters
         if not letters or letters[0].id != dead_letter_id:
             raise OpError("not_found", f"no replayable dead letter {dead_letter_id}")
         if letters[0].kind != "task":

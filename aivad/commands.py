@@ -96,10 +96,10 @@ def _task_type(letter: DeadLetter) -> str | None:
 
 
 async def _dlq_list(ops: Operations, caller: Caller, request: dict[str, Any]) -> dict[str, Any]:
-    letters = await ops.dead_letters(
+    page = await ops.dead_letters(
         caller, field(request, "kind", str, None), _limit(request), seq_field(request, "after", 0)
     )
-    return {"dead_letters": [_letter_row(d) for d in letters]}
+    return {"dead_letters": [_letter_row(d) for d in page.letters], "next_after": page.next_after}
 
 
 async def _dlq_show(ops: Operations, caller: Caller, request: dict[str, Any]) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from .logs import Throttle
 from .protocol import OpError
 from .router import Resume, Router, Subscription
 from .stats import Ingest
-from .store import Appended, DeadLetter, History, Store, StoreClosed, Write
+from .store import Appended, DeadLetter, DeadLetterPage, History, Store, StoreClosed, Write
 from .tasks import TaskSpec
 
 __all__ = ["Caller", "Intake", "Operations", "Pending", "Quota"]
@@ -166,7 +166,7 @@ class DeadLetterBook(Protocol):
     async def add_dead_letter(self, kind: str, reason: str, body: str, detail: dict[str, Any]) -> int: ...
 
     async def dead_letters(self, kind: str | None = None, limit: int = 100, after_id: int = 0
-                           ) -> list[DeadLetter]: ...
+                           ) -> DeadLetterPage: ...
 
     async def purge_dead_letters(self) -> int: ...
 
@@ -465,13 +465,13 @@ class Operations:
         self.require_admin(caller)
         return self.dispatcher.worker_views()
 
-    async def dead_letters(self, caller: Caller, kind: str | None, limit: int, after_id: int) -> list[DeadLetter]:
+    async def dead_letters(self, caller: Caller, kind: str | None, limit: int, after_id: int) -> DeadLetterPage:
         self.require_admin(caller)
         return await self.letters.dead_letters(kind, limit, after_id)
 
     async def dead_letter(self, caller: Caller, letter_id: int) -> DeadLetter:
         self.require_admin(caller)
-        letters = await self.letters.dead_letters(None, 1, letter_id - 1)
+        letters = (await self.letters.dead_letters(None, 1, letter_id - 1)).letters
         if not letters or letters[0].id != letter_id:
             raise OpError("not_found", f"no dead letter {letter_id}")
         return letters[0]
@@ -482,11 +482,13 @@ class Operations:
         self.intake.require_open()
         if letter_ids is not None:
             return [await self.dispatcher.replay(letter_id) for letter_id in letter_ids]
-        replayed, after = [], 0
-        while letters := await self.letters.dead_letters("task", 500, after):
-            for letter in letters:
+        replayed: list[str] = []
+        after: int | None = 0
+        while after is not None:  # by next_after: a page of the cluster's queue may stop short (a poison flood)
+            page = await self.letters.dead_letters("task", 500, after)
+            for letter in page.letters:
                 replayed.append(await self.dispatcher.replay(letter.id))
-            after = letters[-1].id
+            after = page.next_after
         return replayed
 
     async def purge(self, caller: Caller) -> int:

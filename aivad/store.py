@@ -174,6 +174,17 @@ class DeadLetter:
 
 
 @attrs.frozen
+class DeadLetterPage:
+    """The letters of one read, oldest first, and the ``after`` of the next read (None: the queue
+    was read to its end). A read filtered by kind may stop short of ``limit`` — the cluster's queue
+    reads a bounded number of letters per call — so paging goes by ``next_after``, not by the last
+    letter returned."""
+
+    letters: list[DeadLetter]
+    next_after: int | None
+
+
+@attrs.frozen
 class StoreStatistics:
     last_seq: int
     retention_floor: int
@@ -604,14 +615,15 @@ class Store:
         finally:
             conn.execute("COMMIT")
 
-    async def dead_letters(self, kind: str | None = None, limit: int = 100, after_id: int = 0) -> list[DeadLetter]:
-        def read(conn: sqlite3.Connection) -> list[DeadLetter]:
+    async def dead_letters(self, kind: str | None = None, limit: int = 100, after_id: int = 0) -> DeadLetterPage:
+        def read(conn: sqlite3.Connection) -> DeadLetterPage:
             rows = conn.execute(
                 "SELECT id, kind, reason, created_at, body, detail FROM dead_letters "
                 "WHERE id > ? AND (? IS NULL OR kind = ?) ORDER BY id LIMIT ?",
                 (after_id, kind, kind, limit),
             ).fetchall()
-            return [DeadLetter(i, k, r, c, b, json.loads(d)) for i, k, r, c, b, d in rows]
+            letters = [DeadLetter(i, k, r, c, b, json.loads(d)) for i, k, r, c, b, d in rows]
+            return DeadLetterPage(letters, letters[-1].id if len(letters) == limit else None)
 
         return await self.read(read)  # type: ignore[no-any-return]
 

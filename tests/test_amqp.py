@@ -320,7 +320,7 @@ async def test_poison_goes_to_dead_letters_with_reason(rabbitmq: RabbitMQ, tmp_p
         assert p1.headers["k"] == "v"
         assert p1.headers["x-aivad-original-routing-key"] == "scan.x"
         assert "every dot-separated word" in by_id["p-2"][0].headers[REASON_HEADER]
-        rows = await store.dead_letters()
+        rows = (await store.dead_letters()).letters
         assert sorted(r.detail["message_id"] for r in rows) == ["p-1", "p-2"]
         assert {r.kind for r in rows} == {"amqp.poison"}
         assert queue_depth(rabbitmq.url, cfg.events_queue) == 0
@@ -342,7 +342,7 @@ async def test_a_body_over_max_body_bytes_is_dead_lettered_and_the_consumer_goes
         [(props, body)] = await trio.to_thread.run_sync(get_all, rabbitmq.url, cfg.dead_letter_queue)
         assert body == big, "the dead-letter exchange gets the delivery whole"
         assert f"body is {len(big)} bytes, over max_body_bytes (1024)" in props.headers[REASON_HEADER]
-        [row] = await store.dead_letters()
+        [row] = (await store.dead_letters()).letters
         assert row.detail["body_bytes"] == len(big) and len(row.body) == 1024, "the table keeps its head"
         assert bridge.statistics().rejected == 1
 

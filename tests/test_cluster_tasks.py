@@ -132,6 +132,36 @@ async def test_dead_letters_are_the_clusters_and_replay_from_any_node(cluster: C
         assert a.control({"cmd": "dlq.list"})["dead_letters"] == []
 
 
+async def test_dead_tasks_behind_a_flood_of_poison_letters_are_listed_and_replayed(cluster: Cluster) -> None:
+    """A read of the cluster's queue filtered by kind stops after 20 pages (10,000 letters) of other
+    kinds and says where to go on (``next_after``): a list pages on to the task behind them, and
+    ``dlq.replay all`` replays it."""
+    client = redis.Redis.from_url(cluster.redis.url)
+    key = f"{cluster.prefix}{{log}}:"
+    poison = json.dumps({"kind": "amqp.poison", "reason": "bad", "created_at": 0.0, "body": "x", "detail": {}})
+    flood = 10_001
+    with client.pipeline(transaction=False) as p:
+        for i in range(1, flood + 1):
+            p.xadd(key + "dlq", {"d": poison}, id=f"{i}-0")
+        p.hset(key + "meta", "dlq", flood)
+        p.execute()
+    a, b = cluster.node("a"), cluster.node("b")
+    async with connect(a.ws_url) as worker, connect(b.ws_url) as caller:
+        await _hello(worker, ["bad"])
+        task_id = (await caller.ok({"op": "dispatch", "type": "bad", "payload": 1, "max_attempts": 1}))["task_id"]
+        await worker.send({"op": "task.fail", "task_id": (await _next_task(worker))["task_id"], "error": "nope",
+                           "retryable": False})
+        with trio.fail_after(20):
+            while not b.control({"cmd": "dlq.list", "after": flood})["dead_letters"]:
+                await trio.sleep(0.1)
+        first = a.control({"cmd": "dlq.list", "kind": "task"})
+        assert first["dead_letters"] == [] and first["next_after"] == 10_000  # 20 pages of poison read
+        rest = a.control({"cmd": "dlq.list", "kind": "task", "after": first["next_after"]})
+        assert [d["id"] for d in rest["dead_letters"]] == [flood + 1] and rest["next_after"] is None
+        assert b.control({"cmd": "dlq.replay", "all": True})["replayed"] == [task_id]
+        assert (await _next_task(worker))["task_id"] == task_id
+
+
 async def test_tasks_of_a_node_killed_mid_attempt_run_again_elsewhere_and_end_once(cluster: Cluster) -> None:
     a, b = cluster.node("a"), cluster.node("b")
     n = 6

@@ -505,3 +505,18 @@ def test_history_with_many_wildcards_returns_promptly(tmp_dir: Path) -> None:
         subprocess.run([sys.executable, "-c", _HOSTILE_HISTORY, str(tmp_dir / "h.db")], check=True, timeout=3)
     except subprocess.TimeoutExpired:
         pytest.fail("history took more than 3 s")
+
+
+# ---- dead letters ------------------------------------------------------------------------------
+
+
+async def test_dead_letters_page_by_next_after_and_a_filtered_read_skips_other_kinds(tmp_dir: Path) -> None:
+    with trio.fail_after(20):
+        async with open_store(store_config(tmp_dir)) as store:
+            ids = [await store.add_dead_letter(kind, "why", "body", {}) for kind in ("task", "amqp.poison", "task")]
+            first = await store.dead_letters(None, 2)
+            assert [d.id for d in first.letters] == ids[:2] and first.next_after == ids[1]
+            rest = await store.dead_letters(None, 2, first.next_after)
+            assert [d.id for d in rest.letters] == ids[2:] and rest.next_after is None
+            tasks = await store.dead_letters("task", 10)
+            assert [d.id for d in tasks.letters] == [ids[0], ids[2]] and tasks.next_after is None

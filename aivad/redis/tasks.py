@@ -39,7 +39,7 @@ import attrs
 import cattrs
 
 from aivad.protocol import OpError, parse_json
-from aivad.store import DeadLetter
+from aivad.store import DeadLetter, DeadLetterPage
 from aivad.tasks import STATES, TaskSpec
 
 from .client import RedisLogError, _int, _Script, _text
@@ -58,6 +58,8 @@ _DEAD_LETTER_ADD = _Script(DEAD_LETTER_ADD_LUA)
 
 #: how many entries one page of a scan reads (records, the running set, dead letters)
 _PAGE = 500
+#: stream pages one read of the dead-letter queue reads at most (a bound per request)
+_PAGES_PER_READ = 20
 #: the most task changes one script call carries (a call must not stall Redis)
 _MAX_CHANGES = 200
 
@@ -223,11 +225,12 @@ class RedisDeadLetters:
         with self._call("dead letter"):
             return int(await _DEAD_LETTER_ADD(self._log.client, self._keys, [letter_json(kind, reason, body, detail)]))
 
-    async def dead_letters(self, kind: str | None = None, limit: int = 100, after_id: int = 0) -> list[DeadLetter]:
-        """Up to ``limit`` letters after ``after_id`` (of ``kind``), reading at most 20 pages."""
+    async def dead_letters(self, kind: str | None = None, limit: int = 100, after_id: int = 0) -> DeadLetterPage:
+        """Up to ``limit`` letters after ``after_id`` (of ``kind``), reading at most ``_PAGES_PER_READ``
+        pages of the stream: a read filtered by kind that stops there says where to go on."""
         found: list[DeadLetter] = []
         after = after_id
-        for _ in range(20):
+        for _ in range(_PAGES_PER_READ):
             with self._call("dead letters"):
                 entries = await self._log.client.xrange(self._stream, f"{after + 1}-0", "+", count=_PAGE)
             for entry in entries:
@@ -236,10 +239,10 @@ class RedisDeadLetters:
                 if letter is not None and (kind is None or letter.kind == kind):
                     found.append(letter)
                     if len(found) == limit:
-                        return found
+                        return DeadLetterPage(found, after)
             if len(entries) < _PAGE:
-                break
-        return found
+                return DeadLetterPage(found, None)
+        return DeadLetterPage(found, after)
 
     async def purge_dead_letters(self) -> int:
         with self._call("purge dead letters"):
