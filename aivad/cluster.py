@@ -321,9 +321,13 @@ class ClusterLog:
 
     async def _heartbeat_loop(self, interval_s: float, info: Callable[[], dict[str, Any]]) -> NoReturn:
         """Say this node is alive; learn the others. A heartbeat of this name from another
-        process (two nodes given one ``node_name``) is logged and announced, once."""
+        process (two nodes given one ``node_name``) is logged and announced, once.
+
+        Only from the second heartbeat on: before the first, what stands under this name may be this
+        node's own previous run (restarted within the record's time to live), which writes no more."""
         instance = uuid.uuid4().hex
         told = False
+        ours_written = False
         while True:
             try:
                 # read before writing: what stands under this name now was written by the last heartbeat of it
@@ -332,13 +336,14 @@ class ClusterLog:
                 self.nodes = await self.redis.live_nodes()
                 other = next((n for n in before if n.name == self.node_name
                               and n.info.get("instance", instance) != instance), None)
-                if other is not None and not told:
+                if other is not None and ours_written and not told:
                     told = True
                     why = f"another process runs as cluster node {self.node_name!r}: give each node its own " \
                           "[cluster] node_name"
                     log.error("cluster: %s", why)
                     for callback in self._on_name_taken:
                         callback(why)
+                ours_written = True
             except RedisUnavailable as exc:
                 self._set_failure(f"unreachable: {exc}")
             except EpochChanged:

@@ -307,6 +307,18 @@ async def test_two_nodes_given_one_name_are_told(cluster: Cluster) -> None:
     assert "node_name" in alert["payload"]["message"]
 
 
+async def test_a_node_restarted_at_once_under_its_name_is_not_told_the_name_is_taken(cluster: Cluster) -> None:
+    """Killed, and back at once (systemd's ``Restart=``): the record of its previous run still
+    stands (three heartbeats' time to live); that is not another process, and nothing is alerted."""
+    first = cluster.node("again")
+    first.signal(signal.SIGKILL)
+    assert await trio.to_thread.run_sync(first.wait) == -signal.SIGKILL
+    second = cluster.node("again")
+    await trio.sleep(2.5)  # five heartbeats (0.5 s): the old record is read, then expires
+    assert "another process runs as cluster node" not in second.log(), second.log()[-2000:]
+    assert second.control({"cmd": "status"})["status"]["ready"] is True
+
+
 async def test_publishes_beyond_max_pending_are_overloaded_and_counted(cluster: Cluster) -> None:
     a = cluster.node("a", redis={"max_pending": 1})
     async with connect(a.ws_url) as c:
