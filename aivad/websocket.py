@@ -70,7 +70,7 @@ CLOSE_UNAUTHENTICATED = 4001
 CLOSE_SLOW_CONSUMER = 4008
 #: close codes counted on their own (aivad_websocket_closes_total); a peer may send any 3000–4999
 CLOSE_CODES_COUNTED = frozenset({1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1011, 4001, 4008})
-#: the sender writes at most this many bytes per send_all
+#: one write (the writer's non-blocking send, or a sender's send_all) takes at most this many queued bytes
 _MAX_WRITE_BYTES = 1 << 20
 #: connections the writer serves between two scheduler passes
 _WRITES_PER_TURN = 256
