@@ -127,6 +127,59 @@ def test_config_accepts_amqp_enabled() -> None:
         parse_config({"amqp": {"prefetch": 0}})
 
 
+def test_aiormq_private_delivery_path_is_as_pinned() -> None:
+    """``_deliver_in_reader`` replaces and reuses these aiormq privates: a release that changes them fails here."""
+    import inspect
+
+    from aiormq.channel import Channel
+
+    assert "await self._on_deliver_frame(frame)" in inspect.getsource(Channel._reader)
+    for name in ("_on_deliver_frame", "_Channel__get_content_header", "_read_content"):
+        assert inspect.iscoroutinefunction(getattr(Channel, name)), name
+    assert list(inspect.signature(Channel._read_content).parameters) == ["self", "frame", "header"]
+    assert "self.consumers.get(frame.consumer_tag)" in inspect.getsource(Channel._on_deliver_frame)
+
+
+def test_the_channel_reader_hands_deliveries_over_in_order_without_a_task(rabbitmq: RabbitMQ) -> None:
+    import asyncio
+
+    import aiormq
+
+    from aivad.amqp import _deliver_in_reader
+
+    queue = f"t-reader-{uuid.uuid4().hex[:8]}"
+    handed: list[bytes] = []
+    via_aiormq: list[bytes] = []
+
+    async def main() -> int:
+        conn = await aiormq.connect(rabbitmq.url)
+        try:
+            channel = await conn.channel()
+            await channel.queue_declare(queue, auto_delete=True)
+            for i in range(50):
+                await channel.basic_publish(b"%d" % i, routing_key=queue)
+            _deliver_in_reader(channel, lambda m: handed.append(m.body))
+
+            async def aiormq_path(m: aiormq.abc.DeliveredMessage) -> None:
+                via_aiormq.append(m.body)
+
+            tasks_before = len(asyncio.all_tasks())
+            most_tasks = tasks_before
+            await channel.basic_consume(queue, aiormq_path, no_ack=True)
+            async with asyncio.timeout(20):
+                while len(handed) < 50:
+                    most_tasks = max(most_tasks, len(asyncio.all_tasks()))
+                    await asyncio.sleep(0)
+            return most_tasks - tasks_before
+        finally:
+            await conn.close()
+
+    extra_tasks = asyncio.run(main())
+    assert handed == [b"%d" % i for i in range(50)]
+    assert via_aiormq == []
+    assert extra_tasks == 0
+
+
 # ---- helpers for the real broker --------------------------------------------------
 
 
@@ -269,7 +322,14 @@ class StuckSink(SlowSink):
 # ---- against the real broker ------------------------------------------------------
 
 
-async def test_deepsoc_flow_mapping_and_duplicate(rabbitmq: RabbitMQ, tmp_path: Path) -> None:
+async def test_deepsoc_flow_mapping_and_duplicate(rabbitmq: RabbitMQ, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiormq.channel import Channel
+
+    def task_per_delivery(*_: object) -> None:
+        raise AssertionError("aiormq's own delivery path ran: the bridge's channel reader hook is not installed")
+
+    monkeypatch.setattr(Channel, "_on_deliver_frame", task_per_delivery)
     cfg = make_cfg(rabbitmq.url)
     async with running_bridge(cfg, tmp_path) as (bridge, store, _):
         props = pika.BasicProperties(
