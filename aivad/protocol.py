@@ -7,7 +7,9 @@ error codes (DESIGN §4.3) apply to both, so they live here once.
 from __future__ import annotations
 
 import json
+import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -232,27 +234,54 @@ def parse_json(text: str | bytes) -> Any:
     a few KB of it) is a ValueError, not the RecursionError ``json`` raises: every caller handles
     ValueError. For JSON aivad wrote or a trusted writer may have (Redis); a peer's goes through
     :func:`loads_json`."""
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
+    return _within_nesting(json.loads, text)
 
 
 def loads_json(text: str | bytes) -> Any:
     """Parse a peer's JSON (ValueError if it is not JSON), refusing lone surrogates (``LoneSurrogate``).
 
-    ``"\\ud800"`` is valid JSON but not Unicode: a message holding one could be
+    Only JSON as RFC 8259 has it: ``NaN``, ``Infinity`` and ``-Infinity`` (which
+    Python's ``json`` reads) and numbers past a double's range (``1e999``, read
+    as infinity) are ValueErrors. Taken in, they would be written back as
+    ``NaN``/``Infinity``, which no browser's ``JSON.parse`` reads: every
+    subscriber's frame, history page and HTTP reply holding the message would
+    fail to parse, for as long as the message is kept.
+
+    ``"\ud800"`` is valid JSON but not Unicode: a message holding one could be
     neither stored nor sent on (UTF-8), so it would fail later, far from its
     producer — and take the neighbours of its group commit with it. Escaped
-    surrogate *pairs* (an emoji written ``\\ud83d\\ude00``) are fine: only when
+    surrogate *pairs* (an emoji written ``\ud83d\ude00``) are fine: only when
     the text has such an escape at all is the decoded value checked. Nesting past the
     recursion limit is a ValueError (:func:`parse_json`).
     """
-    value = parse_json(text)
-    escapes = _SURROGATE_ESCAPE.search(text if isinstance(text, str) else text.decode("utf-8", "replace"))
-    if escapes and not _encodable(value):
+    if not isinstance(text, str):  # as json.loads decodes bytes
+        text = text.decode(json.detect_encoding(text), "surrogatepass")
+    value = _within_nesting(_PEER_JSON.decode, text)
+    if _SURROGATE_ESCAPE.search(text) and not _encodable(value):
         raise LoneSurrogate(value)
     return value
+
+
+def _within_nesting(decode: Callable[[Any], Any], text: str | bytes) -> Any:
+    try:
+        return decode(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _finite(number: str) -> float:
+    value = float(number)
+    if math.isinf(value):
+        raise ValueError(f"{number[:40]} is beyond a double's range")
+    return value
+
+
+#: the decoder of peers' JSON: RFC 8259 numbers only
+_PEER_JSON = json.JSONDecoder(parse_constant=_not_json, parse_float=_finite)
 
 
 class LoneSurrogate(ValueError):

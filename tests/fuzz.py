@@ -359,10 +359,25 @@ def ref_key(ref: Any) -> str:
     return json.dumps(ref, sort_keys=True)
 
 
+def _not_json(constant: str) -> Any:
+    raise ValueError(constant)
+
+
+def _finite(number: str) -> float:
+    if math.isinf(value := float(number)):
+        raise ValueError(number)
+    return value
+
+
+def decode_as_the_daemon(text: bytes) -> Any:
+    """RFC 8259 JSON: ``NaN``, ``Infinity`` and ``1e999`` are refused (ValueError), as the daemon refuses them."""
+    return json.loads(text.decode("utf-8"), parse_constant=_not_json, parse_float=_finite)
+
+
 def expected_ref(text: bytes) -> Any:
     """The ref the daemon must echo for this text frame, decoded as the daemon decodes it; None: no ref."""
     try:
-        request = json.loads(text.decode("utf-8"))
+        request = decode_as_the_daemon(text)
     except (ValueError, RecursionError):
         return None
     if not isinstance(request, dict):
@@ -376,7 +391,7 @@ def expected_ref(text: bytes) -> Any:
 def waiting_due(text: bytes, now: float) -> float | None:
     """For a ``request``/``collect``: when its reply is due (None: its timeout is too long to wait for)."""
     try:
-        request = json.loads(text.decode("utf-8"))
+        request = decode_as_the_daemon(text)
     except (ValueError, RecursionError):
         return now
     timeout = request.get("timeout", FUZZ_CONFIG["tasks"]["request_timeout_s"]) if isinstance(request, dict) else 0

@@ -101,6 +101,9 @@ def test_non_object_json_and_objects_with_other_keys_are_payloads() -> None:
         (b'{"n": 1}', "", "routing key"),
         (b'{"n": 1}', "bad key!", "every dot-separated word"),
         (b"[" * 100_000, "a.b", "nested too deeply"),  # json's RecursionError, once uncaught
+        (b'{"x": NaN}', "a.b", "NaN is not JSON"),  # would be stored and sent on as NaN: no browser reads it
+        (b'{"type": "a", "payload": [Infinity]}', "a.b", "Infinity is not JSON"),
+        (b"[1e999]", "a.b", "1e999 is beyond a double's range"),
     ],
 )
 def test_poison_is_refused_with_a_reason(body: bytes, routing_key: str, problem: str) -> None:

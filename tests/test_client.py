@@ -306,6 +306,10 @@ async def test_errors(daemon: InProcessDaemon) -> None:
             with pytest.raises(AivadError) as caught:
                 await client.publish("big.one", "x" * (2 * 1024 * 1024))
             assert caught.value.code == "too_large"
+            for not_json in (float("nan"), float("inf"), [-float("inf")]):  # the daemon would refuse it, unanswerable
+                with pytest.raises(AivadError, match="cannot be sent as JSON") as caught:
+                    await client.publish("not.json", not_json)
+                assert caught.value.code == "bad_request"
             assert (await client.publish("still.works", 1)).seq > 0  # the connection survived
 
 

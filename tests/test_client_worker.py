@@ -192,6 +192,24 @@ async def test_permanent_errors_are_dead_at_once(daemon: InProcessDaemon) -> Non
                 assert (status.state, status.attempts) == ("dead", 1)
 
 
+async def test_a_result_that_is_not_json_fails_the_task_at_once(daemon: InProcessDaemon) -> None:
+    """``NaN`` is not JSON: the daemon would refuse the ``task.result`` and the task would wait for its timeout."""
+    worker = worker_for(daemon.ws_url)
+
+    @worker.handler("score")
+    async def score(task: TaskContext) -> dict[str, float]:
+        return {"score": float("nan")}
+
+    with trio.fail_after(20):
+        async with aivad.client.connect(daemon.ws_url, options=FAST) as client, worker.running():
+            task_id = await client.dispatch("score", None, retry_policy=QUICK_RETRY)
+            result = await client.collect_all([task_id], timeout=10)
+            assert "result cannot be sent" in result.failed[task_id]
+            assert "not JSON compliant" in result.failed[task_id]
+            status = await client.get_task_status(task_id)
+            assert (status.state, status.attempts) == ("dead", 1)
+
+
 async def test_request_response_round_trip(daemon: InProcessDaemon) -> None:
     worker = worker_for(daemon.ws_url, concurrency=4)
 

@@ -274,7 +274,9 @@ GARBAGE = [
     (b'{"cmd": "status", "ref": {"a": 1}}\n', "bad_request"),
     (b'{"cmd": "\xff\xfe"}\n', "bad_json"),
     (b"\xc3\x28\n", "bad_json"),
-    (b"[" * 50_000 + b"]" * 50_000 + b"\n", "bad_json"),
+    (b'{"cmd": "status", "ref": NaN}\n', "bad_json"),
+    (b'{"cmd": "status", "ref": 1e999}\n', "bad_json"),
+    (b"[" * 50_000 + b"]" * 50_000 + b"\n", "bad_json"),  # last: over the 4 KiB lines of the test below
 ]
 
 

@@ -99,6 +99,7 @@ async def test_errors_are_json_with_the_status_of_their_code(nursery: trio.Nurse
         ("POST", "/api/publish", b'{"type":"a.b"}', 400, "bad_request"),  # payload is required
         ("POST", "/api/publish", b'{"type":"a.b","payload":"\\ud800"}', 400, "bad_request"),
         ("POST", "/api/publish", b'\xff\xfe', 400, "bad_json"),
+        ("POST", "/api/publish", b'{"type":"a.b","payload":{"x":NaN}}', 400, "bad_json"),  # not RFC 8259 JSON
         ("POST", "/api/history", b'{"pattern":"#","limit":5000}', 400, "bad_request"),
         ("POST", "/api/task", b'{"task_id":"nope"}', 404, "not_found"),
         ("POST", "/api/publish", b'{"type":"a.b","payload":"' + b"x" * 5000 + b'"}', 413, "too_large"),
@@ -116,7 +117,7 @@ async def test_errors_are_json_with_the_status_of_their_code(nursery: trio.Nurse
     assert (await api(port, "publish", {"type": "still.serving", "payload": None}))[0] == 200
     _, _, metrics = await http(port, "GET", "/metrics", b"")
     for line in ('aivad_http_api_errors_total{code="too_large"} 1.0',
-                 'aivad_http_api_errors_total{code="bad_json"} 2.0',
+                 'aivad_http_api_errors_total{code="bad_json"} 3.0',
                  'aivad_http_api_errors_total{code="unknown_op"} 2.0'):
         assert line in metrics.decode(), line
 

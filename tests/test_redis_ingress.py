@@ -61,6 +61,7 @@ POISON: list[tuple[dict[str, Any], str]] = [
     ({"type": b"in.\xff", "payload": "1"}, "UTF-8"),
     ({"type": "in.x", "payload": json.dumps("x" * 2_000_000)}, "over ingest_max_entry_bytes (1048576)"),
     ({"type": "in.x", "payload": "[" * 100_000}, "nested too deeply"),
+    ({"type": "in.x", "payload": '{"x": NaN}'}, "NaN is not JSON"),  # no browser reads it back
 ]
 
 

@@ -165,6 +165,10 @@ async def test_bad_frames_get_errors_and_the_connection_stays_open(daemon: InPro
         (json.dumps({"op": "history", "pattern": "#", "limit": True, "ref": 14}), "bad_request", 14),
         (json.dumps({"op": "ping", "ref": {"nested": 1}}), "bad_request", None),
         ("[" * 100_000 + "]" * 100_000, "bad_json", None),
+        # Python reads these, no browser does (RFC 8259): refused, so never stored and sent on
+        ('{"op":"publish","type":"nan.t","payload":NaN,"ref":15}', "bad_json", None),
+        ('{"op":"publish","type":"inf.t","payload":{"x":[-Infinity]},"ref":16}', "bad_json", None),
+        ('{"op":"publish","type":"big.t","payload":1e999,"ref":17}', "bad_json", None),
         (b"\x00\x01binary", "bad_request", None),
     ]
     with trio.fail_after(10):

@@ -92,8 +92,16 @@ def envelope_from_wire(msg: object) -> Envelope:
 
 
 def encode_frame(frame: dict[str, Any], max_frame_bytes: int | None) -> str:
-    """JSON-encode a client frame; raise ``AivadError("too_large")`` before sending an oversize one."""
-    text = json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
+    """JSON-encode a client frame; raise ``AivadError("too_large")`` before sending an oversize one.
+
+    ``NaN`` and infinities are ``AivadError("bad_request")`` here: they are not JSON (RFC 8259),
+    the daemon refuses them as ``bad_json`` without the call's ``ref``, so the call could not
+    be answered.
+    """
+    try:
+        text = json.dumps(frame, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError as exc:
+        raise AivadError("bad_request", f"cannot be sent as JSON: {exc}") from None
     if max_frame_bytes is not None and len(text) > max_frame_bytes // 4:
         size = len(text.encode("utf-8"))
         if size > max_frame_bytes:
