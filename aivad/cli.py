@@ -9,6 +9,7 @@ Exit status (DESIGN §4.1, fixed): 0 done, 1 the daemon reported an error,
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import re
@@ -265,11 +266,22 @@ def _dlq(client: ControlClient, args: argparse.Namespace) -> None:
     action = args.action
     request: dict[str, Any] = {"cmd": f"dlq.{action}"}
     if action == "list":
-        letters = client.call({**request, "limit": args.limit})["dead_letters"]
+        if args.kind is not None:
+            request["kind"] = args.kind
+        reply = client.call({**request, "limit": args.limit, "after": args.after})
+        letters, next_after = reply["dead_letters"], reply["next_after"]
         if args.json:
-            print(json.dumps(letters))
-        for d in [] if args.json else letters:
-            print(f"{d['id']:>6}  {d['kind']:<8}  {d['reason']}  {d['body'][:80]}")
+            print(json.dumps({"dead_letters": letters, "next_after": next_after}))
+            return
+        for d in letters:
+            when = dt.datetime.fromtimestamp(d["created_at"], dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            print(f"{d['id']:>6}  {d['kind']:<8}  {when}  {d['reason']}  {d['body'][:80]}")
+        if next_after is not None:
+            kind = f" --kind {args.kind}" if args.kind is not None else ""
+            print(f"more: aivad dlq list{kind} --after {next_after} --limit {args.limit}", file=sys.stderr)
+        elif not letters:
+            print("no dead letters" + (f" of kind {args.kind}" if args.kind else "")
+                  + (f" after id {args.after}" if args.after else ""), file=sys.stderr)
         return
     if action == "purge":
         if not args.yes:
@@ -406,7 +418,9 @@ def _parser() -> argparse.ArgumentParser:
     dlq.add_argument("id", metavar="ID", type=int, nargs="?")
     dlq.add_argument("--all", action="store_true", help="replay: every dead task")
     dlq.add_argument("--yes", action="store_true", help="purge: really delete every dead letter")
-    dlq.add_argument("--limit", metavar="N", type=int, default=100)
+    dlq.add_argument("--limit", metavar="N", type=int, default=100, help="list: at most N letters")
+    dlq.add_argument("--after", metavar="ID", type=int, default=0, help="list: the letters after this id")
+    dlq.add_argument("--kind", metavar="KIND", help="list: only this kind (task, amqp.poison, redis)")
     command("drain", "stop intake, close clients, exit 0")
     command("reload", "re-read the config file and apply what can change live")
     token = command("token", "print a JWT for a client, signed with the HMAC secret (no daemon needed)")

@@ -23,7 +23,14 @@ import pytest
 import trio
 import trio.lowlevel
 
-from tests.conftest import DaemonProcess, InProcessDaemon, reload_daemon, start_daemon, start_daemon_from_file
+from tests.conftest import (
+    DaemonProcess,
+    InProcessDaemon,
+    poll_until,
+    reload_daemon,
+    start_daemon,
+    start_daemon_from_file,
+)
 from tests.wsclient import connect
 
 #: the installed console script (what users run; it imports only the client side), else ``python -m aivad``
@@ -412,6 +419,36 @@ def test_cli_publish_and_history(daemon_proc: DaemonProcess) -> None:
     assert len(lines) == 1 and "scan.completed" in lines[0] and lines[0].split()[0] == "2"
     empty = aivad(daemon_proc, "history", "nothing.#")
     assert empty.returncode == 0 and empty.stdout == "" and "no messages" in empty.stderr
+
+
+def test_cli_dlq_list_pages_and_filters(daemon_proc: DaemonProcess) -> None:
+    """Three dead tasks (requests nobody worked, abandoned): listed a page at a time, by kind."""
+    from websockets.sync.client import connect as ws_connect
+
+    with ws_connect(f"ws://127.0.0.1:{daemon_proc.ws_port}/") as ws:
+        for i in range(3):
+            ws.send(json.dumps({"op": "request", "type": "nobody.runs", "payload": i, "timeout": 0.05, "ref": i}))
+            assert json.loads(ws.recv(10))["ref"] == i
+    poll_until(lambda: len(daemon_proc.control({"cmd": "dlq.list"})["dead_letters"]) == 3, 10, "three dead letters")
+
+    first = aivad(daemon_proc, "dlq", "list", "--limit", "2")
+    assert first.returncode == 0, first.stderr
+    rows = [line.split() for line in first.stdout.splitlines()]
+    assert [(row[1], len(row[2])) for row in rows] == [("task", 20)] * 2  # kind, a UTC time to the second
+    assert first.stderr == f"more: aivad dlq list --after {rows[1][0]} --limit 2\n"
+    rest = aivad(daemon_proc, "dlq", "list", "--after", rows[1][0], "--limit", "2", "--kind", "task")
+    assert rest.returncode == 0 and rest.stderr == "", rest.stderr
+    assert len(rest.stdout.splitlines()) == 1 and int(rest.stdout.split()[0]) > int(rows[1][0])
+
+    page = json.loads(aivad(daemon_proc, "dlq", "list", "--json", "--limit", "2").stdout)
+    assert [d["id"] for d in page["dead_letters"]] == [int(row[0]) for row in rows]
+    assert page["next_after"] == int(rows[1][0]) and page["dead_letters"][0]["type"] == "nobody.runs"
+    other = aivad(daemon_proc, "dlq", "list", "--kind", "amqp.poison")
+    assert (other.returncode, other.stdout, other.stderr) == (0, "", "no dead letters of kind amqp.poison\n")
+    assert json.loads(aivad(daemon_proc, "dlq", "list", "--json", "--kind", "redis").stdout) == {
+        "dead_letters": [], "next_after": None}
+    bad = aivad(daemon_proc, "dlq", "list", "--limit", "0")
+    assert bad.returncode != 0 and "limit must be 1..10000" in bad.stderr
 
 
 def test_cli_tail_prints_messages_as_they_arrive(daemon_proc: DaemonProcess) -> None:
