@@ -667,7 +667,7 @@ def _deliver_in_reader(channel: aiormq.abc.AbstractChannel,
 
     aiormq starts an asyncio task per delivery to run the consumer callback (a
     task, a done callback and a future-store entry each time): measured on the
-    bridge, 25 µs of the 120 µs of CPU it spent per message, under the GIL that
+    bridge, 10–25 µs of the 120–130 µs of CPU it spent per message, under the GIL that
     the trio thread needs too (docs/performance.md, "AMQP ingest without a task
     per delivery"). The hand-off never blocks, so the reader can call it.
 
