@@ -94,6 +94,7 @@ class StoreConfig:
     read_connections: int = _at_least(4, 1)
     history_concurrency: int = _at_least(2, 1)
     history_scan_rows: int = _at_least(100_000, 100)
+    wal_max_bytes: int = _at_least(1_073_741_824, 1_048_576)
     retention_max_messages: int = _at_least(1_000_000, 0)
     retention_max_age_s: float = _field(7 * 86400.0, lambda v: v >= 0, "must be >= 0 (0 = keep forever)")
     retention_interval_s: float = _positive(60.0)

@@ -104,6 +104,8 @@ class _DaemonCollector(Collector):
                              "right", ops.forbidden)
         yield CounterMetricFamily("aivad_store_failed_commits", "Commits that failed (disk full, I/O error).",
                                   value=store.failed_commits)
+        yield CounterMetricFamily("aivad_store_wal_catch_ups", "Pauses of the writer for the WAL's checkpoint to "
+                                  "catch up, past [store] wal_max_bytes.", value=store.wal_catch_ups)
         yield CounterMetricFamily("aivad_task_retries", "Attempts that ended in a retry.", value=dispatcher.retries)
         yield CounterMetricFamily("aivad_dead_letters", "Tasks dead-lettered.", value=dispatcher.dead_lettered)
         yield from d.extra_metrics()

@@ -201,6 +201,8 @@ class StoreStatistics:
     #: commits that failed (disk full, I/O error), and why the last one did while it still does
     failed_commits: int = 0
     failure: str | None = None
+    #: pauses of the writer between two commits for the WAL's checkpoint to catch up (``wal_max_bytes``)
+    wal_catch_ups: int = 0
 
 
 def _body_with_seq(body: str, seq: int) -> str:
@@ -316,6 +318,10 @@ class Store:
         self._commit_seconds_total = 0.0
         self._last_commit_seconds = 0.0
         self._commit_buckets = [0] * len(COMMIT_BUCKETS_S)
+        #: set by the checkpointer: the WAL is past ``wal_max_bytes`` (it did not start over); the writer
+        #: checkpoints itself before its next commit
+        self.wal_behind = False
+        self._wal_catch_ups = 0
         self.last_seq: int = writer.execute(
             "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0)"
         ).fetchone()[0]
@@ -450,6 +456,8 @@ class Store:
     async def _drain_queue(self) -> None:
         async with self._receive:
             async for first in self._receive:
+                if self.wal_behind:
+                    await self._catch_up_wal()
                 # one scheduler pass first: writes from tasks that are already runnable join this commit
                 await trio.lowlevel.checkpoint()
                 batch = [first]
@@ -471,6 +479,27 @@ class Store:
                 self._after_commit(batch, seconds)
                 if self.failure is not None:
                     self._set_failure(None)
+
+    async def _catch_up_wal(self) -> None:
+        """Checkpoint between two commits, so the next one starts the WAL over.
+
+        Why: SQLite starts the WAL over only in a write transaction that began after a
+        checkpoint had copied all of it. The checkpoints beside the writer
+        (:func:`_serve_checkpoints`) end while the writer is inside a transaction, whose commit
+        then appends again — so under a steady stream of writes the WAL never started over and
+        grew without bound (2.6 GB in 45 s under bench/dispatch.py, the database 112 MB, until
+        the disk would be full). Most of the copying is done by them; this copies what came
+        since their last round. ``journal_size_limit`` then cuts the file back.
+        """
+        self.wal_behind = False
+        self._wal_catch_ups += 1
+        try:
+            if self._thread is not None:
+                await self._thread.call(_checkpoint, self._writer)
+            else:
+                await trio.to_thread.run_sync(_checkpoint, self._writer)
+        except sqlite3.Error as exc:  # an I/O error: the checkpointer asks again next round
+            log.warning("WAL checkpoint failed: %s", exc)
 
     def _after_commit(self, batch: list[Write], seconds: float) -> None:
         messages = [m for write in batch for m in write.messages]
@@ -656,6 +685,7 @@ class Store:
             ),
             failed_commits=self._failures,
             failure=self.failure,
+            wal_catch_ups=self._wal_catch_ups,
         )
 
     def close_readers(self) -> None:
@@ -750,6 +780,8 @@ def open_database(cfg: StoreConfig) -> sqlite3.Connection:
     # checkpoints run beside the writer (_serve_checkpoints), not inside one of its commits:
     # an automatic checkpoint copies and syncs the WAL while every producer waits
     conn.execute("PRAGMA wal_autocheckpoint = 0")
+    # a WAL started over is cut back to this size (it only grows past it between two checkpoints)
+    conn.execute(f"PRAGMA journal_size_limit = {int(cfg.wal_max_bytes)}")
     conn.executescript(_SCHEMA)
     conn.execute("INSERT INTO info (key, value) VALUES ('epoch', ?) ON CONFLICT (key) DO NOTHING", (_new_epoch(),))
     # from here no busy timeout: a commit that finds the write lock taken waits in _begin_immediate, off the loop
@@ -784,7 +816,7 @@ async def serve_store(cfg: StoreConfig, *, task_status: trio.TaskStatus[Store] =
         async with trio.open_nursery() as nursery:
             nursery.start_soon(store._write_loop)
             nursery.start_soon(_serve_retention, store)
-            nursery.start_soon(_serve_checkpoints, cfg)
+            nursery.start_soon(_serve_checkpoints, store, cfg)
             log.info("store %s open, last seq %d", cfg.path, store.last_seq)
             task_status.started(store)
             await trio.sleep_forever()
@@ -796,22 +828,34 @@ async def serve_store(cfg: StoreConfig, *, task_status: trio.TaskStatus[Store] =
     raise AssertionError("unreachable")
 
 
-async def _serve_checkpoints(cfg: StoreConfig) -> NoReturn:
+async def _serve_checkpoints(store: Store, cfg: StoreConfig) -> NoReturn:
     """Copy the WAL into the database every ``_CHECKPOINT_INTERVAL_S``, on a connection of its own.
 
-    A PASSIVE checkpoint never blocks the writer or the readers; once it has
-    caught up, the writer starts the WAL over, so it does not grow without bound.
+    A PASSIVE checkpoint never blocks the writer or the readers. A WAL past
+    ``[store] wal_max_bytes`` did not start over since the last round (under a
+    steady stream of writes it never does by itself): the writer is told
+    (``Store.wal_behind``) and checkpoints between two of its commits.
     """
     conn = await trio.to_thread.run_sync(lambda: sqlite3.connect(cfg.path, check_same_thread=False))
     try:
+        page_bytes = (await trio.to_thread.run_sync(conn.execute, "PRAGMA page_size")).fetchone()[0]
         while True:
             await trio.sleep(_CHECKPOINT_INTERVAL_S)
             try:
-                await trio.to_thread.run_sync(conn.execute, "PRAGMA wal_checkpoint(PASSIVE)")
+                _, frames, _ = await trio.to_thread.run_sync(_checkpoint, conn)
             except sqlite3.Error as exc:  # e.g. an I/O error: the WAL grows until it works again
                 log.warning("WAL checkpoint failed: %s", exc)
+                continue
+            if frames * page_bytes > cfg.wal_max_bytes:  # it did not start over since: see Store._catch_up_wal
+                store.wal_behind = True
     finally:
         conn.close()
+
+
+def _checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int]:
+    """A PASSIVE checkpoint: (busy, frames in the WAL, frames copied into the database)."""
+    busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    return int(busy), int(frames), int(copied)
 
 
 async def _serve_retention(store: Store) -> None:
