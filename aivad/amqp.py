@@ -12,9 +12,9 @@ difference is the number of hops per message, so the hot path has none:
 
 * The consumer callback (asyncio thread) only appends the delivery to a list
   under a lock; the channel's reader calls it itself, with no asyncio task per
-  delivery (:func:`_deliver_in_reader`). When the list goes from empty to non-empty it wakes trio with
-  one ``TrioToken.run_sync_soon`` — one cross-thread call per batch, not per
-  message.
+  delivery (:func:`_deliver_in_reader`). When the list goes from empty to
+  non-empty it wakes trio with one ``TrioToken.run_sync_soon`` — one
+  cross-thread call per batch, not per message.
 * The trio side takes the whole list, validates each delivery, hands all the
   envelopes to the store in one ``append_many`` (one group commit), and only
   then acknowledges the batch with a single ``basic_ack(multiple=True)`` up to
@@ -668,8 +668,8 @@ def _deliver_in_reader(channel: aiormq.abc.AbstractChannel,
     aiormq starts an asyncio task per delivery to run the consumer callback (a
     task, a done callback and a future-store entry each time): measured on the
     bridge, 10–25 µs of the 120–130 µs of CPU it spent per message, under the GIL that
-    the trio thread needs too (docs/performance.md, "AMQP ingest without a task
-    per delivery"). The hand-off never blocks, so the reader can call it.
+    the trio thread needs too (docs/performance.md, "Without a task per
+    delivery"). The hand-off never blocks, so the reader can call it.
 
     This replaces aiormq's private ``Channel._on_deliver_frame`` on this one
     channel and reads the delivery with its private helpers; tests/test_amqp.py

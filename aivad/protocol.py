@@ -247,10 +247,10 @@ def loads_json(text: str | bytes) -> Any:
     subscriber's frame, history page and HTTP reply holding the message would
     fail to parse, for as long as the message is kept.
 
-    ``"\ud800"`` is valid JSON but not Unicode: a message holding one could be
+    ``"\\ud800"`` is valid JSON but not Unicode: a message holding one could be
     neither stored nor sent on (UTF-8), so it would fail later, far from its
     producer — and take the neighbours of its group commit with it. Escaped
-    surrogate *pairs* (an emoji written ``\ud83d\ude00``) are fine: only when
+    surrogate *pairs* (an emoji written ``\\ud83d\\ude00``) are fine: only when
     the text has such an escape at all is the decoded value checked. Nesting past the
     recursion limit is a ValueError (:func:`parse_json`).
     """
