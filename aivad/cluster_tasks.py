@@ -456,6 +456,8 @@ class ClusterDispatcher(Dispatcher):
                 continue  # after Redis was away every node's heartbeat had lapsed: let them all beat again
             try:
                 orphans = [t for t, owner in (await self._book.running()).items() if owner not in live]
+                if orphans:  # the view above is up to a heartbeat old: a node that joined since is not in it
+                    live = {node.name for node in await self._cluster.redis.live_nodes()}
                 records = await self._book.records(orphans) if orphans else {}
             except RedisLogError as exc:
                 log.warning("cluster tasks: cannot look for a stopped node's tasks: %s", exc)
