@@ -43,6 +43,7 @@ from .envelope import Envelope
 from .protocol import OpError
 from .redis import (
     EpochChanged,
+    LogTail,
     NodeInfo,
     RedisLog,
     RedisLogError,
@@ -262,22 +263,21 @@ class ClusterLog:
         while True:
             try:
                 if tail is None:  # (re)start: from the newest seq there is
-                    info = await self.redis.info()
-                    self.epoch = self.redis.epoch
-                    self.last_seq, self.retention_floor = info.last_seq, info.retention_floor
-                    tail = self.redis.tail(self.last_seq)
+                    tail = await self._tail_from_newest()
                 batch = await tail.read()
             except EpochChanged as exc:  # (before RedisLogError: it is one)
                 log.error("redis: %s; adopting the log now in Redis", exc)
                 try:
                     await self.redis.reopen(self.last_seq)
+                    # the new log's epoch, newest seq and floor before the reset: a client it closes may
+                    # resubscribe at once, and its resume must start where the new log does (a resume from
+                    # the old floor read as overtaken by retention, and was closed once more)
+                    tail = await self._tail_from_newest()
                 except RedisLogError as again:
                     self._set_failure(f"cannot adopt the log: {again}")
                     await trio.sleep(delay)
                     delay = min(delay * 2, 10.0)
                     continue
-                tail = None
-                self.epoch = self.redis.epoch  # before the reset: a client it closes may resubscribe at once
                 self._reset(f"the history is a new one (epoch {self.redis.epoch})")
                 continue
             except RedisLogError as exc:  # unreachable, or what is in the log's keys is not the log's data
@@ -295,6 +295,14 @@ class ClusterLog:
             self.last_seq = batch.position
             for callback in self._on_commit:
                 callback(batch.messages)
+
+    async def _tail_from_newest(self) -> LogTail:
+        """A tail from the log's newest seq; this node's epoch, last seq and floor are the log's from now on
+        (set together, after the only await)."""
+        info = await self.redis.info()
+        self.epoch = self.redis.epoch
+        self.last_seq, self.retention_floor = info.last_seq, info.retention_floor
+        return self.redis.tail(self.last_seq)
 
     def _reset(self, why: str) -> None:
         log.warning("redis: live subscribers resume: %s", why)
