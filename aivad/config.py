@@ -95,6 +95,9 @@ class StoreConfig:
     history_concurrency: int = _at_least(2, 1)
     history_scan_rows: int = _at_least(100_000, 100)
     wal_max_bytes: int = _at_least(1_073_741_824, 1_048_576)
+    #: how long a write nobody waits for (a task's dispatch record) may wait for others to share its
+    #: commit; 0 = commit it at once
+    lazy_write_delay_s: float = _field(0.01, lambda v: 0 <= v <= 1, "must be 0..1 (0 = commit at once)")
     retention_max_messages: int = _at_least(1_000_000, 0)
     retention_max_age_s: float = _field(7 * 86400.0, lambda v: v >= 0, "must be >= 0 (0 = keep forever)")
     retention_interval_s: float = _positive(60.0)

@@ -509,8 +509,9 @@ class Dispatcher:
             _update(conn, task, state="dispatched")
             insert_envelopes(conn, w, [event])
 
-        # queued before the settle's write, so committed before it: nothing waits for it
-        await self._store.submit(write, isolated=False)
+        # queued before the settle's write, so committed before it, or with it: nothing waits for it
+        # (lazy: it waits for the next commit, usually the task's end, to share it)
+        await self._store.submit(write, isolated=False, lazy=True)
         return True
 
     # ---- reports from workers -----------------------------------------------------------

@@ -93,9 +93,10 @@ def spec(task_id: str, task_type: str = "echo", *, max_attempts: int = 3, group_
 
 
 @asynccontextmanager
-async def parts(tmp_dir: Path) -> AsyncIterator[Parts]:
+async def parts(tmp_dir: Path, **store_options: Any) -> AsyncIterator[Parts]:
     async with trio.open_nursery() as nursery:
-        store = await nursery.start(serve_store, StoreConfig(path=str(tmp_dir / "aivad.db"), read_connections=1))
+        cfg = StoreConfig(path=str(tmp_dir / "aivad.db"), read_connections=1, **store_options)
+        store = await nursery.start(serve_store, cfg)
         dispatcher = await nursery.start(serve_dispatcher, TasksConfig(), store)
         aggregator = await nursery.start(serve_aggregator, TasksConfig(), dispatcher, store)
         link = Link()
@@ -133,6 +134,21 @@ async def test_request_is_answered_by_the_task_end_with_the_store_unreadable(tmp
             dead = answers["dies"]
             assert isinstance(dead, OpError) and dead.code == "internal"
             assert dead.message == "task dies failed: boom"  # the final error, not the first
+
+
+async def test_a_task_that_ends_soon_has_its_dispatch_record_written_with_its_end(tmp_dir: Path) -> None:
+    """Nobody waits for ``task.dispatched``: it shares the commit of the task's end (two commits
+    per task, not three), its events in their order."""
+    with trio.fail_after(20):
+        async with parts(tmp_dir, lazy_write_delay_s=5.0) as p:
+            commits = p.store.statistics().commits
+            await p.dispatcher.submit(spec("soon"))
+            assert p.store.statistics().commits == commits + 1
+            await p.complete("soon", "done")
+            assert p.store.statistics().commits == commits + 2, "the dispatch record rode with the end"
+            history = await p.store.history("task.#", 0, 10)
+            types = [(m.type, json.loads(m.json)["payload"]["task_id"]) for m in history.messages]
+            assert types == [("task.created", "soon"), ("task.dispatched", "soon"), ("task.completed", "soon")]
 
 
 async def test_collect_mixes_tasks_ended_before_with_ends_handed_over(tmp_dir: Path) -> None:

@@ -53,6 +53,8 @@ def test_no_config_is_the_embedded_defaults() -> None:
         ({"store": {"max_batch": 0}}, "store.max_batch: must be >= 1"),
         ({"store": {"wal_max_bytes": 1_048_575}}, "store.wal_max_bytes: must be >= 1048576"),
         ({"store": {"wal_max_bytes": "1GiB"}}, "store.wal_max_bytes: expected int, got str"),
+        ({"store": {"lazy_write_delay_s": -0.01}}, "store.lazy_write_delay_s: must be 0..1"),
+        ({"store": {"lazy_write_delay_s": 2}}, "store.lazy_write_delay_s: must be 0..1"),
         ({"shutdown": {"grace_s": -1}}, "shutdown.grace_s: must be > 0"),
         ({"log": {"level": "LOUD"}}, "log.level: must be one of 'DEBUG', 'INFO', 'WARNING', 'ERROR'"),
         ({"store": {"synchronous": "OFF"}}, "store.synchronous: must be one of 'NORMAL', 'FULL'"),

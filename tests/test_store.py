@@ -272,6 +272,46 @@ async def test_a_failing_write_fails_alone_and_its_batch_neighbours_commit(tmp_d
             assert (await store.append(env("good", "later"))).seq > history.messages[-1].seq
 
 
+def insert_lazily(type: str) -> Any:
+    """A write that stores one message (a lazy write's apply)."""
+    return lambda conn, write: insert_envelopes(conn, write, [env(type)])
+
+
+async def test_a_lazy_write_waits_for_company_and_shares_its_commit(
+    tmp_dir: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with open_store(store_config(tmp_dir, lazy_write_delay_s=0.5)) as store:
+        commits = store.statistics().commits
+        start = trio.current_time()
+        lazy = await store.submit(insert_lazily("lazy"), isolated=False, lazy=True)
+        await trio.sleep(0.1)
+        assert not lazy.done.is_set(), "held: nobody waits for it"
+        eager = await store.submit_append([env("eager")])
+        await eager.wait()
+        await lazy.wait()
+        assert trio.current_time() - start == pytest.approx(0.1), "committed when the eager write came"
+        assert store.statistics().commits == commits + 1, "one commit for both"
+        start = trio.current_time()
+        alone = await store.submit(insert_lazily("alone"), isolated=False, lazy=True)
+        await alone.wait()
+        assert trio.current_time() - start == pytest.approx(0.5), "alone: committed after lazy_write_delay_s"
+        assert store.statistics().commits == commits + 2
+    rows = sqlite3.connect(tmp_dir / "store.db").execute("SELECT type FROM messages ORDER BY seq").fetchall()
+    assert rows == [("lazy",), ("eager",), ("alone",)]
+
+
+@pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
+async def test_a_lazy_write_held_when_the_store_is_cancelled_is_committed(tmp_dir: Path, synchronous: str) -> None:
+    """A stopping daemon cancels the writer: a write it was holding is committed, not dropped (a task's
+    dispatch record: the next start must know its attempt began)."""
+    with trio.fail_after(20):
+        async with open_store(store_config(tmp_dir, synchronous=synchronous, lazy_write_delay_s=1.0)) as store:
+            await store.submit(insert_lazily("kept"), isolated=False, lazy=True)
+            await trio.sleep(0.05)  # the writer holds it, waiting for company
+    rows = sqlite3.connect(tmp_dir / "store.db").execute("SELECT type FROM messages").fetchall()
+    assert rows == [("kept",)]
+
+
 async def test_drain_commits_what_is_queued_then_refuses_writes(tmp_dir: Path) -> None:
     with trio.fail_after(20):
         async with open_store(store_config(tmp_dir, **HELD)) as store:
