@@ -46,9 +46,30 @@ pytest_plugins = ["tests.broker_fixtures", "tests.cluster_fixtures"]
 REPO = Path(__file__).resolve().parent.parent
 
 
+#: this run's own directory in the system temp dir, made on first use: every daemon's directory is in it
+_run_dir: Path | None = None
+
+
 def short_tmp_dir() -> Path:
-    """A temp dir with a short path: unix socket paths are limited to 107 bytes."""
-    return Path(tempfile.mkdtemp(prefix="aivad-"))
+    """A temp dir with a short path (unix socket paths are limited to 107 bytes), in this run's directory.
+
+    A test may leave it behind (a daemon process, a cluster node): :func:`pytest_sessionfinish`
+    removes the run's directory when every test passed, and keeps it, with the daemons' logs,
+    for a look after a failure.
+    """
+    global _run_dir
+    if _run_dir is None:
+        _run_dir = Path(tempfile.mkdtemp(prefix="aivad-run-"))
+    return Path(tempfile.mkdtemp(prefix="d-", dir=_run_dir))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _run_dir is None:
+        return
+    if exitstatus == 0:
+        shutil.rmtree(_run_dir, ignore_errors=True)
+    else:
+        print(f"\nthe daemons' directories (logs) of this run are kept in {_run_dir}", file=sys.stderr)
 
 
 def free_port() -> int:
