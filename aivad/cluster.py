@@ -327,15 +327,26 @@ class ClusterLog:
     def reconfigure(self, cfg: StoreConfig) -> None:
         self._cfg = cfg
 
-    async def _heartbeat_loop(self, interval_s: float, info: Callable[[], dict[str, Any]]) -> NoReturn:
+    async def _heartbeat_loop(
+        self,
+        interval_s: float,
+        info: Callable[[], dict[str, Any]],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> NoReturn:
         """Say this node is alive; learn the others. A heartbeat of this name from another
         process (two nodes given one ``node_name``) is logged and announced, once.
 
         Only from the second heartbeat on: before the first, what stands under this name may be this
-        node's own previous run (restarted within the record's time to live), which writes no more."""
+        node's own previous run (restarted within the record's time to live), which writes no more.
+
+        ``started()`` once the first heartbeat was tried: a node claims tasks only after the
+        other nodes can see it alive — a claim by a node they do not see yet is an orphan to
+        their reapers, which would run the task a second time."""
         instance = uuid.uuid4().hex
         told = False
         ours_written = False
+        first = True
         while True:
             try:
                 # read before writing: what stands under this name now was written by the last heartbeat of it
@@ -358,6 +369,9 @@ class ClusterLog:
                 pass  # the tail adopts the new log
             except RedisLogError as exc:  # the tail says so too (readiness); the heartbeat tries again
                 log.warning("redis: heartbeat failed: %s", exc)
+            if first:
+                first = False
+                task_status.started()
             await trio.sleep(interval_s)
 
 
@@ -399,7 +413,7 @@ async def serve_cluster_log(
                         nursery.start_soon(cluster._write_loop)
                         nursery.start_soon(cluster._tail_loop)
                         nursery.start_soon(cluster._retention_loop)
-                        nursery.start_soon(cluster._heartbeat_loop, cluster_cfg.heartbeat_interval_s, node_info)
+                        await nursery.start(cluster._heartbeat_loop, cluster_cfg.heartbeat_interval_s, node_info)
                         log.info("cluster node %s on %s, log epoch %s", cluster_cfg.node_name,
                                  settings.url.rpartition("@")[2], cluster.epoch)
                         task_status.started(cluster)

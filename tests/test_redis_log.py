@@ -16,6 +16,7 @@ import random
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +24,8 @@ import redis as redispy
 import trio
 import trio.lowlevel
 
+from aivad.cluster import serve_cluster_log
+from aivad.config import ClusterConfig, RedisConfig, StoreConfig
 from aivad.envelope import BadMessage, Envelope
 from aivad.redis import (
     EpochChanged,
@@ -794,6 +797,19 @@ async def test_heartbeats_and_live_nodes(redis_log: RedisLog) -> None:
     assert [n.name for n in await redis_log.live_nodes()] == ["node-a"]
     await redis_log.forget_node("node-a")
     assert await redis_log.live_nodes() == []
+
+
+async def test_a_node_is_seen_alive_as_soon_as_its_log_is_open(redis_server: Redis, tmp_dir: Path) -> None:
+    """``serve_cluster_log`` is started only after the node's first heartbeat: a claim the node
+    makes right after (its dispatcher starts next) is never taken for an orphan's by the others."""
+    redis_cfg = RedisConfig(enabled=True, url=redis_server.url, prefix=f"t{uuid.uuid4().hex[:10]}:")
+    with trio.fail_after(WAIT_S):
+        async with trio.open_nursery() as nursery:
+            cluster = await nursery.start(serve_cluster_log, redis_cfg, ClusterConfig("fresh", 30.0),
+                                          StoreConfig(path=str(tmp_dir / "unused.db")), dict)
+            assert [n.name for n in cluster.nodes] == ["fresh"], "read back before started()"
+            assert [n.name for n in await cluster.redis.live_nodes()] == ["fresh"]
+            nursery.cancel_scope.cancel()
 
 
 # ---- mapping (pure) ---------------------------------------------------------------------------------------
