@@ -67,7 +67,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if _run_dir is None:
         return
     if exitstatus == 0:
-        shutil.rmtree(_run_dir, ignore_errors=True)
+        for _ in range(3):  # a daemon process still stopping may write into it meanwhile
+            shutil.rmtree(_run_dir, ignore_errors=True)
+            if not _run_dir.exists():
+                break
+            time.sleep(0.5)
     else:
         print(f"\nthe daemons' directories (logs) of this run are kept in {_run_dir}", file=sys.stderr)
 
