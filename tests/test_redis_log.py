@@ -812,6 +812,44 @@ async def test_a_node_is_seen_alive_as_soon_as_its_log_is_open(redis_server: Red
             nursery.cancel_scope.cancel()
 
 
+async def test_a_lost_log_is_adopted_with_its_epoch_newest_seq_and_floor_in_one_step(
+    redis_server: Redis, producer: redispy.Redis, tmp_dir: Path
+) -> None:
+    """Redis lost the log: the node takes the new log's epoch, newest seq and floor together. A
+    resume answered while it had the new epoch but the old floor started below the new log's
+    floor and was closed as overtaken (found by CI, stop 20); a task looking at every scheduling
+    point sees the old triple, then the new one, never a mix."""
+    prefix = f"t{uuid.uuid4().hex[:10]}:"
+    redis_cfg = RedisConfig(enabled=True, url=redis_server.url, prefix=prefix)
+    seen: set[tuple[str, int, int]] = set()
+    resets: list[str] = []
+    with trio.fail_after(WAIT_S):
+        async with trio.open_nursery() as nursery:
+            cluster = await nursery.start(serve_cluster_log, redis_cfg, ClusterConfig("lost", 30.0),
+                                          StoreConfig(path=str(tmp_dir / "unused.db")), dict)
+            cluster.on_reset(resets.append)
+            await cluster.append_many(envs("old", 10))
+            while cluster.last_seq < 10:
+                await trio.sleep(0.01)
+            old = (cluster.epoch, cluster.last_seq, cluster.retention_floor)
+
+            async def watch() -> None:
+                while True:
+                    seen.add((cluster.epoch, cluster.last_seq, cluster.retention_floor))
+                    await trio.lowlevel.checkpoint()
+
+            nursery.start_soon(watch)
+            for key in producer.scan_iter(f"{prefix}*"):
+                producer.delete(key)
+            while not resets:
+                await trio.sleep(0.01)
+            info = await cluster.redis.info()
+            new = (info.epoch, info.last_seq, info.retention_floor)
+            nursery.cancel_scope.cancel()
+    assert old[1:] == (10, 0) and new[1:] == (10, 10) and new[0] != old[0]
+    assert seen == {old, new}
+
+
 # ---- mapping (pure) ---------------------------------------------------------------------------------------
 
 
