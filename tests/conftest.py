@@ -73,7 +73,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
                 break
             time.sleep(0.5)
     else:
-        print(f"\nthe daemons' directories (logs) of this run are kept in {_run_dir}", file=sys.stderr)
+        with contextlib.suppress(OSError):
+            _run_dir.rmdir()  # nothing in it to look at (its tests' own directories were removed)
+        if _run_dir.exists():
+            print(f"\nthe daemons' directories (logs) of this run are kept in {_run_dir}", file=sys.stderr)
 
 
 def free_port() -> int:
