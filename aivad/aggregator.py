@@ -42,7 +42,8 @@ class CollectResult:
     reason: str  # all_done | min_results | timeout
 
     def to_wire(self) -> dict[str, Any]:
-        return attrs.asdict(self)
+        """The reply's fields; the results themselves in it, not deep copies (they can be large)."""
+        return attrs.asdict(self, recurse=False)
 
 
 class _Waiter:

@@ -64,7 +64,12 @@ class TaskSpec:
     correlation_id: str | None = None
 
     def to_json_dict(self) -> dict[str, Any]:
-        return attrs.asdict(self)
+        """The fields as a dict, the payload itself in it (not a copy).
+
+        ``attrs.asdict`` would copy the payload deeply, twice per task (stored, then
+        ended): 3.4 ms for a payload of 2,000 small objects, on the event loop.
+        """
+        return attrs.asdict(self, recurse=False)
 
 
 def _positive_number(frame: dict[str, Any], name: str, default: float | None) -> Any:

@@ -24,7 +24,7 @@ import pytest
 import trio
 import trio.testing
 
-from aivad.aggregator import Aggregator, serve_aggregator
+from aivad.aggregator import Aggregator, CollectResult, serve_aggregator
 from aivad.config import StoreConfig, TasksConfig
 from aivad.dispatcher import Dispatcher, Worker, serve_dispatcher
 from aivad.protocol import OpError
@@ -149,6 +149,13 @@ async def test_a_task_that_ends_soon_has_its_dispatch_record_written_with_its_en
             history = await p.store.history("task.#", 0, 10)
             types = [(m.type, json.loads(m.json)["payload"]["task_id"]) for m in history.messages]
             assert types == [("task.created", "soon"), ("task.dispatched", "soon"), ("task.completed", "soon")]
+
+
+def test_a_collect_reply_holds_the_results_themselves_not_deep_copies() -> None:
+    results = {"t": {"rows": [{"i": i} for i in range(1000)]}}
+    wire = CollectResult(results, {}, [], "all_done").to_wire()
+    assert wire == {"completed": results, "failed": {}, "pending": [], "reason": "all_done"}
+    assert wire["completed"] is results
 
 
 async def test_collect_mixes_tasks_ended_before_with_ends_handed_over(tmp_dir: Path) -> None:
