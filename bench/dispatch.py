@@ -252,10 +252,15 @@ def stop_procs(procs: list[subprocess.Popen[bytes]]) -> None:
 
 
 def wait_workers(sock: Path, n: int, timeout_s: float = 30.0) -> None:
+    """Wait until ``n`` workers said hello; the control socket may not be there yet (the daemon
+    listens for WebSocket connections, which the caller waited for, a moment before it)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if len(control(sock, {"cmd": "workers"}).get("workers", [])) >= n:
-            return
+        try:
+            if len(control(sock, {"cmd": "workers"}).get("workers", [])) >= n:
+                return
+        except (FileNotFoundError, ConnectionRefusedError):
+            pass
         time.sleep(0.05)
     raise TimeoutError(f"{n} workers did not connect within {timeout_s} s")
 
