@@ -307,6 +307,14 @@ async def test_a_client_that_stops_reading_then_vanishes_is_released(nursery: tr
                 await trio.sleep(0.05)
 
 
+def _retention_settled(history: list[dict[str, Any]]) -> bool:
+    """The daemon's system.alert of the slow consumer's close is stored (asynchronously, a moment
+    after the close) and retention has brought the history back to its 10 newest: only then can a
+    resume be sure no retention pass deletes what its replay has not reached."""
+    alerted = any(m["type"] == "system.alert" and m["payload"]["code"] == "slow_consumer" for m in history)
+    return alerted and len(history) <= 10
+
+
 async def test_retention_overtaking_a_stalled_replay_closes_4008_and_the_resume_reports_the_gap(
     nursery: trio.Nursery, tmp_dir: Path
 ) -> None:
@@ -360,6 +368,8 @@ async def test_retention_overtaking_a_stalled_replay_closes_4008_and_the_resume_
         assert seen == list(range(1, len(seen) + 1)), "no message after the hole was handed on"
         assert len(seen) < total - 10
         async with connect(d.ws_url) as again:
+            while not _retention_settled((await again.ok({"op": "history", "pattern": "#", "limit": 11}))["messages"]):
+                await trio.sleep(0.05)
             resumed = await again.ok({"op": "subscribe", "pattern": "bulk", "since": seen[-1]})
             assert resumed["recovered"] is False
             # the hole ends where retention stopped (the daemon's own system.alert of the close counts
