@@ -246,6 +246,11 @@ def _row_view(row: tuple[Any, ...]) -> TaskView:
 
 
 _VIEW_COLUMNS = "task_id, type, spec, state, attempts, group_id, result, error, history"
+#: what a restart takes up again, oldest first; its WHERE is the store's ``tasks_unfinished`` index's,
+#: so it reads that index (only the tasks in flight) and not every task ever run
+UNFINISHED_TASKS_SQL = (
+    "SELECT spec, state, attempts, history FROM tasks WHERE state NOT IN ('completed', 'dead') ORDER BY created_at"
+)
 
 
 # ---- the service ------------------------------------------------------------------------
@@ -860,10 +865,7 @@ class Dispatcher:
         """After a restart: queued tasks wait again; those that were in flight are retried."""
 
         def read(conn: sqlite3.Connection) -> list[tuple[str, str, int, str]]:
-            return conn.execute(
-                "SELECT spec, state, attempts, history FROM tasks "
-                "WHERE state NOT IN ('completed', 'dead') ORDER BY created_at"
-            ).fetchall()
+            return conn.execute(UNFINISHED_TASKS_SQL).fetchall()
 
         rows = await self._store.read(read)
         interrupted = []

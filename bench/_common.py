@@ -61,6 +61,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
+def disk_written_bytes(pid: int) -> int:
+    """Bytes a process sent towards storage (its WAL, its database's pages), from /proc/PID/io: what
+    its writes dirtied in the page cache, each page once until it is written back."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("write_bytes:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no write_bytes for pid {pid}")
+
+
 def machine_busy_seconds() -> float:
     """CPU time all CPUs of the machine spent busy (not idle, not waiting for I/O), from /proc/stat."""
     with open("/proc/stat") as f:

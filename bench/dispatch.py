@@ -63,6 +63,7 @@ from bench._common import (
     ChildServer,
     control,
     cpu_seconds,
+    disk_written_bytes,
     free_port,
     machine,
     machine_busy_seconds,
@@ -323,9 +324,10 @@ def run_aivad_driver(
                     await all_done.wait()
                     return n / (max(arrived.values()) - start)
 
-                cpu_before = _cpu_snapshot(daemon_pid, worker_pids)
+                cpu_before, disk_before = _cpu_snapshot(daemon_pid, worker_pids), disk_written_bytes(daemon_pid)
                 peak = throughput_value = await throughput(tasks)
                 cpu = _cpu_per_round_trip(cpu_before, _cpu_snapshot(daemon_pid, worker_pids), tasks)
+                disk_kb = (disk_written_bytes(daemon_pid) - disk_before) / tasks / 1024
 
                 # latency at half the peak, open loop
                 arrived.clear()
@@ -374,14 +376,15 @@ def run_aivad_driver(
                         best = max(best, rate)
                 fixed = []
                 for rate in request_rates:
-                    daemon_before = cpu_seconds(daemon_pid)
-                    step = await paced_requests(client, rate, int(rate * 8))
-                    fixed.append({**step, "cpu_daemon_ms": (cpu_seconds(daemon_pid) - daemon_before) / int(rate * 8)
-                                  * 1000})
+                    daemon_before, disk_before = cpu_seconds(daemon_pid), disk_written_bytes(daemon_pid)
+                    n = int(rate * 8)
+                    step = await paced_requests(client, rate, n)
+                    fixed.append({**step, "cpu_daemon_ms": (cpu_seconds(daemon_pid) - daemon_before) / n * 1000,
+                                  "disk_kb": (disk_written_bytes(daemon_pid) - disk_before) / n / 1024})
                 nursery.cancel_scope.cancel()
-        return {**cpu, "rate": throughput_value, "half_rate": achieved, "p50": percentile(latencies, 50),
-                "p99": percentile(latencies, 99), "seq_p50": percentile(seq, 50), "seq_p99": percentile(seq, 99),
-                **paced, "req_best_rate": best, "fixed": fixed}
+        return {**cpu, "disk_kb": disk_kb, "rate": throughput_value, "half_rate": achieved,
+                "p50": percentile(latencies, 50), "p99": percentile(latencies, 99), "seq_p50": percentile(seq, 50),
+                "seq_p99": percentile(seq, 99), **paced, "req_best_rate": best, "fixed": fixed}
 
     return trio.run(main)
 
@@ -563,7 +566,8 @@ def main() -> None:
                       f"p50 {a['p50']:.1f} ms p99 {a['p99']:.1f} ms; sequential request p50 {a['seq_p50']:.1f} ms "
                       f"p99 {a['seq_p99']:.1f} ms", flush=True)
                 print(f"         CPU per round trip: {a['cpu_machine_ms']:.2f} ms on the machine (daemon "
-                      f"{a['cpu_daemon_ms']:.2f}, workers {a['cpu_workers_ms']:.2f}, driver {a['cpu_driver_ms']:.2f})",
+                      f"{a['cpu_daemon_ms']:.2f}, workers {a['cpu_workers_ms']:.2f}, driver {a['cpu_driver_ms']:.2f}); "
+                      f"the daemon wrote {a['disk_kb']:.1f} KB to disk per round trip",
                       flush=True)
                 if args.request_sweep:
                     print(f"         request paced at half peak ({a['req_rate']:.0f}/s offered, "
@@ -575,7 +579,7 @@ def main() -> None:
                 for f in a["fixed"]:
                     print(f"         request paced at {f['rate']:.0f}/s ({f['achieved']:.0f}/s achieved): p50 "
                           f"{f['p50']:.1f} ms p99 {f['p99']:.1f} ms; daemon CPU "
-                          f"{f['cpu_daemon_ms']:.2f} ms per request",
+                          f"{f['cpu_daemon_ms']:.2f} ms and disk {f['disk_kb']:.1f} KB per request",
                           flush=True)
                 c = None
                 if not args.no_celery:

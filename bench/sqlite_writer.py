@@ -19,6 +19,11 @@ update and an event each), interleaved the way a busy daemon commits them,
 2. **Which ids.** Task ids from ``uuid4`` (random) against ``aivad.envelope.new_id``
    (UUIDv7 layout, ordered by time). Task events' ids begin with the task id, so
    both ``tasks.task_id`` and ``messages.message_id`` follow. Baseline: ``uuid4``.
+3. **Pages per task.** What the same writes add to the WAL (each commit appends every page
+   it changed; the checkpoint copies them all again), with the daemon's indexes against
+   the baseline of an added index of every task's state (``tasks_state``, which the
+   schema had until stop 22 and no query read), at ``--per-commit`` writes per commit
+   and at one (a daemon whose tasks come one at a time).
 """
 
 from __future__ import annotations
@@ -43,12 +48,16 @@ from aivad.store import _SCHEMA
 BODY = json.dumps({"payload": {"state": "queued", "attempt": 1}, "metadata": {"source": "aivad"}, "pad": "x" * 200})
 
 
-def open_db(path: Path) -> sqlite3.Connection:
+#: the baseline of part 3: the index of every task's state the schema had before stop 22
+STATE_INDEX = "CREATE INDEX tasks_state ON tasks (state)"
+
+
+def open_db(path: Path, extra_schema: str = "") -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")
     conn.execute("PRAGMA wal_autocheckpoint = 0")
-    conn.executescript(_SCHEMA)
+    conn.executescript(_SCHEMA + ";" + extra_schema)
     return conn
 
 
@@ -62,8 +71,12 @@ def operations(task_ids: list[str]) -> list[tuple[str, str]]:
     return ops
 
 
-def write_all(conn: sqlite3.Connection, ops: list[tuple[str, str]], per_commit: int) -> None:
+def write_all(conn: sqlite3.Connection, ops: list[tuple[str, str]], per_commit: int) -> int:
+    """Run ``ops``; the pages (WAL frames) their commits wrote. Nothing else reads the database, so
+    each checkpoint copies the whole WAL, which then starts over: the frames are the sum of what
+    the checkpoints found."""
     checkpoint = sqlite3.connect(conn.execute("PRAGMA database_list").fetchone()[2], isolation_level=None)
+    frames = 0
     for start in range(0, len(ops), per_commit):
         conn.execute("BEGIN IMMEDIATE")
         for kind, task_id in ops[start:start + per_commit]:
@@ -78,8 +91,21 @@ def write_all(conn: sqlite3.Connection, ops: list[tuple[str, str]], per_commit: 
                          (f"aivad:{task_id}:task.{kind}:1", f"task.{kind}", now, BODY))
         conn.execute("COMMIT")
         if start // per_commit % 200 == 0:  # the daemon checkpoints beside the writer, once a second
-            checkpoint.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            frames += checkpoint.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
+    frames += checkpoint.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
     checkpoint.close()
+    return frames
+
+
+def wal_kb_per_task(tasks: int, per_commit: int, extra_schema: str = "") -> float:
+    """KB the WAL grows by per task (pages of 4 KiB and their frame headers)."""
+    ops = operations([new_id() for _ in range(tasks)])
+    with tempfile.TemporaryDirectory(prefix="aivad-bench-") as tmp:
+        conn = open_db(Path(tmp) / "w.db", extra_schema)
+        page_bytes = conn.execute("PRAGMA page_size").fetchone()[0]
+        frames = write_all(conn, ops, per_commit)
+        conn.close()
+    return frames * (page_bytes + 24) / tasks / 1024
 
 
 def cpu_per_task(make_id: Callable[[], str], tasks: int, per_commit: int, *, busy_neighbour: bool) -> float:
@@ -127,6 +153,11 @@ def main() -> None:
     random = cpu_per_task(random_id, args.tasks, args.per_commit, busy_neighbour=False)
     print(f"2. uuid4 ids:  {random:7.1f} µs/task (baseline)")
     print(f"   new_id ids: {inline:7.1f} µs/task ({inline / random:.2f}x the baseline)")
+    for per_commit in (args.per_commit, 1):
+        before = wal_kb_per_task(args.tasks, per_commit, STATE_INDEX)
+        after = wal_kb_per_task(args.tasks, per_commit)
+        print(f"3. WAL per task, {per_commit} write(s) per commit: with an index of every task's state "
+              f"{before:6.1f} KB (baseline); the daemon's indexes {after:6.1f} KB ({after / before:.2f}x)")
 
 
 if __name__ == "__main__":

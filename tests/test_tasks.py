@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import sqlite3
 import time
 import uuid
 from pathlib import Path
@@ -17,7 +18,9 @@ import attrs
 import pytest
 import trio
 
-from aivad.config import TasksConfig
+from aivad.config import StoreConfig, TasksConfig
+from aivad.dispatcher import UNFINISHED_TASKS_SQL
+from aivad.store import serve_store
 from aivad.tasks import TaskSpec, backoff_s, parse_priority, parse_task_spec
 from tests.conftest import InProcessDaemon, control_async, start_daemon
 from tests.wsclient import TestClient, connect
@@ -412,6 +415,31 @@ def test_daemon_restart_mid_task_retries_it(tmp_dir: Path, kill: bool) -> None:
             assert json.loads(caller.recv(10))["completed"] == {task_id: "done"}
     finally:
         proc.stop()
+
+
+async def test_a_restart_reads_only_the_unfinished_tasks_and_an_older_file_loses_its_index_of_every_state(
+    tmp_dir: Path,
+) -> None:
+    """Recovery reads the index of unfinished tasks, which a task leaves when it ends. A database made
+    before it had an index of every task's state that no query read, each change of state moving an
+    entry in it: opening such a file drops it."""
+    path = tmp_dir / "aivad.db"
+
+    async def open_and_close() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_store, StoreConfig(path=str(path)))
+            nursery.cancel_scope.cancel()
+
+    await open_and_close()
+    with sqlite3.connect(path) as conn:  # as an older version left it
+        conn.execute("DROP INDEX tasks_unfinished")
+        conn.execute("CREATE INDEX tasks_state ON tasks (state)")
+    await open_and_close()
+    with sqlite3.connect(path) as conn:
+        indexes = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        plan = " ".join(row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + UNFINISHED_TASKS_SQL))
+    assert "tasks_state" not in indexes and "tasks_unfinished" in indexes
+    assert "USING INDEX tasks_unfinished" in plan, plan
 
 
 control = control_async
