@@ -1,4 +1,4 @@
-"""bench/sqlite_writer.py runs: both of its comparisons print a figure beside its baseline and the ratio.
+"""bench/sqlite_writer.py runs: each of its comparisons prints a figure beside its baseline and the ratio.
 
 Test policy: a smoke test of the bench as users run it (a subprocess); it checks
 that each figure is there, never how fast anything was (conftest.py).
@@ -23,3 +23,8 @@ def test_sqlite_writer_prints_each_figure_beside_its_baseline() -> None:
     assert re.search(r"own thread beside a busy one: +[\d.]+ µs/task of the writer's CPU \([\d.]+x the baseline\)",
                      out), out
     assert re.search(r"new_id ids: +[\d.]+ µs/task \([\d.]+x the baseline\)", out), out
+    # part 3 counts pages, it does not time them: the daemon's indexes write fewer than the baseline's
+    wal = re.findall(r"3\. WAL per task, (\d+) write\(s\) per commit: .* ([\d.]+) KB \(baseline\); "
+                     r"the daemon's indexes +([\d.]+) KB \(([\d.]+)x\)", out)
+    assert [per_commit for per_commit, *_ in wal] == ["5", "1"], out
+    assert all(float(after) < float(before) for _, before, after, _ in wal), out
