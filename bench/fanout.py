@@ -300,7 +300,14 @@ class Conn(asyncio.Protocol):
         if sink is not None and frame.startswith(self.dialect.message_prefix):
             sink.delivered(frame, now)
             return
-        if self.on_ack is not None and self.dialect.is_ack(frame):
+        try:
+            acked = self.on_ack is not None and self.dialect.is_ack(frame)
+        except RuntimeError as exc:  # a refused publish: the measurement ends now, with why, not at its timeout
+            self._fail(str(exc))
+            self.abort()
+            return
+        if acked:
+            assert self.on_ack is not None
             self.on_ack()
             return
         reply = self.dialect.control(frame)
@@ -408,7 +415,8 @@ async def publish(pub: Conn, messages: int, make: Callable[[], str], *, window: 
         room.set()
 
     pub.on_ack = on_ack
-    while sent < messages:
+    pub.closed.add_done_callback(lambda _: room.set())  # a refused publish or a lost connection: stop waiting
+    while sent < messages and not pub.closed.done():
         if rate is not None:
             due = int((time.perf_counter() - started) * rate) + 1
             if due <= sent:

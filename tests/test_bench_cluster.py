@@ -10,21 +10,44 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "cluster.py"
 
 
+def run_quick(bench: Path, timeout_s: float) -> dict[str, Any]:
+    """``bench --quick --json``'s result. A bench that overruns is stopped with everything it started
+    (Redis, the nodes: its process group) and the test fails with the bench's last progress lines."""
+    with subprocess.Popen([sys.executable, str(bench), "--quick", "--json"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"{bench.name} --quick overran {timeout_s:.0f} s; its last lines:\n{err[-3000:]}")
+    assert proc.returncode == 0, err[-3000:]
+    for row in _rows(json.loads(out)):
+        assert row.get("error", "") == "", f"{row['error']}\n{err[-3000:]}"
+    return dict(json.loads(out))
+
+
+def _rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every measured row of a result (those that may carry an ``error``)."""
+    return [row for case in result.values() if isinstance(case, dict)
+            for row in case.values() if isinstance(row, dict) and "error" in row]
+
+
 @pytest.mark.slow
 def test_quick_mode_prints_every_figure_beside_its_baseline() -> None:
-    done = subprocess.run([sys.executable, str(BENCH), "--quick", "--json"], capture_output=True, text=True,
-                          timeout=120, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout)
+    result = run_quick(BENCH, 180)
     assert result["redis_xadd"]["per_s"] > 0 and result["redis_xadd"]["stored"] == result["redis_xadd"]["entries"]
     for case in ("saturated", "paced"):
         single, cluster = result[case]["single"], result[case]["cluster"]
@@ -43,11 +66,7 @@ def test_quick_mode_prints_every_figure_beside_its_baseline() -> None:
 
 @pytest.mark.slow
 def test_cluster_tasks_quick_mode_prints_both_setups_and_their_ratios() -> None:
-    bench = BENCH.parent / "cluster_tasks.py"
-    done = subprocess.run([sys.executable, str(bench), "--quick", "--json"], capture_output=True, text=True,
-                          timeout=180, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout)
+    result = run_quick(BENCH.parent / "cluster_tasks.py", 240)
     for setup in ("single", "cluster"):
         row = result[setup]
         assert row["rate"] > 0 and math.isfinite(row["p99"]) and math.isfinite(row["seq_p50"])
