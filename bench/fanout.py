@@ -300,16 +300,17 @@ class Conn(asyncio.Protocol):
         if sink is not None and frame.startswith(self.dialect.message_prefix):
             sink.delivered(frame, now)
             return
-        try:
-            acked = self.on_ack is not None and self.dialect.is_ack(frame)
-        except RuntimeError as exc:  # a refused publish: the measurement ends now, with why, not at its timeout
-            self._fail(str(exc))
-            self.abort()
-            return
-        if acked:
-            assert self.on_ack is not None
-            self.on_ack()
-            return
+        on_ack = self.on_ack
+        if on_ack is not None:
+            try:
+                acked = self.dialect.is_ack(frame)
+            except RuntimeError as exc:  # a refused publish: the measurement ends now, with why, not at its timeout
+                self._fail(str(exc))
+                self.abort()
+                return
+            if acked:
+                on_ack()
+                return
         reply = self.dialect.control(frame)
         if reply is not None:
             self.send(reply)

@@ -49,7 +49,7 @@ BODY = json.dumps({"payload": {"state": "queued", "attempt": 1}, "metadata": {"s
 
 
 #: the baseline of part 3: the index of every task's state the schema had before stop 22
-STATE_INDEX = "CREATE INDEX tasks_state ON tasks (state)"
+STATE_INDEX = "CREATE INDEX IF NOT EXISTS tasks_state ON tasks (state)"
 
 
 def open_db(path: Path, extra_schema: str = "") -> sqlite3.Connection:

@@ -34,9 +34,10 @@ def run_quick(bench: Path, timeout_s: float) -> dict[str, Any]:
             out, err = proc.communicate()
             pytest.fail(f"{bench.name} --quick overran {timeout_s:.0f} s; its last lines:\n{err[-3000:]}")
     assert proc.returncode == 0, err[-3000:]
-    for row in _rows(json.loads(out)):
-        assert row.get("error", "") == "", f"{row['error']}\n{err[-3000:]}"
-    return dict(json.loads(out))
+    result = dict(json.loads(out))
+    for row in _rows(result):
+        assert row["error"] == "", f"{row['error']}\n{err[-3000:]}"
+    return result
 
 
 def _rows(result: dict[str, Any]) -> list[dict[str, Any]]:
