@@ -45,6 +45,7 @@ from .router import Router
 from .sdnotify import Notifier, serve_watchdog
 from .stats import Ingest
 from .store import Store, serve_store
+from .task_retention import serve_task_retention
 from .websocket import WebSocketService, serve_websocket, tls_context
 
 __all__ = ["Daemon", "Endpoints", "ReloadOutcome", "run_daemon"]
@@ -445,6 +446,7 @@ async def run_daemon(
                                                          daemon.faults, copy_events=cfg.amqp.enabled))
         else:
             daemon.dispatcher = await root.start(serve_dispatcher, cfg.tasks, daemon.store, daemon.faults)
+            await root.start(serve_task_retention, daemon.store, daemon.dispatcher.on_end, cfg.tasks.ended_kept)
         daemon.aggregator = await root.start(
             serve_aggregator, cfg.tasks, daemon.dispatcher, daemon.store, daemon.faults
         )

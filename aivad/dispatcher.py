@@ -841,13 +841,15 @@ class Dispatcher:
             if kind != "task":
                 raise OpError("bad_request", f"dead letter {dead_letter_id} is a {kind}, not a task: not replayable")
             spec = json.loads(body)
-            conn.execute("DELETE FROM dead_letters WHERE id = ?", (dead_letter_id,))
             updated = conn.execute(
                 "UPDATE tasks SET state = 'queued', attempts = 0, error = NULL, updated_at = ? "
                 "WHERE task_id = ? AND state = 'dead'",
                 (time.time(), spec["task_id"]),
             ).rowcount
-            return (spec["task_id"], body) if updated else None
+            if not updated:  # the task is not dead (any more): the letter stays, as it was
+                return None
+            conn.execute("DELETE FROM dead_letters WHERE id = ?", (dead_letter_id,))
+            return spec["task_id"], body
 
         taken = await (await self._store.submit(take)).wait()
         if taken is None:

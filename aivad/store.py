@@ -701,7 +701,14 @@ class Store:
         return await self.read(read)  # type: ignore[no-any-return]
 
     async def purge_dead_letters(self) -> int:
-        write = await self.submit(lambda conn, _: conn.execute("DELETE FROM dead_letters").rowcount, bulk=True)
+        """Delete every dead letter, and the dead tasks with them: a dead task's row is kept while its
+        letter may replay it (aivad/task_retention.py), and no longer."""
+
+        def purge(conn: sqlite3.Connection, _: Write) -> int:
+            conn.execute("DELETE FROM tasks WHERE state = 'dead'")
+            return int(conn.execute("DELETE FROM dead_letters").rowcount)
+
+        write = await self.submit(purge, bulk=True)
         purged: int = await write.wait()
         return purged
 

@@ -18,6 +18,7 @@ import attrs
 import pytest
 import trio
 
+import aivad.task_retention
 from aivad.config import StoreConfig, TasksConfig
 from aivad.dispatcher import UNFINISHED_TASKS_SQL
 from aivad.store import serve_store
@@ -482,6 +483,76 @@ async def test_dlq_list_show_replay_purge_over_control(daemon: InProcessDaemon) 
             assert [t["task_id"] for t in tasks] == [task_id]
             purged = await control(daemon.control_path, {"cmd": "dlq.purge", "yes": True})
             assert purged["purged"] == 0
+
+
+async def _complete(worker: TestWorker, caller: TestClient, n: int, **fields: Any) -> list[str]:
+    """``n`` tasks of type ``keep``, each dispatched, worked and completed in turn: their ids, oldest first."""
+    ids = []
+    for i in range(n):
+        task_id = await dispatch(caller, "keep", i, **fields)
+        assert (await worker.next_task())["task_id"] == task_id
+        await worker.send("task.result", task_id=task_id, result=i)
+        ids.append(task_id)
+    return ids
+
+
+async def _settled_completed(d: InProcessDaemon, most: int) -> list[str]:
+    """The ids of the completed tasks in the store, newest first, once there are at most ``most`` of them."""
+    while len(tasks := (await control(d.control_path, {"cmd": "tasks", "state": "completed"}))["tasks"]) > most:
+        await trio.sleep(0.02)
+    return [t["task_id"] for t in tasks]
+
+
+async def _known(d: InProcessDaemon, task_id: str) -> bool:
+    reply = await control(d.control_path, {"cmd": "task", "task_id": task_id})
+    assert reply["ok"] or reply["error"]["code"] == "not_found", reply
+    return bool(reply["ok"])
+
+
+async def test_the_store_keeps_the_newest_ended_kept_completed_tasks_and_a_dead_one_until_its_purge(
+    nursery: trio.Nursery, tmp_dir: Path
+) -> None:
+    """A store that kept every task ever run grew without bound: past ``[tasks] ended_kept`` (3 here, and
+    a slack of 1) the oldest completed tasks go. A dead task stays while its dead letter may replay it."""
+    d = await start_daemon(nursery, tmp_dir, tasks={"ended_kept": 3})
+    with trio.fail_after(20):
+        async with connect(d.ws_url) as w, connect(d.ws_url) as caller:
+            worker = TestWorker(w)
+            await worker.hello(["keep"])
+            dead_id = await dispatch(caller, "keep", "fails", retry_policy={"max_attempts": 1})
+            await worker.next_task()
+            await worker.send("task.fail", task_id=dead_id, error="nope")
+            ids = await _complete(worker, caller, 8)
+            # a trim starts at 5 (past 3 + 1) and ends at 3; then 6, 7 (trimmed again), 8: 3 or 4 stay
+            kept = await _settled_completed(d, 4)
+            assert len(kept) >= 3 and kept == ids[: -len(kept) - 1 : -1], (kept, ids)
+            assert not await _known(d, ids[0]) and await _known(d, ids[-3])
+            assert (await control(d.control_path, {"cmd": "task", "task_id": dead_id}))["task"]["state"] == "dead"
+            assert (await control(d.control_path, {"cmd": "dlq.purge", "yes": True}))["purged"] == 1
+            assert not await _known(d, dead_id)
+            assert await _known(d, ids[-1])
+
+
+async def test_a_restart_counts_the_completed_tasks_and_trims_them_to_a_lowered_limit_in_chunks(
+    tmp_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The count survives a restart (read once from the store); a limit lowered past many rows is reached
+    in several writes (two rows each here), the unfinished tasks untouched."""
+    monkeypatch.setattr(aivad.task_retention, "CHUNK", 2)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as first:
+            d = await start_daemon(first, tmp_dir)
+            async with connect(d.ws_url) as w, connect(d.ws_url) as caller:
+                worker = TestWorker(w)
+                await worker.hello(["keep"])
+                ids = await _complete(worker, caller, 7)
+                waiting = await dispatch(caller, "nobody.works.this")
+            first.cancel_scope.cancel()
+        async with trio.open_nursery() as second:
+            d = await start_daemon(second, tmp_dir, tasks={"ended_kept": 2})
+            assert await _settled_completed(d, 2) == ids[:-3:-1]
+            assert (await control(d.control_path, {"cmd": "task", "task_id": waiting}))["task"]["state"] == "queued"
+            second.cancel_scope.cancel()
 
 
 async def test_worker_drain_gets_no_new_tasks_and_hands_back_what_it_holds(daemon: InProcessDaemon) -> None:
