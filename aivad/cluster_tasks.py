@@ -568,10 +568,13 @@ async def serve_cluster_dispatcher(
     ``copy_events``: this node's task events are copied into its store too (for the AMQP
     bridge's outbox, which publishes them to the events exchange).
     """
-    book = RedisTaskBook(cluster.redis, cfg.ended_kept)
+    def letters_kept() -> int:
+        return store.dead_letters_kept
+
+    book = RedisTaskBook(cluster.redis, cfg.ended_kept, letters_kept)
     async with trio.open_nursery() as nursery:
-        dispatcher = ClusterDispatcher(cfg, store, nursery, faults or Faults(), book, RedisDeadLetters(cluster.redis),
-                                       cluster)
+        dispatcher = ClusterDispatcher(cfg, store, nursery, faults or Faults(), book,
+                                       RedisDeadLetters(cluster.redis, letters_kept), cluster)
         dispatcher.copy_events = copy_events
         cluster.on_commit(dispatcher.log_committed)  # before the load: nothing changed meanwhile is missed
         cluster.on_reset(dispatcher.resync)

@@ -101,6 +101,8 @@ class StoreConfig:
     retention_max_messages: int = _at_least(1_000_000, 0)
     retention_max_age_s: float = _field(7 * 86400.0, lambda v: v >= 0, "must be >= 0 (0 = keep forever)")
     retention_interval_s: float = _positive(60.0)
+    #: dead letters kept at most: past it each new one deletes the oldest (and the dead task it held)
+    dead_letters_kept: int = _at_least(100_000, 1)
 
 
 def _rate(default: float) -> Any:

@@ -61,7 +61,7 @@ LIVE_KEYS: dict[str, frozenset[str]] = {
     ),
     "log": frozenset({"level"}),
     "shutdown": frozenset({"grace_s"}),
-    "store": frozenset({"retention_max_messages", "retention_max_age_s", "retention_interval_s"}),
+    "store": frozenset({"retention_max_messages", "retention_max_age_s", "retention_interval_s", "dead_letters_kept"}),
     "system": frozenset({"alert_interval_s"}),
     "tasks": frozenset({"default_strategy", "strategies", "aging_s"}),
     "amqp": frozenset({"prefetch"}),
@@ -440,7 +440,7 @@ async def run_daemon(
             daemon.journal = await root.start(serve_journal, daemon.store, daemon.cluster, daemon.journal_gap)
         letters: DeadLetterBook = daemon.store
         if daemon.cluster is not None:  # tasks and dead letters are the cluster's, in Redis (DESIGN §5)
-            letters = RedisDeadLetters(daemon.cluster.redis)
+            letters = RedisDeadLetters(daemon.cluster.redis, lambda: daemon.store.dead_letters_kept)
             daemon.dispatcher = await root.start(partial(serve_cluster_dispatcher, cfg.tasks, daemon.store,
                                                          daemon.cluster, cfg.cluster.heartbeat_interval_s,
                                                          daemon.faults, copy_events=cfg.amqp.enabled))

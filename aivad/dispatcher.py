@@ -39,7 +39,7 @@ from .boundary import Faults
 from .config import TasksConfig
 from .envelope import Envelope, derived_id, now_rfc3339
 from .protocol import OpError
-from .store import Store, StoreClosed, Write, insert_dead_letter, insert_envelopes
+from .store import Store, StoreClosed, Write, insert_envelopes
 from .tasks import ACTIVE_STATES, STATES, TaskSpec, backoff_s
 
 __all__ = ["Dispatcher", "TaskView", "Worker", "WorkerLink", "WorkerView", "serve_dispatcher"]
@@ -651,7 +651,7 @@ class Dispatcher:
                 error=json.dumps(error) if error is not None else None,
             )
             if settlement.dead_reason is not None:
-                insert_dead_letter(
+                self._store.insert_dead_letter(
                     conn,
                     "task",
                     settlement.dead_reason,

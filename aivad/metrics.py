@@ -106,6 +106,8 @@ class _DaemonCollector(Collector):
                                   value=store.failed_commits)
         yield CounterMetricFamily("aivad_store_wal_catch_ups", "Pauses of the writer for the WAL's checkpoint to "
                                   "catch up, past [store] wal_max_bytes.", value=store.wal_catch_ups)
+        yield CounterMetricFamily("aivad_store_dead_letters_dropped", "The oldest dead letters deleted to keep "
+                                  "[store] dead_letters_kept.", value=store.dead_letters_dropped)
         yield CounterMetricFamily("aivad_task_retries", "Attempts that ended in a retry.", value=dispatcher.retries)
         yield CounterMetricFamily("aivad_dead_letters", "Tasks dead-lettered.", value=dispatcher.dead_lettered)
         yield from d.extra_metrics()

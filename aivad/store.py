@@ -19,6 +19,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import queue
 import sqlite3
 import threading
@@ -208,6 +209,8 @@ class StoreStatistics:
     failure: str | None = None
     #: pauses of the writer between two commits for the WAL's checkpoint to catch up (``wal_max_bytes``)
     wal_catch_ups: int = 0
+    #: the oldest dead letters deleted to keep ``dead_letters_kept``
+    dead_letters_dropped: int = 0
 
 
 def _body_with_seq(body: str, seq: int) -> str:
@@ -330,6 +333,8 @@ class Store:
         #: checkpoints itself before its next commit
         self.wal_behind = False
         self._wal_catch_ups = 0
+        self._dead_letters_dropped = 0
+        self._dead_letters_warned_at = -math.inf
         self.last_seq: int = writer.execute(
             "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0)"
         ).fetchone()[0]
@@ -403,9 +408,34 @@ class Store:
 
     async def add_dead_letter(self, kind: str, reason: str, body: str, detail: dict[str, Any]) -> int:
         """Keep something that could not be processed (poison message, dead task); returns its id."""
-        write = await self.submit(lambda conn, _: insert_dead_letter(conn, kind, reason, body, detail))
+        write = await self.submit(lambda conn, _: self.insert_dead_letter(conn, kind, reason, body, detail))
         result: int = await write.wait()
         return result
+
+    @property
+    def dead_letters_kept(self) -> int:
+        """``[store] dead_letters_kept`` now (a reload changes it): a cluster's dead-letter stream keeps as many."""
+        return self._cfg.dead_letters_kept
+
+    def insert_dead_letter(
+        self, conn: sqlite3.Connection, kind: str, reason: str, body: str, detail: dict[str, Any]
+    ) -> int:
+        """Insert a dead letter inside a write (in the writer's thread); returns its id.
+
+        The table keeps the newest ``dead_letters_kept`` (a peer that sends the AMQP bridge
+        nothing but garbage fills it, each letter as big as a message may be): past that, the
+        oldest go in the same write, with the dead tasks they could have replayed
+        (aivad/task_retention.py), counted in ``dead_letters_dropped`` and logged.
+        """
+        letter_id = _insert_dead_letter(conn, kind, reason, body, detail)
+        floor = letter_id - self.dead_letters_kept
+        if floor > 0 and (dropped := _drop_dead_letters_through(conn, floor)):
+            self._dead_letters_dropped += dropped
+            if time.monotonic() >= self._dead_letters_warned_at + 60:
+                self._dead_letters_warned_at = time.monotonic()
+                log.warning("the dead-letter table is full ([store] dead_letters_kept = %d): the oldest go "
+                            "(%d so far)", self._cfg.dead_letters_kept, self._dead_letters_dropped)
+        return letter_id
 
     async def _commit(self, batch: list[Write]) -> float:
         """Commit ``batch`` in the writer's own thread (``synchronous = FULL``), else right here.
@@ -737,6 +767,7 @@ class Store:
             failed_commits=self._failures,
             failure=self.failure,
             wal_catch_ups=self._wal_catch_ups,
+            dead_letters_dropped=self._dead_letters_dropped,
         )
 
     def close_readers(self) -> None:
@@ -790,12 +821,23 @@ def insert_rows(conn: sqlite3.Connection, write: Write, rows: Sequence[tuple[str
 _IDS_PER_SELECT = 500
 
 
-def insert_dead_letter(conn: sqlite3.Connection, kind: str, reason: str, body: str, detail: dict[str, Any]) -> int:
+def _insert_dead_letter(conn: sqlite3.Connection, kind: str, reason: str, body: str, detail: dict[str, Any]) -> int:
     cur = conn.execute(
         "INSERT INTO dead_letters (kind, reason, created_at, body, detail) VALUES (?, ?, ?, ?, ?)",
         (kind, reason, time.time(), body, json.dumps(detail)),
     )
     return int(cur.lastrowid or 0)
+
+
+def _drop_dead_letters_through(conn: sqlite3.Connection, floor: int) -> int:
+    """Delete the letters with id <= ``floor`` (a range of the primary key: as many rows as go) and
+    the dead tasks of those that were tasks'; how many letters went."""
+    conn.execute(
+        "DELETE FROM tasks WHERE state = 'dead' AND task_id IN "
+        "(SELECT json_extract(body, '$.task_id') FROM dead_letters WHERE id <= ? AND kind = 'task')",
+        (floor,),
+    )
+    return int(conn.execute("DELETE FROM dead_letters WHERE id <= ?", (floor,)).rowcount)
 
 
 def _begin_immediate(conn: sqlite3.Connection, wait_s: float) -> None:

@@ -162,6 +162,21 @@ async def test_dead_tasks_behind_a_flood_of_poison_letters_are_listed_and_replay
         assert (await _next_task(worker))["task_id"] == task_id
 
 
+async def test_the_clusters_dead_letter_queue_keeps_the_newest_dead_letters_kept(cluster: Cluster) -> None:
+    """Past ``[store] dead_letters_kept`` (3 here) a new dead letter trims the stream: the oldest go."""
+    client = redis.Redis.from_url(cluster.redis.url)
+    key = f"{cluster.prefix}{{log}}:"
+    poison = json.dumps({"kind": "amqp.poison", "reason": "bad", "created_at": 0.0, "body": "x", "detail": {}})
+    for i in range(1, 6):
+        client.xadd(key + "dlq", {"d": poison}, id=f"{i}-0")
+    client.hset(key + "meta", "dlq", 5)
+    a = cluster.node("a", store={"dead_letters_kept": 3})
+    async with connect(a.ws_url) as worker, connect(a.ws_url) as caller:
+        task_id, _ = await _dead_task(caller, worker, a)
+        assert [d["id"] for d in a.control({"cmd": "dlq.list"})["dead_letters"]] == [4, 5, 6]
+        assert a.control({"cmd": "dlq.replay", "id": 6})["replayed"] == [task_id]
+
+
 async def test_tasks_of_a_node_killed_mid_attempt_run_again_elsewhere_and_end_once(cluster: Cluster) -> None:
     a, b = cluster.node("a"), cluster.node("b")
     n = 6

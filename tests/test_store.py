@@ -437,6 +437,22 @@ class GatedSink:
         self.was_overtaken = True
 
 
+async def test_poison_dead_letters_past_dead_letters_kept_push_out_the_oldest_and_a_reload_moves_the_limit(
+    tmp_dir: Path,
+) -> None:
+    """A flood of garbage (the AMQP bridge's and the Redis ingest's poison) keeps the table at its size."""
+    with trio.fail_after(20):
+        async with open_store(store_config(tmp_dir, dead_letters_kept=3)) as store:
+            ids = [await store.add_dead_letter("amqp.poison", "bad", "x" * 1000, {"n": i}) for i in range(5)]
+            page = await store.dead_letters()
+            assert ids == [1, 2, 3, 4, 5] and [letter.id for letter in page.letters] == [3, 4, 5]
+            assert store.statistics().dead_letters_dropped == 2
+            store.reconfigure(store_config(tmp_dir, dead_letters_kept=1))
+            await store.add_dead_letter("amqp.poison", "bad", "x", {})
+            assert [letter.id for letter in (await store.dead_letters()).letters] == [6]
+            assert store.statistics().dead_letters_dropped == 5
+
+
 async def test_retention_overtaking_a_replay_ends_it_instead_of_skipping(tmp_dir: Path) -> None:
     """A replay paused (a slow reader) while retention deletes past its position must not
     resume after the hole as if nothing happened: the sink is told, the subscription ends."""

@@ -533,6 +533,33 @@ async def test_the_store_keeps_the_newest_ended_kept_completed_tasks_and_a_dead_
             assert await _known(d, ids[-1])
 
 
+async def test_past_dead_letters_kept_the_oldest_letters_go_with_their_dead_tasks(
+    nursery: trio.Nursery, tmp_dir: Path
+) -> None:
+    """A peer that makes dead letters without end (garbage to the AMQP bridge, tasks that always fail)
+    fills the table no more than ``[store] dead_letters_kept``: each new letter past it deletes the
+    oldest, and the dead task it could have replayed; counted in status."""
+    d = await start_daemon(nursery, tmp_dir, store={"dead_letters_kept": 2})
+    with trio.fail_after(20):
+        async with connect(d.ws_url) as w, connect(d.ws_url) as caller:
+            worker = TestWorker(w)
+            await worker.hello(["keep"])
+            dead = []
+            for i in range(4):
+                dead.append(await dispatch(caller, "keep", i, retry_policy={"max_attempts": 1}))
+                await worker.next_task()
+                await worker.send("task.fail", task_id=dead[-1], error="nope")
+            while len((await control(d.control_path, {"cmd": "dlq.list"}))["dead_letters"]) != 2 or (
+                (await control(d.control_path, {"cmd": "status"}))["status"]["store"]["dead_letters_dropped"] != 2
+            ):
+                await trio.sleep(0.02)
+            letters = (await control(d.control_path, {"cmd": "dlq.list"}))["dead_letters"]
+            assert [letter["id"] for letter in letters] == [3, 4]
+            assert [await _known(d, t) for t in dead] == [False, False, True, True]
+            replayed = await control(d.control_path, {"cmd": "dlq.replay", "id": 4})
+            assert replayed["replayed"] == [dead[3]]
+
+
 async def test_a_restart_counts_the_completed_tasks_and_trims_them_to_a_lowered_limit_in_chunks(
     tmp_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

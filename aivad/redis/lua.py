@@ -209,8 +209,9 @@ return out
 #: end it, and its end is in the history exactly when it is in the task book.
 #: KEYS meta, stream, ids, records, versions, open, running, ended, dlq.
 #: ARGV expected epoch, the newest seq the caller has seen, how many ended records to keep,
-#: then per change: task_id, expected version ('' = a new task), record JSON, open
-#: ('+' add, '-' remove and count as ended, '=' keep), owner (node name, '' none, '=' keep),
+#: how many dead letters to keep (the stream is trimmed to it, the oldest going), then per
+#: change: task_id, expected version ('' = a new task), record JSON, open ('+' add, '-' remove
+#: and count as ended, '=' keep), owner (node name, '' none, '=' keep),
 #: dead letter ('' none, '+JSON' add, '-ID' take: the change happens only if it was there),
 #: the key of the task's group index ('' none: a task queued with '+' is added to it; a
 #: group index lives 7 days after its last task was queued), the number of events n, then
@@ -224,12 +225,12 @@ local err = log_check(meta, ARGV[1], ARGV[2])
 if err then
   return redis.error_reply(err)
 end
-local kept = tonumber(ARGV[3])
+local kept, letters_kept = tonumber(ARGV[3]), ARGV[4]
 local t, last_t = log_clock(meta)
 local ts = string.format('%d', t)
 local out = {}
 local stored = 0
-local i = 4
+local i = 5
 while i <= #ARGV do
   local id, expected, record = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local open_op, owner, letter, group = ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
@@ -263,7 +264,7 @@ while i <= #ARGV do
     end
     if string.sub(letter, 1, 1) == '+' then
       local letter_id = redis.call('HINCRBY', meta, 'dlq', 1)
-      redis.call('XADD', dlq, string.format('%d-0', letter_id), 'd', string.sub(letter, 2))
+      redis.call('XADD', dlq, 'MAXLEN', '=', letters_kept, string.format('%d-0', letter_id), 'd', string.sub(letter, 2))
     end
     for j = first, i - 1, 3 do
       if log_add(meta, stream, ids, ts, ARGV[j], ARGV[j + 1], ARGV[j + 2]) > 0 then stored = stored + 1 end
@@ -287,9 +288,9 @@ end
 return out
 """
 
-#: KEYS meta, dlq. ARGV the dead letter's JSON. Returns its id.
+#: KEYS meta, dlq. ARGV the dead letter's JSON, how many letters to keep (the oldest go). Returns its id.
 DEAD_LETTER_ADD_LUA = """#!lua
 local letter_id = redis.call('HINCRBY', KEYS[1], 'dlq', 1)
-redis.call('XADD', KEYS[2], string.format('%d-0', letter_id), 'd', ARGV[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', '=', ARGV[2], string.format('%d-0', letter_id), 'd', ARGV[1])
 return letter_id
 """

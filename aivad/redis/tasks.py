@@ -32,7 +32,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -117,13 +117,15 @@ class RedisTaskBook:
     together) share one script call, one call in flight per book.
     """
 
-    def __init__(self, redis_log: RedisLog, ended_kept: int) -> None:
+    def __init__(self, redis_log: RedisLog, ended_kept: int, letters_kept: Callable[[], int]) -> None:
         self._log = redis_log
         key = redis_log.settings.key
         self._change_keys = [*redis_log._log_keys, key("task"), key("task-v"), key("task-open"),
                              key("task-running"), key("task-ended"), key("dlq")]
         self._records, self._versions, self._open, self._running, self._ended = self._change_keys[3:8]
         self.ended_kept = ended_kept
+        #: ``[store] dead_letters_kept``, read at each call (a reload changes it)
+        self._letters_kept = letters_kept
         self._changes = GroupCommit[TaskChange, int]("task change", self._send, max_items=_MAX_CHANGES)
         #: records skipped because they were not aivad's (another writer, a garbled value)
         self.bad_records = 0
@@ -138,7 +140,7 @@ class RedisTaskBook:
 
     async def _send(self, changes: Sequence[TaskChange]) -> list[int]:
         redis_log = self._log
-        args: list[str | bytes | int] = [redis_log.epoch, redis_log.last_seq, self.ended_kept]
+        args: list[str | bytes | int] = [redis_log.epoch, redis_log.last_seq, self.ended_kept, self._letters_kept()]
         for c in changes:
             group = c.record["spec"].get("group_id")
             args += [c.task_id, str(c.expected) if c.expected else "", _dumps(c.record), c.open, c.owner,
@@ -208,8 +210,10 @@ class RedisDeadLetters:
     Redis unreachable is ``OpError("overloaded")``, as a failed commit of the store is an OpError.
     """
 
-    def __init__(self, redis_log: RedisLog) -> None:
+    def __init__(self, redis_log: RedisLog, letters_kept: Callable[[], int]) -> None:
         self._log = redis_log
+        #: ``[store] dead_letters_kept``, read at each add (a reload changes it)
+        self._letters_kept = letters_kept
         self._keys = [redis_log._log_keys[0], redis_log.settings.key("dlq")]
         self._stream = self._keys[1]
 
@@ -223,7 +227,8 @@ class RedisDeadLetters:
 
     async def add_dead_letter(self, kind: str, reason: str, body: str, detail: dict[str, Any]) -> int:
         with self._call("dead letter"):
-            return int(await _DEAD_LETTER_ADD(self._log.client, self._keys, [letter_json(kind, reason, body, detail)]))
+            return int(await _DEAD_LETTER_ADD(self._log.client, self._keys,
+                                              [letter_json(kind, reason, body, detail), self._letters_kept()]))
 
     async def dead_letters(self, kind: str | None = None, limit: int = 100, after_id: int = 0) -> DeadLetterPage:
         """Up to ``limit`` letters after ``after_id`` (of ``kind``), reading at most ``_PAGES_PER_READ``
