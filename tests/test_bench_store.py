@@ -28,3 +28,7 @@ def test_sqlite_writer_prints_each_figure_beside_its_baseline() -> None:
                      r"the daemon's indexes +([\d.]+) KB \(([\d.]+)x\)", out)
     assert [per_commit for per_commit, *_ in wal] == ["5", "1"], out
     assert all(float(after) < float(before) for _, before, after, _ in wal), out
+    # part 4 times the store's multi-row INSERTs beside executemany, alone and beside a busy thread
+    rows = re.findall(r"4\. 500 messages per commit, (alone|beside a busy thread): executemany +[\d.]+ µs/row "
+                      r"\(baseline\); the store's multi-row INSERTs +[\d.]+ µs/row \([\d.]+x\)", out)
+    assert rows == ["alone", "beside a busy thread"], out

@@ -208,6 +208,23 @@ async def test_concurrent_appends_get_distinct_increasing_seqs_in_few_commits(tm
 # ---- duplicates ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("size", [1, 31, 32, 33, 128, 129, 500])
+async def test_a_batch_of_any_size_is_stored_whole_in_order(tmp_dir: Path, size: int) -> None:
+    """Batches from 32 rows go in as multi-row INSERTs of 128, 64, … 1 rows (store._insert_messages):
+    every row lands once, with its own seq, type and body, whatever the split."""
+    with trio.fail_after(20):
+        async with open_store(store_config(tmp_dir)) as store:
+            await store.append(env("before"))
+            sent = [env(f"batch.{i % 3}", {"i": i}) for i in range(size)]
+            appended = await store.append_many(sent)
+            assert [a.seq for a in appended] == list(range(2, size + 2))
+            got = (await store.history("batch.*", 0, 1000)).messages
+            assert [(m.seq, m.type, json.loads(m.json)["payload"]) for m in got] == [
+                (i + 2, f"batch.{i % 3}", {"i": i}) for i in range(size)
+            ]
+            assert [json.loads(m.json)["message_id"] for m in got] == [e.message_id for e in sent]
+
+
 async def test_duplicates_answer_the_original_seq_and_are_stored_once(tmp_dir: Path) -> None:
     with trio.fail_after(20):
         async with open_store(store_config(tmp_dir, **HELD)) as store:
