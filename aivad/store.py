@@ -867,10 +867,11 @@ def _insert_dead_letter(conn: sqlite3.Connection, kind: str, reason: str, body: 
 
 def _drop_dead_letters_through(conn: sqlite3.Connection, floor: int) -> int:
     """Delete the letters with id <= ``floor`` (a range of the primary key: as many rows as go) and
-    the dead tasks of those that were tasks'; how many letters went."""
+    the dead tasks of those that were tasks' (found by the task_id in the letter's detail, not in its
+    body, which holds the whole payload); how many letters went."""
     conn.execute(
         "DELETE FROM tasks WHERE state = 'dead' AND task_id IN "
-        "(SELECT json_extract(body, '$.task_id') FROM dead_letters WHERE id <= ? AND kind = 'task')",
+        "(SELECT json_extract(detail, '$.task_id') FROM dead_letters WHERE id <= ? AND kind = 'task')",
         (floor,),
     )
     return int(conn.execute("DELETE FROM dead_letters WHERE id <= ?", (floor,)).rowcount)
