@@ -95,6 +95,9 @@ class StoreConfig:
     history_concurrency: int = _at_least(2, 1)
     history_scan_rows: int = _at_least(100_000, 100)
     wal_max_bytes: int = _at_least(1_073_741_824, 1_048_576)
+    #: SQLite's page size for a database this start creates (an existing file keeps its own)
+    page_size: int = _field(1024, lambda v: v in (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536),
+                            "must be a power of two from 512 to 65536")
     #: how long a write nobody waits for (a task's dispatch record) may wait for others to share its
     #: commit; 0 = commit it at once
     lazy_write_delay_s: float = _field(0.01, lambda v: 0 <= v <= 1, "must be 0..1 (0 = commit at once)")

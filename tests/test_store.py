@@ -110,6 +110,30 @@ async def test_the_wal_starts_over_under_a_steady_stream_of_writes(
 # ---- seq ------------------------------------------------------------------------------
 
 
+async def test_a_new_database_takes_the_configured_page_size_and_an_existing_one_keeps_its_own(
+    tmp_dir: Path,
+) -> None:
+    """1 KiB pages by default (each commit rewrites the pages it changed: smaller pages, fewer bytes per
+    commit); a file made before with SQLite's 4 KiB pages is opened as it is and serves on."""
+
+    def page_size(path: Path) -> int:
+        with sqlite3.connect(path) as conn:
+            return int(conn.execute("PRAGMA page_size").fetchone()[0])
+
+    with trio.fail_after(20):
+        async with open_store(store_config(tmp_dir)) as store:
+            await store.append(env("small.pages"))
+        assert page_size(tmp_dir / "store.db") == 1024
+        older = tmp_dir / "older"
+        older.mkdir()
+        async with open_store(store_config(older, page_size=4096)) as store:
+            await store.append(env("made.before", 1))
+        async with open_store(store_config(older)) as store:
+            await store.append(env("made.before", 2))
+            assert await all_seqs(store) == [1, 2]
+        assert page_size(older / "store.db") == 4096
+
+
 async def test_seq_strictly_increases_and_is_never_reused(tmp_dir: Path) -> None:
     cfg = store_config(tmp_dir)
     with trio.fail_after(20):
