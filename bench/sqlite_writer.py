@@ -51,7 +51,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aivad.envelope import new_id
-from aivad.store import _SCHEMA, _insert_messages
+from aivad.store import _INSERT_MESSAGE_SQL, _SCHEMA, _insert_messages
 
 BODY = json.dumps({"payload": {"state": "queued", "attempt": 1}, "metadata": {"source": "aivad"}, "pad": "x" * 200})
 
@@ -142,10 +142,6 @@ def cpu_per_task(make_id: Callable[[], str], tasks: int, per_commit: int, *, bus
     return spent[0] / tasks * 1e6
 
 
-#: the baseline of part 4: one row per step
-_INSERT_ONE_SQL = "INSERT INTO messages (seq, message_id, type, stored_at, body) VALUES (?, ?, ?, ?, ?)"
-
-
 def wall_per_row(insert: Callable[[sqlite3.Connection, list[Any]], None], rows: int, *, busy_neighbour: bool) -> float:
     """µs of wall time per message row, inserted 500 to a transaction (a fresh database each call)."""
     batch = 500
@@ -205,7 +201,7 @@ def main() -> None:
               f"{before:6.1f} KB (baseline); the daemon's indexes {after:6.1f} KB ({after / before:.2f}x)")
 
     def executemany(conn: sqlite3.Connection, rows: list[Any]) -> None:
-        conn.executemany(_INSERT_ONE_SQL, rows)
+        conn.executemany(_INSERT_MESSAGE_SQL, rows)  # the baseline: one row per step
 
     for busy in (False, True):
         where = "beside a busy thread" if busy else "alone"

@@ -102,6 +102,33 @@ async def test_stream_entries_are_stored_once_in_order_poison_is_dead_lettered_a
         cluster.stop()
 
 
+async def test_a_flood_of_poison_keeps_the_clusters_dead_letter_queue_at_dead_letters_kept(
+        redis_server: Redis, stream: str, producer: redis.Redis) -> None:
+    """A producer sending nothing but garbage (oversized, one over the entry limit, broken JSON) fills
+    the dead-letter stream in Redis no further than ``[store] dead_letters_kept``: each new letter trims
+    the oldest. A good entry behind the flood still reaches a subscriber."""
+    cluster = ingress_cluster(redis_server, stream)
+    try:
+        a = cluster.node("a", store={"dead_letters_kept": 5})
+        async with connect(a.ws_url) as sub:
+            await sub.ok({"op": "subscribe", "pattern": "in.#"})
+            with producer.pipeline(transaction=False) as p:
+                for i in range(120):
+                    p.xadd(stream, POISON[i % len(POISON)][0])
+                p.xadd(stream, {"type": "in.x", "payload": "1" * 1_048_577})  # one over: poison
+                p.xadd(stream, {"type": "in.ok", "payload": "7"})
+                p.execute()
+            got = await messages_until(sub, 1)
+        assert [(m["type"], m["payload"]) for m in got] == [("in.ok", 7)]
+        await until(lambda: pending(producer, stream) == 0)
+        letters = a.control({"cmd": "dlq.list", "kind": "redis"})["dead_letters"]
+        assert [letter["id"] for letter in letters] == list(range(117, 122))  # the newest 5 of 121
+        assert "over ingest_max_entry_bytes" in letters[-1]["reason"]
+        assert producer.xlen(f"{cluster.prefix}{{log}}:dlq") == 5
+    finally:
+        cluster.stop()
+
+
 async def test_entries_a_killed_node_held_are_taken_over_and_stored_once(
         redis_server: Redis, stream: str, producer: redis.Redis) -> None:
     cluster = ingress_cluster(redis_server, stream, ingest_claim_idle_s=1.0, ingest_batch=50)

@@ -560,6 +560,28 @@ async def test_past_dead_letters_kept_the_oldest_letters_go_with_their_dead_task
             assert replayed["replayed"] == [dead[3]]
 
 
+async def test_a_letter_whose_task_is_not_dead_any_more_is_not_replayed_and_stays(
+    nursery: trio.Nursery, tmp_dir: Path
+) -> None:
+    """Replay queues a task again only from its dead row; without one (changed behind the daemon's back)
+    it answers not_found and leaves the letter, which used to be deleted all the same."""
+    d = await start_daemon(nursery, tmp_dir)
+    with trio.fail_after(20):
+        async with connect(d.ws_url) as w, connect(d.ws_url) as caller:
+            worker = TestWorker(w)
+            await worker.hello(["keep"])
+            task_id = await dispatch(caller, "keep", 1, retry_policy={"max_attempts": 1})
+            await worker.next_task()
+            await worker.send("task.fail", task_id=task_id, error="nope")
+            while not (letters := (await control(d.control_path, {"cmd": "dlq.list"}))["dead_letters"]):
+                await trio.sleep(0.02)
+            with sqlite3.connect(d.cfg.store.path, timeout=10) as conn:
+                conn.execute("UPDATE tasks SET state = 'completed' WHERE task_id = ?", (task_id,))
+            refused = await control(d.control_path, {"cmd": "dlq.replay", "id": letters[0]["id"]})
+            assert refused["error"]["code"] == "not_found"
+            assert (await control(d.control_path, {"cmd": "dlq.list"}))["dead_letters"] == letters
+
+
 async def test_a_restart_counts_the_completed_tasks_and_trims_them_to_a_lowered_limit_in_chunks(
     tmp_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
