@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/amqp_ingest.py [--messages 50000] [--prefetch 500] [--runs 1]
+    python bench/amqp_ingest.py [--messages 50000] [--prefetch 500] [--runs 1] [--page-size 1024]
 
 Uses the broker at ``AIVAD_BENCH_AMQP_URL`` if set, else starts a private
 RabbitMQ with tests/brokers.py (installs it when missing) and stops it after.
@@ -44,6 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiormq
+import attrs
 import pika  # type: ignore[import-untyped]
 import trio
 
@@ -171,7 +172,7 @@ with connect(url, max_size=None) as ws:
 """
 
 
-def aivad_to_websocket(cfg: AmqpConfig, n: int, synchronous: str) -> float | None:
+def aivad_to_websocket(cfg: AmqpConfig, store_cfg: StoreConfig, n: int) -> float | None:
     """The real ``aivad serve`` (AMQP on) → a ``#`` subscriber in another process.
 
     The queue is filled before the daemon starts; the subscriber subscribes with
@@ -189,7 +190,8 @@ def aivad_to_websocket(cfg: AmqpConfig, n: int, synchronous: str) -> float | Non
         doc: dict[str, dict[str, object]] = {
             "websocket": {"host": "127.0.0.1", "port": ws_port},
             "control": {"socket": control},
-            "store": {"path": str(Path(tmp) / "aivad.db"), "synchronous": synchronous},
+            "store": {"path": str(Path(tmp) / "aivad.db"), "synchronous": store_cfg.synchronous,
+                      "page_size": store_cfg.page_size},
             "amqp": amqp,
         }
         config = Path(tmp) / "config.toml"
@@ -230,7 +232,7 @@ def aivad_to_websocket(cfg: AmqpConfig, n: int, synchronous: str) -> float | Non
                 daemon.wait()
 
 
-def one_run(url: str, n: int, prefetch: int, synchronous: str,
+def one_run(url: str, n: int, prefetch: int, store: StoreConfig,
             websocket: bool) -> tuple[float, float, float | None, dict[str, object]]:
     sfx = uuid.uuid4().hex[:8]
     raw_queue = f"bench-raw-{sfx}"
@@ -247,12 +249,11 @@ def one_run(url: str, n: int, prefetch: int, synchronous: str,
     declare_events_topology(url, cfg)
     fill(url, cfg.events_exchange, "bench.ingest.msg", cfg.events_queue, n)
     with tempfile.TemporaryDirectory(prefix="aivad-bench-") as tmp:
-        store_cfg = StoreConfig(path=str(Path(tmp) / "aivad.db"), synchronous=synchronous)  # type: ignore[arg-type]
-        aivad_s, detail = trio.run(aivad_consume, cfg, store_cfg, n)
+        aivad_s, detail = trio.run(aivad_consume, cfg, attrs.evolve(store, path=str(Path(tmp) / "aivad.db")), n)
     ws_rate = None
     if websocket:
         fill(url, cfg.events_exchange, "bench.ingest.msg", cfg.events_queue, n)
-        ws_rate = aivad_to_websocket(cfg, n, synchronous)
+        ws_rate = aivad_to_websocket(cfg, store, n)
     delete_queues(url, raw_queue, cfg.events_queue, cfg.tasks_queue, cfg.dead_letter_queue)
     return n / raw_s, n / aivad_s, ws_rate, detail
 
@@ -264,6 +265,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--synchronous", choices=["NORMAL", "FULL"], default="NORMAL",
                         help="the store's synchronous mode (default NORMAL, the daemon's own default)")
+    parser.add_argument("--page-size", type=int, default=StoreConfig().page_size,
+                        help="the store's page size for its new database (default: the daemon's)")
     parser.add_argument("--no-websocket", action="store_true", help="skip the run through to a WebSocket subscriber")
     args = parser.parse_args()
 
@@ -275,10 +278,10 @@ def main() -> None:
         node = start_rabbitmq()
         url = node.url
     try:
+        store = StoreConfig(synchronous=args.synchronous, page_size=args.page_size)
         raws, aivads, wss = [], [], []
         for run in range(args.runs):
-            raw, aivad, ws, detail = one_run(url, args.messages, args.prefetch, args.synchronous,
-                                             not args.no_websocket)
+            raw, aivad, ws, detail = one_run(url, args.messages, args.prefetch, store, not args.no_websocket)
             raws.append(raw)
             aivads.append(aivad)
             ws_text = ""
@@ -291,7 +294,7 @@ def main() -> None:
                   f"({aivad / raw:.2f}x){ws_text}  {detail}", flush=True)
         raw, aivad = statistics.median(raws), statistics.median(aivads)
         line = (f"amqp_ingest: {args.messages} msgs x {BODY_BYTES} B, prefetch {args.prefetch}, "
-                f"store synchronous={args.synchronous}, median of {args.runs}: "
+                f"store synchronous={args.synchronous}, page_size={args.page_size}, median of {args.runs}: "
                 f"raw aiormq (plain asyncio, ack each) {raw:,.0f} msg/s; "
                 f"aivad bridge -> store {aivad:,.0f} msg/s, ratio {aivad / raw:.2f}x")
         if wss:
