@@ -1,4 +1,5 @@
-"""EDGE: the RabbitMQ bridge of DESIGN §4.5 — the only module that imports aiormq.
+"""EDGE: the RabbitMQ bridge of DESIGN §4.5 — with its frame reader (:mod:`aivad.amqp_frames`),
+the only module that imports aiormq.
 
 The bridge
 ==========
@@ -10,6 +11,8 @@ docs/architecture.md): aiormq under trio-asyncio consumed at 0.2x a raw aiormq
 loop, a thread handing deliveries to trio one by one at 0.5x. What makes the
 difference is the number of hops per message, so the hot path has none:
 
+* The connection reads its frames with :mod:`aivad.amqp_frames`: every whole frame
+  cut out of one read buffer, not three awaits, a lock and a buffer per frame.
 * The consumer callback (asyncio thread) only appends the delivery to a list
   under a lock; the channel's reader calls it itself, with no asyncio task per
   delivery (:func:`_deliver_in_reader`). When the list goes from empty to
@@ -99,6 +102,7 @@ import attrs
 import trio
 from pamqp import commands as spec
 
+from .amqp_frames import lean_frames
 from .boundary import Faults, describe
 from .config import AmqpConfig, TasksConfig
 from .envelope import BadMessage, Envelope, derived_id
@@ -1231,7 +1235,9 @@ class AmqpBridge:
 
     async def _aio_connect(self) -> aiormq.abc.AbstractConnection:
         async with asyncio.timeout(self._cfg.connect_timeout_s):
-            return await aiormq.connect(self._cfg.url, client_properties={"connection_name": f"aivad@{self.node_id}"})
+            with lean_frames():
+                return await aiormq.connect(self._cfg.url,
+                                            client_properties={"connection_name": f"aivad@{self.node_id}"})
 
     async def _aio_setup(self, session: _Session) -> None:
         cfg = self._cfg

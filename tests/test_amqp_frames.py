@@ -1,0 +1,194 @@
+"""aivad.amqp_frames: the bridge's AMQP frame reader, against aiormq's on the same bytes.
+
+Test policy: the reader is fed real AMQP frames (marshalled by pamqp, the codec aiormq
+uses) split at every byte, cut short, oversized, garbled and random, and must give
+aiormq's frames or aiormq's errors, never another exception; a real RabbitMQ shows that a
+connection opened inside ``lean_frames`` reads with it (and delivers a body bigger than a
+frame), one opened outside keeps aiormq's; the aiormq internals it relies on are pinned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import random
+import uuid
+from typing import Any
+
+import aiormq
+import aiormq.connection
+import pamqp.body
+import pamqp.frame
+import pamqp.header
+import pytest
+from aiormq.exceptions import AMQPConnectionError, InvalidFrameError, ProtocolSyntaxError
+from pamqp import commands
+
+from aivad.amqp_frames import MAX_FRAME_BYTES, LeanFrameReceiver, lean_frames
+from tests.brokers import RabbitMQ
+
+_ERRORS = (AMQPConnectionError, InvalidFrameError, ProtocolSyntaxError)
+
+
+def deliveries(n: int, body: bytes = b'{"n": 1}') -> bytes:
+    """n deliveries as a broker sends them: method, content header, body frame each."""
+    props = commands.Basic.Properties(delivery_mode=2, message_id="m-1", content_type="application/json",
+                                      headers={"x-k": "v"})
+    out = []
+    for i in range(n):
+        out.append(pamqp.frame.marshal(commands.Basic.Deliver("ctag", i + 1, False, "ex", "a.b"), 1))
+        out.append(pamqp.frame.marshal(pamqp.header.ContentHeader(0, len(body), props), 1))
+        out.append(pamqp.frame.marshal(pamqp.body.ContentBody(body), 1))
+    return b"".join(out)
+
+
+def read_all(receiver_class: Any, chunks: list[bytes], *, eof: bool = True,
+             error: Exception | None = None) -> tuple[list[Any], BaseException | None]:
+    """Every frame ``receiver_class`` reads from ``chunks``, and the error it ended with."""
+
+    async def main() -> tuple[list[Any], BaseException | None]:
+        reader = asyncio.StreamReader()
+        receiver = receiver_class(reader)
+        frames: list[Any] = []
+
+        async def feed() -> None:
+            for chunk in chunks:
+                reader.feed_data(chunk)
+                await asyncio.sleep(0)
+            if error is not None:
+                reader.set_exception(error)
+            elif eof:
+                reader.feed_eof()
+
+        feeder = asyncio.create_task(feed())
+        try:
+            async with asyncio.timeout(10):
+                async for frame in receiver:
+                    frames.append(frame)
+        except Exception as exc:  # noqa: BLE001 - what the reader ended with is the result
+            return frames, exc
+        finally:
+            await feeder
+        return frames, None
+
+    return asyncio.run(main())
+
+
+def as_tuples(frames: list[Any]) -> list[tuple[int, int, bytes]]:
+    """Comparable frames: each marshalled again (pamqp's frames have no value equality)."""
+    return [(size, channel, pamqp.frame.marshal(frame, channel)) for size, channel, frame in frames]
+
+
+def test_the_frames_are_aiormqs_however_the_bytes_are_split() -> None:
+    stream = deliveries(20, b"x" * 300)
+    expected, _ = read_all(aiormq.connection.FrameReceiver, [stream])  # (its end of stream is timing's)
+    assert len(expected) == 60
+    for chunks in ([stream], [stream[i:i + 1] for i in range(len(stream))],
+                   [stream[i:i + 97] for i in range(0, len(stream), 97)]):
+        frames, error = read_all(LeanFrameReceiver, chunks)
+        assert error is None
+        assert as_tuples(frames) == as_tuples(expected)
+
+
+def test_a_stream_cut_mid_frame_is_a_connection_error_and_between_frames_an_end() -> None:
+    stream = deliveries(2)
+    frames, error = read_all(LeanFrameReceiver, [stream[:-3]])
+    assert len(frames) == 5 and isinstance(error, AMQPConnectionError)
+    frames, error = read_all(LeanFrameReceiver, [stream[:4]])  # not even a header
+    assert frames == [] and isinstance(error, AMQPConnectionError)
+    frames, error = read_all(LeanFrameReceiver, [stream])
+    assert len(frames) == 6 and error is None
+
+
+def test_a_socket_error_is_a_connection_error() -> None:
+    frames, error = read_all(LeanFrameReceiver, [deliveries(1)], error=ConnectionResetError("reset"))
+    assert len(frames) == 3 and isinstance(error, AMQPConnectionError)
+
+
+def test_a_frame_over_the_limit_ends_the_connection_before_its_payload_is_read() -> None:
+    header = bytes([3]) + (1).to_bytes(2, "big") + (MAX_FRAME_BYTES).to_bytes(4, "big")
+    frames, error = read_all(LeanFrameReceiver, [deliveries(1) + header], eof=False)
+    assert len(frames) == 3 and isinstance(error, InvalidFrameError)
+    at_the_limit = bytes([3]) + (1).to_bytes(2, "big") + (MAX_FRAME_BYTES - 8).to_bytes(4, "big")
+    frames, error = read_all(LeanFrameReceiver, [at_the_limit + b"y" * (MAX_FRAME_BYTES - 8) + b"\xce"])
+    assert error is None and frames[0][2].value == b"y" * (MAX_FRAME_BYTES - 8)
+
+
+def test_a_garbled_frame_is_an_invalid_frame() -> None:
+    stream = bytearray(deliveries(1))
+    stream[-1] = 0  # the body frame's end octet
+    frames, error = read_all(LeanFrameReceiver, [bytes(stream)])
+    assert len(frames) == 2 and isinstance(error, InvalidFrameError)
+
+
+def test_a_protocol_header_instead_of_a_frame_is_a_protocol_error() -> None:
+    frames, error = read_all(LeanFrameReceiver, [b"AMQP\x00\x00\x09\x01"])
+    assert frames == [] and isinstance(error, ProtocolSyntaxError)
+
+
+def test_random_bytes_give_frames_or_aiormqs_errors_only() -> None:
+    rng = random.Random(13)
+    good = deliveries(3)
+    for _ in range(300):
+        noise = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64)))
+        if rng.random() < 0.5:  # a valid start, then garbage
+            noise = good[:rng.randrange(len(good))] + noise
+        _, error = read_all(LeanFrameReceiver, [noise])
+        assert error is None or isinstance(error, _ERRORS), repr(error)
+
+
+def test_aiormq_builds_and_reads_its_frame_receiver_as_pinned() -> None:
+    """lean_frames replaces ``aiormq.connection.FrameReceiver``: a release that builds or reads
+    it otherwise fails here."""
+    connect = inspect.getsource(aiormq.connection.Connection.connect)
+    assert "frame_receiver = FrameReceiver(reader)" in connect
+    assert "await frame_receiver.get_frame()" in connect
+    reader_loop = inspect.getsource(aiormq.connection.Connection._Connection__reader)  # type: ignore[attr-defined]
+    assert "async for weight, channel, frame in frame_receiver" in reader_loop
+    rpc = inspect.getsource(aiormq.connection.Connection._rpc)
+    assert "frame_receiver.get_frame()" in rpc
+
+
+def test_a_connection_opened_inside_lean_frames_reads_with_it(rabbitmq: RabbitMQ) -> None:
+    queue = f"t-frames-{uuid.uuid4().hex[:8]}"
+    big = random.Random(1).randbytes(300_000)  # three frames' worth
+
+    def receiver_of(conn: aiormq.abc.AbstractConnection) -> Any:
+        return conn._reader_task.get_coro().cr_frame.f_locals["frame_receiver"]  # type: ignore[attr-defined]
+
+    async def main() -> tuple[type, type, list[bytes]]:
+        with lean_frames():
+            lean = await aiormq.connect(rabbitmq.url)
+        plain = await aiormq.connect(rabbitmq.url)
+        try:
+            channel = await lean.channel()
+            await channel.queue_declare(queue, auto_delete=True)
+            bodies = [b"small", big, b"", b"last"]
+            for body in bodies:
+                await channel.basic_publish(body, routing_key=queue)
+            got: list[bytes] = []
+            for _ in bodies:
+                message = await channel.basic_get(queue, no_ack=True)
+                got.append(message.body)
+            return type(receiver_of(lean)), type(receiver_of(plain)), got
+        finally:
+            await lean.close()
+            await plain.close()
+
+    lean_type, plain_type, got = asyncio.run(main())
+    assert lean_type is LeanFrameReceiver
+    assert plain_type is not LeanFrameReceiver
+    assert got == [b"small", big, b"", b"last"]
+
+
+@pytest.mark.parametrize("size", [0, 1, 131_064, 131_065, 400_000])
+def test_bodies_around_the_frame_size_arrive_whole(size: int) -> None:
+    body = random.Random(size).randbytes(size)
+    props = commands.Basic.Properties()
+    frames = [pamqp.frame.marshal(commands.Basic.Deliver("ctag", 1, False, "ex", "a.b"), 1),
+              pamqp.frame.marshal(pamqp.header.ContentHeader(0, len(body), props), 1)]
+    for start in range(0, len(body), 131_064):
+        frames.append(pamqp.frame.marshal(pamqp.body.ContentBody(body[start:start + 131_064]), 1))
+    got, error = read_all(LeanFrameReceiver, [b"".join(frames)])
+    assert error is None
+    assert b"".join(f[2].value for f in got[2:]) == body
