@@ -70,9 +70,6 @@ class LeanFrameReceiver:
     def __aiter__(self) -> LeanFrameReceiver:
         return self
 
-    async def __anext__(self) -> tuple[int, int, Any]:
-        return await self.get_frame()
-
     async def get_frame(self) -> tuple[int, int, Any]:
         buffer, position = self._buffer, self._position
         while True:
@@ -94,6 +91,9 @@ class LeanFrameReceiver:
                         raise InvalidFrameError(str(exc)) from exc
             buffer, position = await self._read_until(buffer[position:], wanted), 0
             self._buffer, self._position = buffer, position
+
+    #: ``async for`` steps straight into :meth:`get_frame` (no coroutine in between, per frame)
+    __anext__ = get_frame
 
     async def _read_until(self, start: bytes, wanted: int) -> bytes:
         """``start`` and what the socket gives after it, at least ``wanted`` bytes in all
