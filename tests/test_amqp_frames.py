@@ -10,9 +10,13 @@ frame), one opened outside keeps aiormq's; the aiormq internals it relies on are
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import random
+import socket
+import threading
 import uuid
+from pathlib import Path
 from typing import Any
 
 import aiormq
@@ -21,10 +25,14 @@ import pamqp.body
 import pamqp.frame
 import pamqp.header
 import pytest
+import trio
 from aiormq.exceptions import AMQPConnectionError, InvalidFrameError, ProtocolSyntaxError
 from pamqp import commands
 
+from aivad.amqp import serve_amqp
 from aivad.amqp_frames import MAX_FRAME_BYTES, LeanFrameReceiver, lean_frames
+from aivad.config import AmqpConfig, StoreConfig
+from aivad.store import serve_store
 from tests.brokers import RabbitMQ
 
 _ERRORS = (AMQPConnectionError, InvalidFrameError, ProtocolSyntaxError)
@@ -192,3 +200,102 @@ def test_bodies_around_the_frame_size_arrive_whole(size: int) -> None:
     got, error = read_all(LeanFrameReceiver, [b"".join(frames)])
     assert error is None
     assert b"".join(f[2].value for f in got[2:]) == body
+
+
+# ---- a hostile broker ------------------------------------------------------------
+
+
+def _read_exactly(conn: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = conn.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("the client closed")
+        data += chunk
+    return data
+
+
+def _read_frame(conn: socket.socket) -> bytes:
+    header = _read_exactly(conn, 7)
+    return header + _read_exactly(conn, int.from_bytes(header[3:7], "big") + 1)
+
+
+class HostileBroker:
+    """A TCP server that speaks AMQP 0-9-1's opening handshake (Start, Tune, OpenOk) to every
+    client, then sends ``attack`` and, with ``close``, closes; else it waits for the client to."""
+
+    def __init__(self, attack: bytes, *, close: bool) -> None:
+        self.attack, self.close = attack, close
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.opened = 0  # connections that got through the handshake to the attack
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.listener.accept()
+                threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        server: Any = {"product": "hostile",
+                       "capabilities": {"publisher_confirms": True, "basic.nack": True, "consumer_cancel_notify": True}}
+        with conn, contextlib.suppress(OSError):
+            conn.settimeout(20)
+            _read_exactly(conn, 8)  # the protocol header
+            conn.sendall(pamqp.frame.marshal(commands.Connection.Start(
+                server_properties=server,
+                mechanisms="PLAIN", locales="en_US"), 0))
+            _read_frame(conn)  # Start-Ok
+            conn.sendall(pamqp.frame.marshal(commands.Connection.Tune(channel_max=2047, frame_max=131072,
+                                                                      heartbeat=0), 0))
+            _read_frame(conn)  # Tune-Ok
+            _read_frame(conn)  # Open
+            conn.sendall(pamqp.frame.marshal(commands.Connection.OpenOk(), 0))
+            self.opened += 1
+            conn.sendall(self.attack)
+            if not self.close:
+                while conn.recv(65536):
+                    pass
+
+    def stop(self) -> None:
+        self.listener.close()
+
+
+_OPEN_OK = pamqp.frame.marshal(commands.Channel.OpenOk(), 1)
+#: what the broker sends after the handshake, whether it then closes, and what the bridge must
+#: record as its last error (the bound on a frame's size shows in three of them)
+_ATTACKS = {
+    # a header that claims 4 GiB: aiormq's own reader would wait for it to arrive, in memory
+    "a frame of 4 GiB": (bytes([1]) + (0).to_bytes(2, "big") + (0xFFFF_FFF0).to_bytes(4, "big"), False,
+                         f"at most {MAX_FRAME_BYTES}"),
+    "a frame whose end octet is wrong": (_OPEN_OK[:-1] + b"\x00", False, "InvalidFrameError"),
+    "a method no one knows": (bytes([1, 0, 1, 0, 0, 0, 5]) + b"\x7f\x7f\x7f\x7f\x00\xce", False,
+                              "InvalidFrameError"),
+    "random bytes": (random.Random(7).randbytes(4096), False, f"at most {MAX_FRAME_BYTES}"),
+    "a frame cut short, then closed": (_OPEN_OK[:5], True, "closed"),
+    "the protocol header again": (b"AMQP\x00\x00\x09\x01", False, f"at most {MAX_FRAME_BYTES}"),
+}
+
+
+@pytest.mark.parametrize("attack", list(_ATTACKS))
+async def test_the_bridge_survives_a_broker_that_sends_bad_frames(attack: str, tmp_path: Path) -> None:
+    payload, close, recorded = _ATTACKS[attack]
+    broker = HostileBroker(payload, close=close)
+    sfx = uuid.uuid4().hex[:8]
+    cfg = AmqpConfig(enabled=True, url=f"amqp://guest:guest@127.0.0.1:{broker.port}/",
+                     events_queue=f"q-{sfx}", tasks_queue=f"tq-{sfx}", dead_letter_queue=f"dq-{sfx}",
+                     reconnect_initial_s=0.05, reconnect_max_s=0.2, connect_timeout_s=2.0, grace_s=1.0)
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                store = await nursery.start(serve_store, StoreConfig(path=str(tmp_path / "aivad.db")))
+                bridge = await nursery.start(serve_amqp, cfg, store)
+                while broker.opened < 3 or bridge.statistics().reconnects < 2:
+                    await trio.sleep(0.05)
+                stats = bridge.statistics()
+                assert recorded in (stats.last_error or ""), stats
+                assert not stats.stopped, stats  # a broker's bytes are a lost connection, never a bug
+                nursery.cancel_scope.cancel()
+    finally:
+        broker.stop()
