@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import inspect
 import random
+import re
 import socket
 import threading
 import uuid
@@ -263,8 +264,9 @@ class HostileBroker:
 
 
 _OPEN_OK = pamqp.frame.marshal(commands.Channel.OpenOk(), 1)
-#: what the broker sends after the handshake, whether it then closes, and what the bridge must
-#: record as its last error (the bound on a frame's size shows in three of them)
+#: what the broker sends after the handshake, whether it then closes, and a pattern of what the
+#: bridge must record as its last error (the bound on a frame's size shows in three of them; a
+#: close with the client's frames unread reaches it as a reset, or as a close)
 _ATTACKS = {
     # a header that claims 4 GiB: aiormq's own reader would wait for it to arrive, in memory
     "a frame of 4 GiB": (bytes([1]) + (0).to_bytes(2, "big") + (0xFFFF_FFF0).to_bytes(4, "big"), False,
@@ -273,7 +275,7 @@ _ATTACKS = {
     "a method no one knows": (bytes([1, 0, 1, 0, 0, 0, 5]) + b"\x7f\x7f\x7f\x7f\x00\xce", False,
                               "InvalidFrameError"),
     "random bytes": (random.Random(7).randbytes(4096), False, f"at most {MAX_FRAME_BYTES}"),
-    "a frame cut short, then closed": (_OPEN_OK[:5], True, "closed"),
+    "a frame cut short, then closed": (_OPEN_OK[:5], True, "closed|reset"),
     "the protocol header again": (b"AMQP\x00\x00\x09\x01", False, f"at most {MAX_FRAME_BYTES}"),
 }
 
@@ -294,7 +296,7 @@ async def test_the_bridge_survives_a_broker_that_sends_bad_frames(attack: str, t
                 while broker.opened < 3 or bridge.statistics().reconnects < 2:
                     await trio.sleep(0.05)
                 stats = bridge.statistics()
-                assert recorded in (stats.last_error or ""), stats
+                assert re.search(recorded, stats.last_error or ""), stats
                 assert not stats.stopped, stats  # a broker's bytes are a lost connection, never a bug
                 nursery.cancel_scope.cancel()
     finally:
